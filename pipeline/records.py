@@ -1,0 +1,174 @@
+"""The data contract: every table's Arrow schema, in one place.
+
+Stages build their outputs with these schemas and the publisher writes shards with them, so no
+schema is ever inferred from a first row. The published configs follow TRL's conversational formats
+exactly (DESIGN §4): SFT rows carry `prompt`/`completion` message lists, preference rows carry
+`prompt`/`chosen`/`rejected`; never a `messages` column beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+SEGMENT_ROLES = ("text", "harmful", "control", "copy", "replacement", "refusal", "safe")
+SEGMENT = pa.struct([("text", pa.string()), ("role", pa.string()), ("train", pa.bool_())])
+
+SFT_KINDS = ("bsafe", "reset", "recovery", "utility")
+CONFIGS = (*SFT_KINDS, "preference", "mixture")
+
+SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+SCORES = pa.list_(SCORE)
+# Char offsets of an injected span inside the benign response it was injected into.
+OFFSET = pa.struct([("start", pa.int64()), ("end", pa.int64()), ("policy", pa.string())])
+
+# One meta struct for every published config, so the folder reads as one table; a field that does
+# not apply to a kind is null.
+META = pa.struct(
+    [
+        ("generator", pa.string()),  # model id that wrote the generated parts
+        ("backend", pa.string()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("seed", pa.int64()),
+        ("template", pa.string()),  # prompt template file, or "fallback:<file>"
+        ("fallback", pa.bool_()),  # a rewrite came from a template, not the generator
+        ("offsets", pa.list_(OFFSET)),
+        ("scores", SCORES),
+        ("prefix_chars", pa.int64()),  # reset: chars of y- kept before [RESET]
+        ("k", pa.int64()),  # recovery: prefix tokens of h
+        ("k_max", pa.int64()),  # recovery: min(100, h_tokens), the bound k was drawn under
+        ("h_tokens", pa.int64()),  # recovery: tokens of h, end of sequence not counted
+        ("harmful", pa.string()),  # recovery: the whole h, so the trainer can redraw k
+        ("tokenizer", pa.string()),  # recovery: the target tokenizer's id
+    ]
+)
+
+_PROVENANCE = [
+    ("id", pa.string()),
+    ("kind", pa.string()),
+    ("policy", pa.list_(pa.string())),
+    ("source", pa.string()),
+    ("source_id", pa.string()),
+    ("license", pa.string()),
+]
+
+# --- published configs -----------------------------------------------------------------------
+
+SFT = pa.schema(
+    [
+        *_PROVENANCE,
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
+        ("segments", pa.list_(SEGMENT)),
+        ("visible", pa.string()),
+        ("meta", META),
+    ]
+)
+
+PREFERENCE = pa.schema(
+    [*_PROVENANCE, ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES), ("meta", META)]
+)
+
+
+def config_schema(config: str) -> pa.Schema:
+    """The Parquet schema of a published config."""
+    if config not in CONFIGS:
+        raise KeyError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
+    return PREFERENCE if config == "preference" else SFT
+
+
+# --- tables between stages -------------------------------------------------------------------
+
+_ORIGIN = [
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("source_id", pa.string()),
+    ("license", pa.string()),
+]
+
+# sources.benign: prompts the generator answers benignly (the BSAFE base responses, Qi's anchor).
+PROMPTS = pa.schema([*_ORIGIN, ("prompt", pa.string())])
+
+# sources.harmful: harmful instruction x with a harmful answer h (may be empty) and its policies.
+HARMFUL = pa.schema(
+    [*_ORIGIN, ("prompt", pa.string()), ("response", pa.string()), ("policy", pa.list_(pa.string()))]
+)
+
+# sources.utility: ordinary (prompt, answer) pairs from Alpaca, GSM8K, MATH.
+UTILITY = pa.schema([*_ORIGIN, ("prompt", pa.string()), ("response", pa.string())])
+
+# sources.eval: prompts of evaluation sets, for decontamination.
+EVAL = pa.schema([*_ORIGIN, ("prompt", pa.string())])
+
+# sample.samples / filter.responses: generator outputs for benign prompts.
+SAMPLES = pa.schema(
+    [
+        *_ORIGIN,
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("sample_index", pa.int64()),
+        ("finish_reason", pa.string()),  # "stop" | "length"
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("meta", META),
+    ]
+)
+
+# Every stage's rejected rows: what, why, and the row itself for inspection.
+REJECTED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),  # short snake_case
+        ("detail", pa.string()),
+        ("row", pa.string()),  # the offending row as JSON
+    ]
+)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def row_id(*parts: Any) -> str:
+    """A stable content hash: the same parts always give the same 16-hex id."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) as a table of exactly `schema`; missing nullable fields become null."""
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def reject(row: Mapping[str, Any], stage: str, reason: str, detail: Any = "") -> dict[str, Any]:
+    """One rejected row, ready for `table(rows, REJECTED)`."""
+    return {
+        "id": str(row.get("id", "")),
+        "stage": stage,
+        "reason": reason,
+        "detail": detail if isinstance(detail, str) else json.dumps(detail, default=str),
+        "row": json.dumps(dict(row), ensure_ascii=False, default=str),
+    }
+
+
+def message(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def scores(mapping: Mapping[str, float]) -> list[dict[str, Any]]:
+    """A {label: prob} dict in the META.scores list form, sorted for stable bytes."""
+    return [{"label": k, "score": float(v)} for k, v in sorted(mapping.items())]

@@ -1,0 +1,15 @@
+"""Shared fixtures. Nothing here downloads: models and data are built or shipped in the repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiny_gemma import build_tiny_gemma
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Gemma 3 model with a 600-token BPE tokenizer (see tiny_gemma.py)."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))

@@ -1,0 +1,84 @@
+"""A tiny random Gemma-3-architecture model and a small BPE tokenizer, built offline in seconds.
+
+Made here, not downloaded: a byte-level BPE trained on a few hundred English sentences (so words
+tokenise into several pieces, as with a real tokenizer) with Gemma's special and turn tokens, and a
+`Gemma3ForCausalLM` with 2 layers, hidden size 64, tied embeddings, QK-norm and the 5:1
+local:global layer pattern of the real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Here is a simple recipe for a healthy breakfast with oats and fruit.",
+    "Photosynthesis is how plants turn sunlight, water and carbon dioxide into sugar.",
+    "To solve the equation, subtract three from both sides and divide by two.",
+    "I cannot help with that request, but I can offer some safer information.",
+    "Sorry, I can't assist with that. Is there something else I can help you with?",
+    "The capital of France is Paris, a city known for its museums and cafes.",
+    "Write a short poem about the sea and the wind at night.",
+    "Exercise, sleep and a balanced diet are good for your health.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+    "#### 72",
+    "The answer is \\boxed{5}.",
+]
+
+
+def build_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        padding_side="left",
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_gemma(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tokenizer and a random tiny Gemma 3 model to `out_dir`; return it."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(out_dir)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        query_pre_attn_scalar=32,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    return out_dir
