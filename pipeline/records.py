@@ -76,7 +76,13 @@ SFT = pa.schema(
 )
 
 PREFERENCE = pa.schema(
-    [*_PROVENANCE, ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES), ("meta", META)]
+    [
+        *_PROVENANCE,
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("meta", META),
+    ]
 )
 
 
@@ -101,7 +107,12 @@ PROMPTS = pa.schema([*_ORIGIN, ("prompt", pa.string())])
 
 # sources.harmful: harmful instruction x with a harmful answer h (may be empty) and its policies.
 HARMFUL = pa.schema(
-    [*_ORIGIN, ("prompt", pa.string()), ("response", pa.string()), ("policy", pa.list_(pa.string()))]
+    [
+        *_ORIGIN,
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("policy", pa.list_(pa.string())),
+    ]
 )
 
 # sources.utility: ordinary (prompt, answer) pairs from Alpaca, GSM8K, MATH.

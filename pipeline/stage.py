@@ -17,9 +17,11 @@ does chunking, caching, resume, manifests and progress.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -32,6 +34,7 @@ class StageSpec:
     writes: tuple[str, ...] = ()  # output table names (the engine adds "rejected")
     chunked: str | None = None  # input name the engine splits into resumable chunks
     prompts: tuple[str, ...] = ()  # globs under prompts/ hashed into the cache key
+    cached: bool = True  # False: run every time it is asked for (push)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -67,6 +70,8 @@ class Env(Protocol):
     """What the engine lends a running stage."""
 
     seed: int  # the run seed; derive per-row seeds from it and the row id
+    workdir: Path  # a folder the stage may write files into; kept across a resumed attempt
+    run_config: dict[str, Any]  # the whole resolved config, for data cards and checkpoints
 
     def generator(self, spec: Any) -> Any:
         """The loaded generator for a spec (cached for the process)."""
@@ -91,8 +96,16 @@ class LocalEnv:
     The engine passes one with rich progress; tests and benchmarks build their own.
     """
 
-    def __init__(self, seed: int = 0, show_progress: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        workdir: Path | None = None,
+        run_config: dict[str, Any] | None = None,
+        show_progress: bool = False,
+    ) -> None:
         self.seed = seed
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp("retrace"))
+        self.run_config = run_config or {}
         self.show_progress = show_progress
         self._models: dict[str, Any] = {}
 
