@@ -1,7 +1,7 @@
 """The policy taxonomy and the control-token strings (prompts/policies.yaml).
 
-Control tokens are privileged (DESIGN §4): any control-token string or model special token found in
-source text is neutralised here, before it enters a record, so no data row can spell one by accident.
+Control tokens are privileged (DESIGN §4): any control-token string or model special token found
+in source text is neutralised here, before it enters a record, so no row can spell one by accident.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class Taxonomy:
         try:
             return self.policies[policy].token
         except KeyError:
+            known = ", ".join(self.policies)
             raise KeyError(
-                f"policy {policy!r} is not in {TAXONOMY_FILE.name}; known: {', '.join(self.policies)}"
+                f"policy {policy!r} is not in {TAXONOMY_FILE.name}; known: {known}"
             ) from None
 
     def from_beavertails(self, categories: dict[str, bool]) -> list[str]:

@@ -1,0 +1,207 @@
+"""The `retrace` command line.
+
+    retrace run [--config F] [--until STAGE] [--force STAGE] [--set k=v] [--from-card CARD]
+    retrace stage NAME [--config F] [--force] [--set k=v]
+    retrace status [--config F]
+    retrace show [--kind bsafe] [-n 3]
+    retrace models prepare [--force]
+    retrace push --repo-id ID [--private] [--revision R] [--dry-run]
+    retrace train [--config F] [--set train.k=v] [--data FOLDER]
+
+Errors print one line (or one line per bad config key) on stderr and exit non-zero; set
+RETRACE_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pipeline import config as config_mod
+from pipeline.dag import DATASET_STAGES, Pipeline, StageError, load_stages
+from pipeline.progress import console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
+models_app = typer.Typer(no_args_is_help=True, help="Manage generator models.")
+app.add_typer(models_app, name="models")
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
+]
+
+
+def _friendly(fn):
+    """Known failures become one clear line and a non-zero exit, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except config_mod.ConfigError as err:
+            _fail(err, code=2)
+        except (StageError, FileNotFoundError, RuntimeError, ImportError, KeyError) as err:
+            _fail(err, code=1)
+
+    return wrapper
+
+
+def _fail(err: Exception, code: int) -> None:
+    if os.environ.get("RETRACE_DEBUG"):
+        raise err
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _pipeline(config: Path | None, overrides: list[str] | None, raw: dict | None = None):
+    stages = load_stages()
+    if raw is not None:
+        cfg = config_mod.validate(config_mod.apply_overrides(raw, overrides or []), stages, "card")
+    else:
+        cfg = config_mod.load(config, stages, overrides or [])
+    return Pipeline(cfg, stages)
+
+
+@app.command()
+@_friendly
+def run(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    until: Annotated[str, typer.Option(help="Last stage to run.")] = DATASET_STAGES[-1],
+    force: Annotated[
+        list[str] | None, typer.Option(help="Rerun this stage and what depends on it.")
+    ] = None,
+    set_: SetOpt = None,
+    from_card: Annotated[
+        Path | None, typer.Option(help="Rebuild from the config embedded in a data card.")
+    ] = None,
+) -> None:
+    """Run the pipeline up to --until (publish by default); cached stages are skipped."""
+    raw = None
+    if from_card is not None:
+        from pipeline.card import config_from_card
+
+        raw = config_from_card(from_card)
+    pipe = _pipeline(config, set_, raw)
+    pipe.run([until], force=set(force or []))
+    _print_status(pipe)
+
+
+@app.command()
+@_friendly
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage to run (its inputs run first if needed).")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    force: Annotated[bool, typer.Option(help="Rerun it even if cached.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run one stage and what it needs."""
+    pipe = _pipeline(config, set_)
+    pipe.run([name], force={name} if force else set())
+
+
+@app.command()
+@_friendly
+def status(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None) -> None:
+    """Show each stage: fresh, stale, partial or missing, with rows and time."""
+    _print_status(_pipeline(config, set_))
+
+
+def _print_status(pipe: Pipeline) -> None:
+    table = Table(title=f"run {pipe.store.root}")
+    for col in ("stage", "state", "rows out", "rejected", "seconds"):
+        table.add_column(col, justify="left" if col in ("stage", "state") else "right")
+    colours = {"fresh": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    for name in pipe.stages:
+        state = pipe.status(name)
+        manifest = pipe.store.manifest(name) or {}
+        rows = ", ".join(
+            f"{t} {n}" for t, n in manifest.get("rows_out", {}).items() if t != "files"
+        )
+        table.add_row(
+            name,
+            f"[{colours[state]}]{state}[/]",
+            rows or "-",
+            str(manifest.get("rejected", "-")),
+            f"{manifest['seconds']:.1f}" if manifest else "-",
+        )
+    # The table is data: stdout.
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@app.command()
+@_friendly
+def show(
+    kind: Annotated[str, typer.Option(help="bsafe, reset, recovery or preference.")] = "bsafe",
+    n: Annotated[int, typer.Option("-n", help="Examples to show.")] = 3,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """Print examples of a kind with their segments coloured (harmful red, trained green)."""
+    from rich.console import Console
+
+    from pipeline.show import show_rows
+
+    pipe = _pipeline(config, set_)
+    if pipe.store.manifest("format") is None:
+        raise StageError("no format output in this run yet; run `retrace stage format` first")
+    rows = pipe.store.read("format", kind).slice(0, n).to_pylist()
+    show_rows(rows, Console(), n)
+
+
+@models_app.command("prepare")
+@_friendly
+def models_prepare(
+    force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
+) -> None:
+    """Convert the embedded Gemma 3 270M GGUF once into a cached HF folder."""
+    from pipeline.models import prepare_embedded
+
+    path = prepare_embedded(force=force)
+    print(path)
+
+
+@app.command()
+@_friendly
+def push(
+    repo_id: Annotated[str, typer.Option(help="Hub dataset repo, e.g. you/retrace-bsafe.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="List what would be uploaded.")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """Upload the published dataset folder to the Hugging Face Hub in one commit."""
+    overrides = [*(set_ or []), f"push.repo_id={repo_id}", f"push.private={private}"]
+    overrides.append(f"push.dry_run={dry_run}")
+    if revision:
+        overrides.append(f"push.revision={revision}")
+    _pipeline(config, overrides).run(["push"])
+
+
+@app.command()
+@_friendly
+def train(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A dataset folder to train on instead of this run's.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if cached.")] = False,
+) -> None:
+    """Train the bundled trainer on the published dataset folder."""
+    overrides = [*(set_ or [])] + ([f"train.data={data.resolve()}"] if data else [])
+    _pipeline(config, overrides).run(["train"], force={"train"} if force else set())
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
