@@ -183,3 +183,63 @@ def message(role: str, content: str) -> dict[str, str]:
 def scores(mapping: Mapping[str, float]) -> list[dict[str, Any]]:
     """A {label: prob} dict in the META.scores list form, sorted for stable bytes."""
     return [{"label": k, "score": float(v)} for k, v in sorted(mapping.items())]
+
+
+# --- inject / rewrite: the recipes' intermediate tables ---------------------------------------
+
+# One injected harmful span. `at` is the insertion point in the clean benign response (the end of
+# a sentence); `start`/`end` locate the span in `injected` (the response with every span in).
+VIOLATION = pa.struct(
+    [
+        ("at", pa.int64()),
+        ("start", pa.int64()),
+        ("end", pa.int64()),
+        ("span", pa.string()),
+        ("policy", pa.string()),
+        ("span_source", pa.string()),  # bank | beavertails | generator
+        ("span_id", pa.string()),
+        ("license", pa.string()),  # the span's own licence (BeaverTails spans are CC BY-NC 4.0)
+        ("scores", SCORES),
+    ]
+)
+
+# inject.violations: a filtered benign response with 1..m harmful spans injected.
+VIOLATIONS = pa.schema(
+    [
+        *_ORIGIN,
+        ("response_id", pa.string()),  # the filter.responses row it was made from
+        ("prompt", pa.string()),
+        ("response", pa.string()),  # the clean benign response
+        ("injected", pa.string()),  # the response with the spans in, at the recorded offsets
+        ("policy", pa.list_(pa.string())),
+        ("violations", pa.list_(VIOLATION)),
+        ("meta", META),
+    ]
+)
+
+# rewrite.replacements: a safe alternative for one injected span.
+REPLACEMENTS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("violation_id", pa.string()),  # inject.violations id
+        ("index", pa.int64()),  # which violation of that row
+        ("policy", pa.string()),
+        ("span", pa.string()),
+        ("replacement", pa.string()),
+        ("meta", META),
+    ]
+)
+
+# rewrite.refusals (r, Qi et al.) and rewrite.safe_responses (y+, Zhang et al.): one text per
+# sources.harmful row.
+REWRITES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("harmful_id", pa.string()),  # sources.harmful id
+        ("policy", pa.list_(pa.string())),
+        ("text", pa.string()),
+        ("meta", META),
+    ]
+)
+REFUSALS = REWRITES
+SAFE_RESPONSES = REWRITES
