@@ -263,6 +263,8 @@ class Pipeline:
         if not any(env.workdir.iterdir()):
             env.workdir.rmdir()  # the stage wrote no files
         outputs = store.hash_outputs(work, tables)
+        if not spec.reads:  # a source stage: what it loaded is what it kept plus what it rejected
+            rows_in["loaded"] = sum(o["rows"] for t, o in outputs.items() if t != store.FILES)
         self._check_rejected(name, section, work, sum(rows_in.values()), outputs)
         reasons = Counter(store.read_parts(work / "rejected").column("reason").to_pylist())
         manifest = {

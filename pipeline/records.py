@@ -243,3 +243,50 @@ REWRITES = pa.schema(
 )
 REFUSALS = REWRITES
 SAFE_RESPONSES = REWRITES
+
+
+# --- blend (stage `blend`) -------------------------------------------------------------------
+
+SPLITS = ("train", "validation")
+
+
+def with_split(schema: pa.Schema) -> pa.Schema:
+    """A published config's schema plus the trailing `split` column blend writes and publish
+    drops ("train" or "validation")."""
+    return schema.append(pa.field("split", pa.string()))
+
+
+# blend.report: one row per (step, component, split) saying what the step removed; the mixture
+# step's rows carry the requested and realised shares. Components are the published kinds plus
+# "anchor" (Qi et al.'s benign prompts answered by the generator, published as kind "utility").
+BLEND_REPORT = pa.schema(
+    [
+        ("step", pa.string()),  # input | invalid | exact_dedup | near_dedup | decontaminate
+        #                         | split | mixture
+        ("component", pa.string()),
+        ("split", pa.string()),  # "" before the split
+        ("rows_in", pa.int64()),
+        ("removed", pa.int64()),  # mixture: rows left out of the mixture (kept in their config)
+        ("rows_out", pa.int64()),
+        ("requested", pa.float64()),  # mixture: the configured share of the mixture
+        ("realised", pa.float64()),  # mixture: the share it got, in `unit`
+        ("unit", pa.string()),  # mixture: "examples" | "tokens" | "words"
+        ("detail", pa.string()),  # JSON: the step's parameters (threshold, n, seed, sources)
+    ]
+)
+
+
+# --- sources (stage `sources`) ---------------------------------------------------------------
+
+# sources.counts: one row of stage-wide figures for the manifest. `loaded` is every source row
+# read (the stage's rows in); `not_selected` the rows a loader passes over by design (BeaverTails
+# safe rows when harmful QA is wanted, unsafe rows when benign prompts are); `neutralised_rows`
+# and `neutralised_strings` the rows and control-token/special-token strings defused (DESIGN §4).
+SOURCE_COUNTS = pa.schema(
+    [
+        ("loaded", pa.int64()),
+        ("not_selected", pa.int64()),
+        ("neutralised_rows", pa.int64()),
+        ("neutralised_strings", pa.int64()),
+    ]
+)

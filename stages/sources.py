@@ -1,0 +1,319 @@
+"""Stage `sources`: load the datasets a run builds on into normalised tables.
+
+Reads: nothing from the run store; Hub datasets or local files, each named by one entry of the
+config (`stages/sources_loaders.py` maps every dataset's real columns).
+Writes:
+- `benign`  (records.PROMPTS): prompts the generator answers benignly (Alpaca by default);
+- `harmful` (records.HARMFUL): harmful prompt, harmful answer (may be empty) and policies, from
+  BeaverTails' unsafe rows (policies from its 14 category booleans via prompts/policies.yaml),
+  AdvBench, HarmBench or any file;
+- `utility` (records.UTILITY): ordinary (prompt, answer) pairs from Alpaca, GSM8K, MATH;
+- `eval`    (records.EVAL): evaluation prompts, which blend decontaminates against;
+- `counts`  (records.SOURCE_COUNTS): one row of stage-wide figures for the manifest.
+
+Every row gets a content-addressed id, `row_id(source, source_id, content)`, that later stages
+carry through to the shards. Control-token strings and model special tokens in any text are
+neutralised (DESIGN §4) and counted; the row itself is kept.
+
+Rejects, with reason: missing_field, wrong_type, empty_field, undecodable, too_long (any text over
+`max_chars`), no_category (an unsafe BeaverTails row with no category set), no_final_answer (a
+GSM8K answer without `#### N`), unknown_policy (generic policy column), duplicate (the same
+content already in the table, from any source).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline import records, taxonomy
+from pipeline.stage import Env, StageConfig, StageSpec
+from stages.sources_loaders import (
+    BUILDERS,
+    COMPRESSION,
+    GENERIC_COLUMNS,
+    LOADERS,
+    Loader,
+    RowError,
+    SourceError,
+    builder_for,
+    opened,
+    rows,
+)
+
+__all__ = ["SPEC", "Config", "Entry", "SourceError", "external_files", "run"]
+
+SPEC = StageSpec(name="sources", writes=("benign", "harmful", "utility", "eval", "counts"))
+
+# Output table -> (schema, content fields: what the id hashes and duplicates are judged on).
+TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
+    "benign": (records.PROMPTS, ("prompt",)),
+    "harmful": (records.HARMFUL, ("prompt", "response", "policy")),
+    "utility": (records.UTILITY, ("prompt", "response")),
+    "eval": (records.EVAL, ("prompt",)),
+}
+
+SAMPLES = Path("configs/data")  # the shipped sample files (configs/data/README.md)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Entry(BaseModel):
+    """One source of one output table (an item of `sources.benign`, `.harmful`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loader: Literal["alpaca", "gsm8k", "math", "beavertails", "advbench", "harmbench", "generic"]
+    hub_id: str | None = None  # default: the loader's real Hub id
+    name: tuple[str, ...] | None = None  # Hub config name(s); default: the loader's (math: all 7)
+    split: str | None = None  # default: the loader's; for a local file, the name it is read as
+    revision: str | None = None  # Hub commit, tag or branch
+    path: Path | None = None  # a local JSON/JSONL/CSV/Parquet file read instead of the Hub
+    columns: dict[str, str] = Field(default_factory=dict)  # generic: our field -> its column
+    limit: int | None = Field(None, gt=0)  # stop once this many rows of this entry are kept
+    license: str | None = None  # default: the loader's (generic: required)
+    source: str | None = None  # the `source` rows carry; default: hub_id, or path as written
+    policy: tuple[str, ...] = ()  # advbench/harmbench/generic harmful rows: policies of every row
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = taxonomy.load().policies
+        unknown = [p for p in value if p not in known]
+        if unknown:
+            raise ValueError(f"unknown policy {unknown}; known: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Entry:
+        loader = LOADERS[self.loader]
+        if self.path is None and self.hub_id is None and loader.hub_id is None:
+            raise ValueError(f"loader {self.loader!r} has no Hub id: set `path` (or `hub_id`)")
+        if self.path is not None:
+            if builder_for(self.path) is None:
+                raise ValueError(
+                    f"path {str(self.path)!r}: unsupported file type; use one of "
+                    f"{', '.join(BUILDERS)} (optionally compressed: {', '.join(COMPRESSION)})"
+                )
+            if self.revision is not None or self.name is not None:
+                raise ValueError("`revision` and `name` apply to Hub ids; drop them with `path`")
+        if self.loader == "generic":
+            if "prompt" not in self.columns:
+                raise ValueError("the generic loader needs `columns.prompt` (the prompt column)")
+            unknown = sorted(set(self.columns) - set(GENERIC_COLUMNS))
+            if unknown:
+                raise ValueError(f"columns: unknown field(s) {unknown}; known: {GENERIC_COLUMNS}")
+            if self.license is None:
+                raise ValueError("the generic loader needs `license` (e.g. mit, cc-by-4.0)")
+        elif self.columns:
+            raise ValueError(f"`columns` applies to the generic loader, not {self.loader!r}")
+        if self.policy and self.loader not in ("advbench", "harmbench", "generic"):
+            raise ValueError(f"`policy` applies to advbench/harmbench/generic, not {self.loader!r}")
+        return self
+
+    @property
+    def spec(self) -> Loader:
+        return LOADERS[self.loader]
+
+    def source_name(self) -> str:
+        if self.source is not None:
+            return self.source
+        if self.path is not None:
+            return self.path.as_posix()
+        return self.hub_id or str(self.spec.hub_id)
+
+    def license_name(self) -> str:
+        return self.license or self.spec.license
+
+    def split_name(self) -> str:
+        return self.split or self.spec.split
+
+    def resolved_path(self, key: str) -> Path:
+        """`path`, relative to the working directory or else to the checkout (shipped samples)."""
+        assert self.path is not None
+        for candidate in (self.path, REPO_ROOT / self.path):
+            if candidate.is_file():
+                return candidate.resolve()
+        raise SourceError(f"{key}.path: file {str(self.path)!r} does not exist; fix the path")
+
+
+def _sample(loader: str, file: str, **kw: Any) -> Entry:
+    # Written for retrace in the dataset's real column layout, so they carry the project's
+    # licence, not the dataset's.
+    return Entry(loader=loader, path=SAMPLES / file, license="apache-2.0", **kw)
+
+
+class Config(StageConfig):
+    # Defaults: the shipped samples, a small offline run. Point entries at Hub ids (drop `path`)
+    # for a real run; configs/paper.yaml does.
+    benign: tuple[Entry, ...] = (_sample("alpaca", "alpaca.jsonl"),)
+    harmful: tuple[Entry, ...] = (_sample("beavertails", "beavertails.jsonl"),)
+    utility: tuple[Entry, ...] = (
+        _sample("alpaca", "alpaca.jsonl"),
+        _sample("gsm8k", "gsm8k.jsonl"),
+        _sample("math", "hendrycks_math.jsonl"),
+    )
+    eval: tuple[Entry, ...] = (
+        _sample("harmbench", "harmbench_behaviors_text.csv"),
+        _sample("advbench", "advbench.jsonl"),
+        _sample("generic", "prompts.jsonl", columns={"prompt": "text", "id": "id"}),
+    )
+    # Longer texts are rejected (too_long): a bound for runaway rows (a whole document in one
+    # field), well above any answer these datasets hold.
+    max_chars: int = Field(16_000, gt=0)
+
+    @field_validator("benign", "harmful", "utility", "eval")
+    @classmethod
+    def _loader_fits_table(cls, entries: tuple[Entry, ...], info: Any) -> tuple[Entry, ...]:
+        table = info.field_name
+        for i, entry in enumerate(entries):
+            if table not in entry.spec.tables:
+                fits = [n for n, e in LOADERS.items() if table in e.tables]
+                raise ValueError(
+                    f"[{i}]: loader {entry.loader!r} cannot feed {table}; use one of {fits}"
+                )
+            if table == "utility" and entry.loader == "generic" and "response" not in entry.columns:
+                raise ValueError(f"[{i}]: a generic utility source needs `columns.response`")
+        return entries
+
+
+def external_files(cfg: Config) -> list[Path]:
+    """The local files whose content the outputs depend on, for the engine's cache key."""
+    paths = [
+        entry.resolved_path(f"sources.{table}[{i}]")
+        for table in TABLES
+        for i, entry in enumerate(getattr(cfg, table))
+        if entry.path is not None
+    ]
+    return list(dict.fromkeys(paths))
+
+
+class _Tally:
+    """Stage-wide figures for the `counts` table."""
+
+    def __init__(self) -> None:
+        self.loaded = self.not_selected = self.neutralised_rows = self.neutralised_strings = 0
+
+    def row(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class _Table:
+    """One output table being built: kept rows, and the content already seen (for duplicates)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.schema, self.content = TABLES[name]
+        self.kept: list[dict[str, Any]] = []
+        self.seen: dict[str, str] = {}  # content key -> id of the first row with that content
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, pa.Table]:
+    tally = _Tally()
+    rejected: list[dict[str, Any]] = []
+    out: dict[str, pa.Table] = {}
+    for name in TABLES:
+        table = _Table(name)
+        for i, entry in enumerate(getattr(cfg, name)):
+            _read(entry, f"sources.{name}[{i}]", table, cfg.max_chars, env, rejected, tally)
+        out[name] = records.table(table.kept, table.schema)
+    out["counts"] = records.table([tally.row()], records.SOURCE_COUNTS)
+    out["rejected"] = records.table(rejected, records.REJECTED)
+    return out
+
+
+def _read(
+    entry: Entry,
+    key: str,
+    table: _Table,
+    max_chars: int,
+    env: Env,
+    rejected: list[dict[str, Any]],
+    tally: _Tally,
+) -> None:
+    """Read one source entry into `table` (bad rows into `rejected`), stopping at its `limit`."""
+    source, license = entry.source_name(), entry.license_name()
+    read = kept = skipped = neutralised = 0
+    n_rejected = len(rejected)
+    with (
+        opened(entry, key) as parts,
+        env.progress(
+            f"sources {table.name}: {source}", sum(len(ds) for _, ds in parts)
+        ) as progress,
+    ):
+        for prefix, ds in parts:
+            for index, raw in enumerate(rows(ds)):
+                if entry.limit is not None and kept >= entry.limit:
+                    break
+                read += 1
+                progress.advance()
+                source_id = f"{prefix}{index}"
+                try:
+                    row = _normalise(raw, table.name, entry, max_chars)
+                    if row is None:
+                        skipped += 1
+                        continue
+                    values, own_id, found = row
+                    source_id = own_id or source_id
+                    body = {k: values[k] for k in table.content}
+                    row_id = records.row_id(source, source_id, body)
+                    dup = json.dumps(body, ensure_ascii=False, sort_keys=True)
+                    if dup in table.seen:
+                        raise RowError("duplicate", f"same content as row {table.seen[dup]}")
+                except RowError as err:
+                    bad = {"source": source, "source_id": source_id, **raw}
+                    bad["id"] = records.row_id(source, source_id, raw)
+                    rejected.append(
+                        records.reject(bad, "sources", err.reason, f"{key}: {err.detail}")
+                    )
+                    continue
+                table.seen[dup] = row_id
+                table.kept.append(
+                    {"id": row_id, "source": source, "source_id": source_id, "license": license}
+                    | body
+                )
+                kept += 1
+                if found:
+                    neutralised += found
+                    tally.neutralised_rows += 1
+    tally.loaded += read
+    tally.not_selected += skipped
+    tally.neutralised_strings += neutralised
+    env.log(
+        f"{key} {source}: kept {kept} of {read} ({len(rejected) - n_rejected} rejected, "
+        f"{skipped} not selected, {neutralised} control tokens neutralised)"
+    )
+
+
+def _normalise(
+    raw: dict[str, Any], table: str, entry: Entry, max_chars: int
+) -> tuple[dict[str, Any], str | None, int] | None:
+    """(our fields, the row's own id, strings neutralised), or None for a row not selected;
+    RowError for a bad row."""
+    fields = entry.spec.extract(raw, table, entry)
+    if fields is None:
+        return None
+    values: dict[str, Any] = {"prompt": fields.prompt}
+    if table in ("harmful", "utility"):
+        values["response"] = fields.response or ""
+    if table == "harmful":
+        values["policy"] = list(fields.policy)
+    found = 0
+    for name in ("prompt", "response"):
+        if name not in values:
+            continue
+        if len(values[name]) > max_chars:
+            raise RowError(
+                "too_long", f"{name!r}: {len(values[name])} chars > max_chars {max_chars}"
+            )
+        values[name], n = taxonomy.neutralise(values[name])
+        found += n
+    return values, fields.own_id, found
