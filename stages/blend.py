@@ -1,0 +1,369 @@
+"""blend: the recipe examples plus utility data, deduplicated, decontaminated, split and mixed.
+
+Reads the formatted examples (format.bsafe/reset/recovery/preference), the utility pairs
+(sources.utility: Alpaca, GSM8K, MATH answers already joined by the sources stage), the Qi et al.
+anchor (filter.responses: benign prompts answered by the generator) and the eval prompts
+(sources.eval). Writes one table per published config (bsafe, reset, recovery, utility,
+preference) with every surviving row, the `mixture` (the SFT components mixed by the configured
+ratios), each with a trailing `split` column, and `report` (records.BLEND_REPORT): what every
+step removed and the requested vs realised shares.
+
+Steps, in order, over all components together:
+1. shuffle: each component sorted by a per-row key derive(seed, id), so nothing downstream depends
+   on input row order;
+2. exact duplicates (same prompt and completion text, across all kinds) -> rejected `duplicate`;
+3. near duplicates (MinHash over word shingles, Jaccard >= threshold) among rows of the same
+   component and segment structure -> rejected `near_duplicate`. Rows built on purpose from one
+   source row (a reset example and its plain (x, y+) twin, a bsafe edit and the anchor answer to
+   the same prompt) differ in structure or kind and teach different things, so they are never
+   compared;
+4. decontamination: a row whose prompt contains a word n-gram of any eval prompt (or a whole eval
+   prompt shorter than n words) -> rejected `contaminated`;
+5. split: per component, the first round(validation_share * n) rows in shuffle order are
+   validation;
+6. mixture: per split, the components' rows taken in shuffle order so their shares match
+   `ratios` (by examples, or by tokens); rows left out stay in their own config.
+Utility or anchor rows with an empty prompt or answer are rejected `empty_text`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from pipeline import records
+from pipeline.seeds import derive
+from pipeline.stage import StageConfig, StageSpec
+from stages import blend_dedup as dd
+from stages.blend_rows import components, conform
+
+SPEC = StageSpec(
+    name="blend",
+    reads=(
+        "format.bsafe",
+        "format.reset",
+        "format.recovery",
+        "format.preference",
+        "sources.utility",
+        "filter.responses",
+        "sources.eval",
+    ),
+    writes=("bsafe", "reset", "recovery", "utility", "preference", "mixture", "report"),
+)
+
+# Mixture components: the SFT kinds plus Qi et al.'s anchor, which is published as `utility`.
+MIXED = ("bsafe", "reset", "recovery", "utility", "anchor")
+COMPONENTS = ("bsafe", "reset", "recovery", "preference", "utility", "anchor")
+CONFIG_OF = {c: ("utility" if c == "anchor" else c) for c in COMPONENTS}
+
+
+class Config(StageConfig):
+    # Mixture weights, normalised to shares. recovery 1 : anchor 4 is Qi et al.'s alpha = 0.2
+    # (16 safety : 64 anchor examples per step); a component left out or at 0 is not mixed.
+    ratios: dict[Literal["bsafe", "reset", "recovery", "utility", "anchor"], float] = {
+        "bsafe": 1.0,
+        "reset": 1.0,
+        "recovery": 1.0,
+        "utility": 1.0,
+        "anchor": 4.0,
+    }
+    ratio_by: Literal["examples", "tokens"] = "examples"
+    # Counts tokens for ratio_by=tokens (a local tokenizer folder); None counts words.
+    tokenizer: str | None = None
+    # Total size of the mixture in ratio_by units (rows or tokens); None: as large as the
+    # scarcest component allows.
+    mixture_size: int | None = Field(None, gt=0)
+    validation_share: float = Field(0.05, ge=0, lt=1)
+    exact_dedup: bool = True
+    near_dup_threshold: float | None = Field(0.8, gt=0, le=1)  # None: no near-dup removal
+    shingle: int = Field(5, ge=1)  # words per MinHash shingle
+    num_perm: int = Field(64, ge=4)
+    bands: int = Field(16, ge=1)  # LSH bands; num_perm / bands values per band
+    decontaminate_ngram: int | None = Field(8, ge=1)  # word n-gram; None: no decontamination
+    # Dropping rows is this stage's job (duplicates, contamination), so the run-wide bound on
+    # rejected rows does not apply by default; the report and card show every removal.
+    max_rejected_share: float | None = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if any(w < 0 for w in self.ratios.values()) or not any(self.ratios.values()):
+            raise ValueError("blend.ratios: weights must be >= 0 and at least one > 0")
+        if self.num_perm % self.bands:
+            raise ValueError("blend.num_perm must be a multiple of blend.bands")
+        return self
+
+
+# --- per-row keys ----------------------------------------------------------------------------
+
+
+def _join(messages: pa.ChunkedArray | pa.Array, sep: str = "\n") -> pa.Array:
+    """Each row's message contents joined: the text a duplicate or contamination check reads."""
+    arr = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
+    contents = pa.ListArray.from_arrays(arr.offsets, arr.values.field("content"))
+    return pc.fill_null(pc.binary_join(contents, sep), "")
+
+
+def _keys(table: pa.Table, component: str) -> dict[str, pa.Array]:
+    prompt = _join(table.column("prompt"))
+    if component == "preference":
+        body = pc.binary_join_element_wise(
+            _join(table.column("chosen")), _join(table.column("rejected")), "\n"
+        )
+        structure = pa.array(["preference"] * table.num_rows, pa.string())
+    else:
+        body = _join(table.column("completion"))
+        segs = table.column("segments").combine_chunks()
+        roles = pa.ListArray.from_arrays(segs.offsets, segs.values.field("role"))
+        structure = pc.fill_null(pc.binary_join(roles, ","), "")
+    group = pc.binary_join_element_wise(pa.scalar(component), structure, "|")
+    return {"prompt": prompt, "body": body, "group": group}
+
+
+def _token_counts(texts: pa.Array, tokenizer: str | None) -> np.ndarray:
+    if tokenizer is None:
+        words = pc.utf8_split_whitespace(texts)
+        return pc.fill_null(pc.list_value_length(words), 0).to_numpy(zero_copy_only=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    ids = tok(texts.to_pylist(), add_special_tokens=False)["input_ids"]
+    return np.array([len(x) for x in ids], dtype=np.int64)
+
+
+def _units(table: pa.Table, rows: np.ndarray, component: str, unit: str, tok: str | None):
+    """Each row's size in the mixture's unit: 1, or the tokens (words) of prompt and answer."""
+    if unit == "examples":
+        return np.ones(len(rows), dtype=np.int64)
+    keys = _keys(table.take(pa.array(rows, pa.int64())), component)
+    text = pc.binary_join_element_wise(keys["prompt"], keys["body"], "\n")
+    return _token_counts(text, tok)
+
+
+def _select(units: dict[str, np.ndarray], shares: dict[str, float], size: int | None) -> dict:
+    """How many leading rows of each component to take so their unit totals match `shares`.
+
+    The total is the largest every component can supply (capped by `size`); by examples the
+    counts are rounded by largest remainder, so each is within one example of its exact share.
+    """
+    avail = {c: float(units[c].sum()) for c in shares}
+    total = min([avail[c] / s for c, s in shares.items()] + ([float(size)] if size else []))
+    if all(np.all(u == 1) for u in units.values()):  # by examples
+        exact = {c: s * total for c, s in shares.items()}
+        counts = {c: math.floor(x + 1e-9) for c, x in exact.items()}
+        extra = math.floor(total + 1e-9) - sum(counts.values())
+        by_remainder = sorted(shares, key=lambda c: -(exact[c] - counts[c]))
+        for c in by_remainder[:extra]:
+            counts[c] = min(counts[c] + 1, len(units[c]))
+        return counts
+    return {
+        c: int(np.searchsorted(np.cumsum(units[c]), s * total + 1e-9, side="right"))
+        for c, s in shares.items()
+    }
+
+
+def _row(step: str, component: str, rows_in: int, rows_out: int, **extra: Any) -> dict:
+    detail = extra.pop("detail", {})
+    return {
+        "step": step,
+        "component": component,
+        "split": extra.pop("split", ""),
+        "rows_in": rows_in,
+        "removed": rows_in - rows_out,
+        "rows_out": rows_out,
+        "detail": json.dumps(detail, sort_keys=True),
+        **extra,
+    }
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    tables, rejected = components(inputs)
+    report = []
+    invalid = {
+        "utility": inputs["sources.utility"].num_rows,
+        "anchor": inputs["filter.responses"].num_rows,
+    }
+    shuffle: dict[str, np.ndarray] = {}
+    for c in COMPONENTS:
+        t = tables[c]
+        key = np.array(
+            [derive(env.seed, i, "shuffle") for i in t.column("id").to_pylist()], np.int64
+        )
+        order = np.argsort(key, kind="stable")
+        tables[c], shuffle[c] = t.take(order), key[order]
+        sources = pc.value_counts(t.column("source")).to_pylist() if t.num_rows else []
+        detail = {"sources": {s["values"]: s["counts"] for s in sources}}
+        rows_in = invalid.get(c, t.num_rows)
+        report.append(_row("input", c, rows_in, rows_in, detail=detail))
+        if c in invalid:
+            report.append(_row("invalid", c, rows_in, t.num_rows))
+
+    # Every component's rows side by side: component index, row within it, and the key texts.
+    comp = np.concatenate([np.full(tables[c].num_rows, j) for j, c in enumerate(COMPONENTS)])
+    local = np.concatenate([np.arange(tables[c].num_rows) for c in COMPONENTS])
+    keys = [_keys(tables[c], c) for c in COMPONENTS]
+    prompt = pa.concat_arrays([k["prompt"] for k in keys])
+    body = pa.concat_arrays([k["body"] for k in keys])
+    group = pa.concat_arrays([k["group"] for k in keys])
+    ids = pa.concat_arrays([tables[c].column("id").combine_chunks() for c in COMPONENTS])
+    alive = np.ones(len(comp), dtype=bool)
+    removed: dict[int, tuple[str, dict]] = {}
+
+    def step(name: str, hit: np.ndarray, reason: str, details: list[dict], params: dict) -> None:
+        before = np.bincount(comp[alive], minlength=len(COMPONENTS))
+        for i, d in zip(np.flatnonzero(hit), details, strict=True):
+            removed[int(i)] = (reason, d)
+        alive[hit] = False
+        after = np.bincount(comp[alive], minlength=len(COMPONENTS))
+        for j, c in enumerate(COMPONENTS):
+            report.append(_row(name, c, int(before[j]), int(after[j]), detail=params))
+
+    id_list = ids.to_pylist()
+    if cfg.exact_dedup:
+        dup, first = dd.exact_duplicates(pc.binary_join_element_wise(prompt, body, "\x1f"))
+        details = [{"of": id_list[f]} for f in first[dup]]
+        step("exact_dedup", dup, "duplicate", details, {})
+
+    if cfg.near_dup_threshold is not None:
+        idx = np.flatnonzero(alive)
+        take = pa.array(idx)
+        (w,) = dd.words(pc.binary_join_element_wise(prompt.take(take), body.take(take), "\n"))
+        sig = dd.minhash(w, cfg.shingle, cfg.num_perm)
+        groups = pc.dictionary_encode(group.take(take)).indices.to_numpy(zero_copy_only=False)
+        dup, match, score = dd.near_duplicates(sig, groups, cfg.near_dup_threshold, cfg.bands)
+        hit = np.zeros(len(comp), dtype=bool)
+        hit[idx[dup]] = True
+        details = [
+            {"of": id_list[idx[m]], "jaccard": round(float(s), 3)}
+            for m, s in zip(match[dup], score[dup], strict=True)
+        ]
+        params = {"threshold": cfg.near_dup_threshold, "shingle": cfg.shingle}
+        step("near_dedup", hit, "near_duplicate", details, {**params, "num_perm": cfg.num_perm})
+
+    evals = conform(inputs["sources.eval"], records.EVAL, "sources.eval")
+    if cfg.decontaminate_ngram is not None:
+        idx = np.flatnonzero(alive)
+        train_words, eval_words = dd.words(
+            prompt.take(pa.array(idx)), evals.column("prompt").combine_chunks()
+        )
+        found, which = dd.contaminated(train_words, eval_words, cfg.decontaminate_ngram)
+        hit = np.zeros(len(comp), dtype=bool)
+        hit[idx[found]] = True
+        eval_ids, eval_src = evals.column("id").to_pylist(), evals.column("source").to_pylist()
+        details = [{"eval_id": eval_ids[e], "eval_source": eval_src[e]} for e in which[found]]
+        sources = sorted(set(eval_src))
+        params = {
+            "n": cfg.decontaminate_ngram,
+            "eval_prompts": evals.num_rows,
+            "eval_sources": sources,
+        }
+        step("decontaminate", hit, "contaminated", details, params)
+
+    # Split: per component, the first rows in shuffle order are validation.
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for j, c in enumerate(COMPONENTS):
+        rows = local[(comp == j) & alive]
+        n_val = math.floor(cfg.validation_share * len(rows) + 0.5)
+        kept[c] = (rows, np.where(np.arange(len(rows)) < n_val, 1, 0))  # 0 train, 1 validation
+        for s, name in enumerate(records.SPLITS):
+            n = int(np.sum(kept[c][1] == s))
+            detail = {"validation_share": cfg.validation_share, "seed": env.seed}
+            report.append(_row("split", c, n, n, split=name, detail=detail))
+
+    outputs = {
+        config: _output(tables, kept, shuffle, [c for c in COMPONENTS if CONFIG_OF[c] == config])
+        for config in ("bsafe", "reset", "recovery", "utility", "preference")
+    }
+    mixed = _mixture(tables, kept, cfg, report, env)
+    outputs["mixture"] = _output(tables, mixed, shuffle, list(mixed))
+    outputs["report"] = records.table(report, records.BLEND_REPORT)
+    for i, (reason, detail) in sorted(removed.items()):
+        c = COMPONENTS[comp[i]]
+        row = tables[c].slice(int(local[i]), 1).to_pylist()[0]
+        rejected.append(records.reject(row, "blend", reason, detail))
+    outputs["rejected"] = records.table(rejected, records.REJECTED)
+    return outputs
+
+
+def _mixture(
+    tables: dict[str, pa.Table],
+    kept: dict[str, tuple[np.ndarray, np.ndarray]],
+    cfg: Config,
+    report: list[dict],
+    env: Any,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split, the leading rows of each weighted component in the configured shares."""
+    env_log, seed = env.log, env.seed
+    weights = {c: w for c, w in cfg.ratios.items() if w > 0}
+    shares = {c: weights[c] / sum(weights.values()) for c in MIXED if c in weights}
+    unit = "examples" if cfg.ratio_by == "examples" else ("tokens" if cfg.tokenizer else "words")
+    chosen: dict[str, list] = {c: [[], []] for c in shares}
+    for s, name in enumerate(records.SPLITS):
+        rows = {c: kept[c][0][kept[c][1] == s] for c in shares}
+        units = {c: _units(tables[c], r, c, unit, cfg.tokenizer) for c, r in rows.items()}
+        size = cfg.mixture_size
+        if size is not None:  # the configured total, divided between the splits
+            val = math.floor(size * cfg.validation_share + 0.5)
+            size = val if s == 1 else size - val
+        # A component with nothing to offer in this split is left out (the report shows its
+        # realised share as 0) rather than emptying the whole mixture.
+        present = {c: w for c, w in shares.items() if units[c].sum() > 0}
+        if len(present) < len(shares):
+            missing = sorted(set(shares) - set(present))
+            env_log(f"blend: no {name} rows for {', '.join(missing)}; mixed without them")
+        norm = {c: w / sum(present.values()) for c, w in present.items()}
+        counts = _select({c: units[c] for c in present}, norm, size) if present else {}
+        counts = {c: counts.get(c, 0) for c in shares}
+        total = sum(int(units[c][: counts[c]].sum()) for c in shares)
+        for c in shares:
+            chosen[c][0].append(rows[c][: counts[c]])
+            chosen[c][1].append(np.full(counts[c], s))
+            got = int(units[c][: counts[c]].sum())
+            report.append(
+                _row(
+                    "mixture",
+                    c,
+                    len(rows[c]),
+                    counts[c],
+                    split=name,
+                    requested=shares[c],
+                    realised=got / total if total else 0.0,
+                    unit=unit,
+                    detail={
+                        "ratio_by": cfg.ratio_by,
+                        "mixture_size": cfg.mixture_size,
+                        "seed": seed,
+                    },
+                )
+            )
+    return {c: (np.concatenate(r), np.concatenate(sp)) for c, (r, sp) in chosen.items()}
+
+
+def _output(
+    tables: dict[str, pa.Table],
+    chosen: dict[str, tuple[np.ndarray, np.ndarray]],
+    shuffle: dict[str, np.ndarray],
+    components: list[str],
+) -> pa.Table:
+    """The chosen rows of `components`, train then validation, each in shuffle order."""
+    schema = records.PREFERENCE if components == ["preference"] else records.SFT
+    parts, splits, keys = [], [], []
+    for c in components:
+        rows, sp = chosen[c]
+        parts.append(tables[c].take(pa.array(rows, pa.int64())))
+        splits.append(sp)
+        keys.append(shuffle[c][rows])
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    split = np.concatenate(splits) if splits else np.zeros(0, np.int64)
+    order = np.lexsort((np.concatenate(keys) if keys else split, split))
+    names = pa.array(np.array(records.SPLITS, dtype=object)[split[order]].tolist(), pa.string())
+    out = table.take(pa.array(order, pa.int64())).append_column("split", names)
+    return out.cast(records.with_split(schema))

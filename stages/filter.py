@@ -1,0 +1,154 @@
+"""filter: generator samples -> the benign responses later stages build on.
+
+Reads `sample.samples`; writes `responses` (records.SAMPLES, `meta.scores` filled with the toxicity
+scorer's labels). Everything downstream assumes these responses are benign, readable and distinct,
+so a row is dropped, in this order, when it is:
+
+- `non_printable`: control/unassigned characters (or U+FFFD) over `max_non_printable_share`;
+- `too_short` / `too_long`: fewer than `min_words` or more than `max_words` words;
+- `unfinished`: the generator hit max_new_tokens (`finish_reason` "length"): the text stops mid-way;
+- `repetitive`: the share of repeated word n-grams over `max_repeated_ngram_share` (degenerate
+  loops, common at high temperature and in small base models);
+- `toxic`: the scorer's score (`toxicity_label`, else the maximum over labels) >= threshold;
+- `duplicate`: the same normalised text (case, punctuation, spacing ignored) as an earlier kept row;
+- `near_duplicate`: MinHash/LSH Jaccard estimate over word shingles >= `near_duplicate_threshold`
+  against an earlier kept row.
+
+Every dropped row lands in `rejected` with its reason and its scores. Dropping is this stage's
+job, so its rejected-share bound defaults to 1.0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from typing import Any
+
+import pyarrow as pa
+from datasketch import MinHash, MinHashLSH
+
+from pipeline import records
+from pipeline.scorers import ScorerSpec
+from pipeline.stage import StageConfig, StageSpec
+
+SPEC = StageSpec(name="filter", reads=("sample.samples",), writes=("responses",))
+
+
+class Config(StageConfig):
+    max_rejected_share: float | None = 1.0
+    scorer: ScorerSpec = ScorerSpec()
+    toxicity_threshold: float = 0.5
+    toxicity_label: str | None = None  # None: the maximum over the scorer's labels
+    min_words: int = 20
+    max_words: int = 1000
+    drop_unfinished: bool = True
+    repetition_ngram: int = 3
+    max_repeated_ngram_share: float = 0.3
+    max_non_printable_share: float = 0.01
+    near_duplicate_threshold: float = 0.8
+    shingle_words: int = 5
+    minhash_permutations: int = 128
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def repeated_ngram_share(words: list[str], n: int) -> float:
+    """Share of word n-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop."""
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def non_printable_share(text: str) -> float:
+    if not text:
+        return 0.0
+    bad = sum(
+        1
+        for ch in text
+        if ch == "\ufffd"
+        or (unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cn", "Cs") and ch not in "\n\t")
+    )
+    return bad / len(text)
+
+
+def _minhash(words: list[str], cfg: Config) -> MinHash:
+    k = cfg.shingle_words
+    shingles = [" ".join(words[i : i + k]) for i in range(max(1, len(words) - k + 1))]
+    m = MinHash(num_perm=cfg.minhash_permutations, seed=1)
+    m.update_batch([s.encode() for s in shingles])
+    return m
+
+
+def _quality(row: dict, words: list[str], cfg: Config) -> tuple[str, dict[str, Any]] | None:
+    """The first quality reason that drops this row, with its measurement; None if it passes."""
+    share = non_printable_share(row["response"] or "")
+    if share > cfg.max_non_printable_share:
+        return "non_printable", {"non_printable_share": round(share, 4)}
+    if len(words) < cfg.min_words:
+        return "too_short", {"words": len(words), "min_words": cfg.min_words}
+    if len(words) > cfg.max_words:
+        return "too_long", {"words": len(words), "max_words": cfg.max_words}
+    if cfg.drop_unfinished and row["finish_reason"] == "length":
+        return "unfinished", {
+            "finish_reason": "length",
+            "completion_tokens": row["completion_tokens"],
+        }
+    repeated = repeated_ngram_share(words, cfg.repetition_ngram)
+    if repeated > cfg.max_repeated_ngram_share:
+        return "repetitive", {"repeated_ngram_share": round(repeated, 4)}
+    return None
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    rows = inputs["sample.samples"].to_pylist()
+    scorer = env.scorer(cfg.scorer)
+    with env.progress("filter: scoring", total=len(rows)) as progress:
+        all_scores = []
+        for start in range(0, len(rows), 256):
+            batch = [r["response"] or "" for r in rows[start : start + 256]]
+            all_scores.extend(scorer.score(batch))
+            progress.advance(len(batch))
+
+    kept, rejected = [], []
+    seen: dict[str, str] = {}  # normalised-text hash -> id of the kept row
+    lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.minhash_permutations)
+    hashes: dict[str, MinHash] = {}
+    for row, scores in zip(rows, all_scores, strict=True):
+        words = _words(row["response"] or "")
+
+        def drop(reason: str, detail: dict[str, Any], row=row, scores=scores) -> None:
+            detail = {**detail, "scores": scores}
+            rejected.append(records.reject(row, "filter", reason, json.dumps(detail)))
+
+        if found := _quality(row, words, cfg):
+            drop(*found)
+            continue
+        label = cfg.toxicity_label
+        toxicity = scores[label] if label else max(scores.values(), default=0.0)
+        if toxicity >= cfg.toxicity_threshold:
+            drop("toxic", {"toxicity": toxicity, "threshold": cfg.toxicity_threshold})
+            continue
+        key = hashlib.sha256(" ".join(words).encode()).hexdigest()
+        if key in seen:
+            drop("duplicate", {"duplicate_of": seen[key]})
+            continue
+        minhash = _minhash(words, cfg)
+        if near := lsh.query(minhash):
+            other = min(near)  # ids are hashes: pick one deterministically
+            jaccard = round(minhash.jaccard(hashes[other]), 4)
+            drop("near_duplicate", {"duplicate_of": other, "jaccard": jaccard})
+            continue
+        seen[key] = row["id"]
+        lsh.insert(row["id"], minhash)
+        hashes[row["id"]] = minhash
+        kept.append({**row, "meta": {**(row["meta"] or {}), "scores": records.scores(scores)}})
+    return {
+        "responses": records.table(kept, records.SAMPLES),
+        "rejected": records.table(rejected, records.REJECTED),
+    }

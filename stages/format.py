@@ -1,0 +1,351 @@
+"""format: build the published examples of each recipe, render and check every one.
+
+Reads `inject.violations`, `rewrite.replacements`, `rewrite.refusals`, `rewrite.safe_responses`,
+`sources.harmful` and `filter.responses`; writes `bsafe`, `reset`, `recovery` (records.SFT) and
+`preference` (records.PREFERENCE), TRL's conversational formats with `segments` carrying the loss
+flags (layouts in stages/format_build.py):
+
+- bsafe (Sel et al.): benign text · harmful span · [BACKTRACK-P] · span repeated · [REPLACE] ·
+  safe alternative · rest, one edit per injected violation;
+- reset (Zhang et al.): prefix(y-) · [RESET] · y+, plus the plain (x, y+) example;
+- recovery (Qi et al.): h≤k · r, k in target-tokenizer tokens, `variants_per_triplet` draws, with
+  the whole h and k in meta so the trainer can redraw k;
+- preference (Zhang et al., DPO): prefix(y-)+[RESET]+y+ over y-, and y+ over a safe prefix with a
+  spurious [RESET].
+
+Every row is rendered and checked before it is kept: `render(completion) == visible` equals the
+visible text the recipe intends (for bsafe the clean response with the safe alternatives, which
+must hold no harmful span), control tokens appear exactly where the recipe put them, and no
+untrained segment leaves a space before a trained one. A row that fails goes to `rejected`
+(`render_mismatch`, `control_token_in_text`, `span_in_visible`, `space_before_trained`), as does
+one whose inputs are missing (`missing_response`, `missing_replacement`, `missing_refusal`,
+`missing_safe_response`) or inconsistent (`offset_mismatch`).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from itertools import pairwise
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from pipeline import records, seeds, taxonomy
+from pipeline.render import RenderError, render_pieces, split
+from pipeline.stage import StageConfig, StageSpec
+from stages import format_build as build
+
+SPEC = StageSpec(
+    name="format",
+    reads=(
+        "inject.violations",
+        "rewrite.replacements",
+        "rewrite.refusals",
+        "rewrite.safe_responses",
+        "sources.harmful",
+        "filter.responses",
+    ),
+    writes=("bsafe", "reset", "recovery", "preference"),
+)
+
+
+class Config(StageConfig):
+    # bsafe
+    per_policy_tokens: bool = True  # [BACKTRACK-HATE] etc.; false: the generic [BACKTRACK]
+    train_prefix: bool = True  # train on the benign text before the first violation
+    train_copy: bool = (
+        True  # train on the repeated span (the model must point at what it takes back)
+    )
+    # reset: prefix(y-) is j words of y-'s n, j ~ U{ceil(lo·n)..floor(hi·n)} (Zhang et al. leave
+    # the distribution open; FORMATS.md)
+    reset_prefix: tuple[float, float] = (0.0, 1.0)
+    reset_plain: bool = True  # also the plain (x, y+) example: the loss's −log p(y+ | x) term
+    # recovery
+    target_tokenizer: str = "embedded"  # k counts these tokens: Hub id, local folder or embedded
+    target_revision: str | None = None
+    p_zero: float = Field(0.5, ge=0, le=1)  # Qi et al.: P(k=0) = 0.5
+    k_cap: int = Field(100, ge=1)  # Qi et al.: k ~ U{1..min(100, |h|)}
+    variants_per_triplet: int = Field(1, ge=1)
+    refusal_separator: str = " "  # joins h≤k and r on the trained side when h≤k ends mid-word
+    # preference
+    preference_reset_pairs: bool = True  # prefix(y-)+[RESET]+y+ over y-
+    preference_spurious_pairs: bool = True  # y+ over prefix(y+)+[RESET]
+
+    @model_validator(mode="after")
+    def _fractions(self) -> Config:
+        lo, hi = self.reset_prefix
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"reset_prefix must be 0 <= lo <= hi <= 1, got {self.reset_prefix}")
+        return self
+
+
+@cache
+def _tokenizer(model: str, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    from pipeline.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model, revision), revision=revision)
+
+
+def token_offsets(tokenizer: Any, texts: list[str]) -> list[list[tuple[int, int]]]:
+    """Each text's tokens as char spans, without special tokens (so h's EOS is never counted).
+
+    Offsets, not decoding: h≤k must be an exact prefix of h's text, and decoding a token prefix
+    is not one for byte-level pieces of a character or for normalising tokenizers.
+    """
+    if not texts:
+        return []
+    if not getattr(tokenizer, "is_fast", True):
+        raise TypeError(
+            "format: target_tokenizer must be a fast (Rust) tokenizer, which reports char "
+            "offsets; pick a model that ships tokenizer.json"
+        )
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [[tuple(o) for o in offsets] for offsets in enc["offset_mapping"]]
+
+
+# --- rows and their checks -------------------------------------------------------------------
+
+
+def _meta(base: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    meta = {k: v for k, v in (base or {}).items() if v is not None}
+    meta.update(extra)
+    return meta
+
+
+def _provenance(kind: str, policy: list[str], origin: dict[str, Any], *key: Any) -> dict[str, Any]:
+    # One joined string hashes faster than one JSON part per key (a measured third of bsafe's
+    # time went to json.dumps); ids collide only if a text holds the separator at the same place.
+    content_key = "\x1f".join(map(str, (origin["source_id"], *key)))
+    return {
+        "id": records.row_id(kind, content_key),
+        "kind": kind,
+        "policy": policy,
+        "source": origin["source"],
+        "source_id": origin["source_id"],
+        "license": origin["license"],
+    }
+
+
+def _sft(kind, policy, origin, prompt, segments, expected, meta, *key) -> dict[str, Any]:
+    content = "".join(s["text"] for s in segments)
+    return {
+        **_provenance(kind, policy, origin, prompt, content, *key),
+        "prompt": [records.message("user", prompt)],
+        "completion": [records.message("assistant", content)],
+        "segments": segments,
+        "visible": expected,
+        "meta": meta,
+    }
+
+
+def _check(content: str, expected: str, planted: list[str]) -> tuple[str, str] | None:
+    """Why a turn is wrong, or None: its control tokens must be exactly `planted`, in order, and
+    it must render strictly to `expected`."""
+    pieces = split(content)
+    found = pieces[1::2]
+    if found != planted:
+        return "control_token_in_text", f"control tokens {found} where the recipe put {planted}"
+    try:
+        shown = render_pieces(pieces, strict=True)
+    except RenderError as err:
+        return "render_mismatch", str(err)
+    if shown != expected:
+        return "render_mismatch", f"rendered {shown[:80]!r}, expected {expected[:80]!r}"
+    return None
+
+
+def _check_sft(row: dict[str, Any], spans: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    segments = row["segments"]
+    planted = [s["text"] for s in segments if s["role"] == "control"]
+    problem = _check(row["completion"][0]["content"], row["visible"], planted)
+    if problem:
+        return problem
+    if build.untrained_space(segments):
+        return "space_before_trained", "an untrained segment ends in whitespace before trained text"
+    hit = next((s for s in spans if s in row["visible"]), None)
+    if hit is not None:
+        return "span_in_visible", f"the visible text still holds the harmful span {hit[:60]!r}"
+    return None
+
+
+def _clean(text: str | None) -> str:
+    text = text or ""
+    # Every control or special token string holds "[" or "<": most texts skip the regexes.
+    return taxonomy.neutralise(text)[0] if "[" in text or "<" in text else text
+
+
+# --- the recipes -----------------------------------------------------------------------------
+
+
+def _bsafe(inputs, cfg: Config, out, rejected) -> None:
+    tax = taxonomy.load()
+    responses = {r["id"]: r for r in inputs["filter.responses"].to_pylist()}
+    replacements = {
+        (r["violation_id"], r["index"]): r for r in inputs["rewrite.replacements"].to_pylist()
+    }
+    for row in inputs["inject.violations"].to_pylist():
+        response = responses.get(row["response_id"])
+        if response is None:
+            rejected.append(records.reject(row, "format", "missing_response", row["response_id"]))
+            continue
+        violations = row["violations"]
+        reps = [replacements.get((row["id"], i)) for i in range(len(violations))]
+        if any(r is None for r in reps):
+            rejected.append(records.reject(row, "format", "missing_replacement"))
+            continue
+        if any(row["injected"][v["start"] : v["end"]] != v["span"] for v in violations):
+            rejected.append(records.reject(row, "format", "offset_mismatch"))
+            continue
+        # Pieces are neutralised one by one (the check below catches a control token that only
+        # appears where two pieces meet), so the insertion points move with them.
+        cuts = [0, *(v["at"] for v in violations), len(row["response"])]
+        pieces = [_clean(row["response"][a:b]) for a, b in pairwise(cuts)]
+        edits, at = [], 0
+        for v, rep, piece in zip(violations, reps, pieces[:-1], strict=True):
+            at += len(piece)
+            token = tax.backtrack_token(v["policy"], cfg.per_policy_tokens)
+            edits.append((at, _clean(v["span"]), token, _clean(rep["replacement"])))
+        segments, visible = build.bsafe("".join(pieces), edits, cfg.train_prefix, cfg.train_copy)
+        origin = {
+            "source": response["source"],
+            "source_id": response["source_id"],
+            "license": " AND ".join(
+                dict.fromkeys(
+                    x for x in [response["license"], *(v["license"] for v in violations)] if x
+                )
+            ),
+        }
+        rep_meta = [r["meta"] or {} for r in reps]
+        meta = _meta(
+            response["meta"],
+            template=",".join(sorted({m.get("template") or "" for m in rep_meta} - {""})) or None,
+            fallback=any(m.get("fallback") for m in rep_meta),
+            offsets=row["meta"]["offsets"] if row["meta"] else None,
+            scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
+            + _labelled("span", [v["scores"] for v in violations])
+            + _labelled("replacement", [m.get("scores") or [] for m in rep_meta]),
+        )
+        sft = _sft(
+            "bsafe", row["policy"], origin, _clean(response["prompt"]), segments, visible, meta
+        )
+        _keep(sft, _check_sft(sft, tuple(e[1] for e in edits)), out["bsafe"], rejected)
+
+
+def _labelled(prefix: str, score_lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per label, the highest score over the row's spans (or replacements), as `prefix.label`:
+    one row's scores for its benign text, spans and replacements side by side."""
+    worst: dict[str, float] = {}
+    for scores in score_lists:
+        for s in scores:
+            label = f"{prefix}.{s['label']}"
+            worst[label] = max(worst.get(label, 0.0), s["score"])
+    return records.scores(worst)
+
+
+def _keep(row: dict[str, Any], problem, kept: list, rejected: list) -> None:
+    if problem is None:
+        kept.append(row)
+    else:
+        rejected.append(records.reject(row, "format", *problem))
+
+
+def _preference(policy, origin, prompt, chosen, rejected, meta) -> dict[str, Any]:
+    return {
+        **_provenance("preference", policy, origin, prompt, chosen, rejected),
+        "prompt": [records.message("user", prompt)],
+        "chosen": [records.message("assistant", chosen)],
+        "rejected": [records.message("assistant", rejected)],
+        "meta": meta,
+    }
+
+
+def _check_pair(row: dict[str, Any], chosen: tuple, rejected: tuple) -> tuple[str, str] | None:
+    """`chosen`/`rejected`: (expected visible, planted control tokens) of each side."""
+    return _check(row["chosen"][0]["content"], *chosen) or _check(
+        row["rejected"][0]["content"], *rejected
+    )
+
+
+def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
+    """reset, recovery and preference rows: one source row of sources.harmful each."""
+    from pipeline.models import model_id
+
+    reset_token = taxonomy.load().reset_token
+    lo, hi = cfg.reset_prefix
+    refusals = {r["harmful_id"]: r for r in inputs["rewrite.refusals"].to_pylist()}
+    safes = {r["harmful_id"]: r for r in inputs["rewrite.safe_responses"].to_pylist()}
+    rows = inputs["sources.harmful"].to_pylist()
+    answers = [_clean(r["response"]) if (r["response"] or "").strip() else "" for r in rows]
+    tokenizer = _tokenizer(cfg.target_tokenizer, cfg.target_revision) if any(answers) else None
+    spans = token_offsets(tokenizer, answers) if tokenizer else [[] for _ in rows]
+    tokenizer_id = model_id(cfg.target_tokenizer, cfg.target_revision)
+    for row, h, offsets in zip(rows, answers, spans, strict=True):
+        x, policy = _clean(row["prompt"]), list(row["policy"] or [])
+        safe, refusal = safes.get(row["id"]), refusals.get(row["id"])
+        if safe is None:
+            rejected.append(records.reject(row, "format", "missing_safe_response"))
+        else:
+            y_plus, meta = _clean(safe["text"]), safe["meta"]
+            if h:
+                prefix = build.word_prefix(h, lo, hi, seeds.rng(env.seed, row["id"], "reset"))
+                segments, visible = build.reset(prefix, y_plus)
+                sft = _sft(
+                    "reset",
+                    policy,
+                    row,
+                    x,
+                    segments,
+                    visible,
+                    _meta(meta, prefix_chars=len(prefix)),
+                )
+                _keep(sft, _check_sft(sft), out["reset"], rejected)
+                if cfg.preference_reset_pairs:
+                    chosen = prefix + reset_token + y_plus
+                    pair = _preference(
+                        policy, row, x, chosen, h, _meta(meta, prefix_chars=len(prefix))
+                    )
+                    problem = _check_pair(pair, (y_plus, [reset_token]), (h, []))
+                    _keep(pair, problem, out["preference"], rejected)
+            if cfg.reset_plain:
+                segments, visible = build.plain(y_plus)
+                sft = _sft("reset", policy, row, x, segments, visible, _meta(meta))
+                _keep(sft, _check_sft(sft), out["reset"], rejected)
+            if cfg.preference_spurious_pairs:
+                spurious = build.word_prefix(
+                    y_plus, lo, hi, seeds.rng(env.seed, row["id"], "spurious")
+                )
+                pair_meta = _meta(meta, prefix_chars=len(spurious))
+                pair = _preference(policy, row, x, y_plus, spurious + reset_token, pair_meta)
+                problem = _check_pair(pair, (y_plus, []), ("", [reset_token]))
+                _keep(pair, problem, out["preference"], rejected)
+        if refusal is None:
+            rejected.append(records.reject(row, "format", "missing_refusal"))
+            continue
+        r = _clean(refusal["text"])
+        for variant in range(cfg.variants_per_triplet):
+            rng = seeds.rng(env.seed, row["id"], "recovery", variant)
+            k, k_max = build.k_draw(rng, len(offsets), cfg.p_zero, cfg.k_cap)
+            prefix, k = build.token_prefix(h, offsets, k)
+            segments, visible = build.recovery(prefix, r, cfg.refusal_separator)
+            meta = _meta(
+                refusal["meta"],
+                k=k,
+                k_max=k_max,
+                h_tokens=len(offsets),
+                harmful=h,
+                tokenizer=tokenizer_id,
+            )
+            sft = _sft("recovery", policy, row, x, segments, visible, meta, variant)
+            _keep(sft, _check_sft(sft), out["recovery"], rejected)
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    out: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SPEC.writes}
+    rejected: list[dict[str, Any]] = []
+    _bsafe(inputs, cfg, out, rejected)
+    _harmful(inputs, cfg, env, out, rejected)
+    tables = {kind: records.table(rows, records.config_schema(kind)) for kind, rows in out.items()}
+    return {**tables, "rejected": records.table(rejected, records.REJECTED)}

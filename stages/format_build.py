@@ -1,0 +1,138 @@
+"""The segment layouts of each recipe, as pure functions (the `format` stage's builders).
+
+Each builder returns the assistant turn as segments `[{text, role, train}]` plus the visible text
+the recipe intends, worked out without the renderer so that `format` can check the two agree.
+Wherever untrained text meets trained text, the trained side starts right at the boundary and
+carries any spacing (DESIGN §4): a space left on the untrained side would be a token the model
+never learns to emit before its control token or refusal.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from itertools import pairwise
+from typing import Any
+
+from pipeline import taxonomy
+
+Segment = dict[str, Any]
+
+_WORD = re.compile(r"\S+")
+
+
+def seg(text: str, role: str, train: bool) -> Segment:
+    return {"text": text, "role": role, "train": train}
+
+
+def _compact(segments: list[Segment]) -> list[Segment]:
+    return [s for s in segments if s["text"]]
+
+
+def bsafe(
+    text: str,
+    edits: list[tuple[int, str, str, str]],
+    train_prefix: bool,
+    train_copy: bool,
+) -> tuple[list[Segment], str]:
+    """Benign text with BSAFE edits: for each (at, span, backtrack_token, replacement), sorted by
+    `at`: text up to `at` and a space · span (never trained) · backtrack token · span repeated ·
+    [REPLACE] · replacement; then the rest of the text.
+
+    The visible text is the clean text with each replacement where its span was.
+    """
+    replace = taxonomy.load().replace_token
+    segments: list[Segment] = []
+    visible: list[str] = []
+    prev = 0
+    for i, (at, span, token, replacement) in enumerate(edits):
+        before = text[prev:at] + " "
+        visible += [before, replacement]
+        segments += [
+            seg(before, "text", train_prefix or i > 0),
+            seg(span, "harmful", False),
+            seg(token, "control", True),
+            seg(span, "copy", train_copy),
+            seg(replace, "control", True),
+            seg(replacement, "replacement", True),
+        ]
+        prev = at
+    segments.append(seg(text[prev:], "text", True))
+    visible.append(text[prev:])
+    return _compact(segments), "".join(visible)
+
+
+def word_prefix(text: str, lo: float, hi: float, rng: random.Random) -> str:
+    """A prefix of `text` ending at a word end, of j words with j ~ U{ceil(lo·n)..floor(hi·n)},
+    at least one word; no trailing space (it would sit on the untrained side)."""
+    ends = [m.end() for m in _WORD.finditer(text)]
+    if not ends:
+        return ""
+    n = len(ends)
+    low = max(1, math.ceil(lo * n - 1e-9))
+    high = max(low, min(n, int(hi * n)))
+    return text[: ends[rng.randint(low, high) - 1]]
+
+
+def reset(prefix: str, safe: str) -> tuple[list[Segment], str]:
+    """prefix(y-) (never trained) · [RESET] · y+ (Zhang et al.); visible is y+."""
+    token = taxonomy.load().reset_token
+    segments = [seg(prefix, "harmful", False), seg(token, "control", True), seg(safe, "safe", True)]
+    return _compact(segments), safe
+
+
+def plain(safe: str, role: str = "safe") -> tuple[list[Segment], str]:
+    """The plain (x, y+) example: the whole turn trained."""
+    return [seg(safe, role, True)], safe
+
+
+def recovery(prefix: str, refusal: str, separator: str) -> tuple[list[Segment], str]:
+    """h≤k (never trained) · refusal (Qi et al., no special token).
+
+    Trailing whitespace of the prefix moves to the refusal; with none, `separator` joins them
+    (on the trained side) so the refusal never glues onto the prefix's last word.
+    """
+    kept = prefix.rstrip()
+    if not kept:
+        return plain(refusal, "refusal")
+    joint = prefix[len(kept) :] or separator
+    segments = [seg(kept, "harmful", False), seg(joint + refusal, "refusal", True)]
+    return segments, kept + joint + refusal
+
+
+def token_prefix(text: str, offsets: list[tuple[int, int]], k: int) -> tuple[str, int]:
+    """The text of `text`'s first k tokens (char offsets from the target tokenizer), and how many
+    tokens the untrained prefix really holds.
+
+    A character split over several byte-level tokens (they share one offset span) cannot be cut
+    in the middle: k moves back to the last whole character, so the count never exceeds the
+    draw. Tokens that are only trailing whitespace are not counted, since `recovery` moves that
+    whitespace to the trained side.
+    """
+    while 0 < k < len(offsets) and offsets[k][0] < offsets[k - 1][1]:
+        k -= 1
+    end = max((e for _, e in offsets[:k]), default=0)
+    kept = len(text[:end].rstrip())
+    return text[:end], sum(1 for _, e in offsets[:k] if e <= kept)
+
+
+def k_draw(rng: random.Random, h_tokens: int, p_zero: float, cap: int) -> tuple[int, int]:
+    """(k, k_max): P(k=0) = p_zero, else k ~ U{1..k_max} with k_max = min(cap, h_tokens).
+
+    The draw is uniform under each row's own bound, never a 1..cap draw clipped to |h| (which
+    would pile rows up at |h|, DESIGN §1); h_tokens excludes h's end of sequence, so the prefix
+    never contains it (Qi et al.'s code can, FORMATS.md).
+    """
+    k_max = min(cap, h_tokens)
+    zero = rng.random() < p_zero
+    if zero or k_max == 0:
+        return 0, k_max
+    return rng.randint(1, k_max), k_max
+
+
+def untrained_space(segments: list[Segment]) -> bool:
+    """True when an untrained segment ends in whitespace right before a trained one."""
+    return any(
+        not a["train"] and b["train"] and a["text"][-1:].isspace() for a, b in pairwise(segments)
+    )

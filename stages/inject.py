@@ -1,0 +1,320 @@
+"""inject: put policy-tagged harmful spans into filtered benign responses (BSAFE+).
+
+Reads `filter.responses` (records.SAMPLES, in chunks) and `sources.harmful` (records.HARMFUL);
+writes `violations` (records.VIOLATIONS): each benign response with 1..m harmful spans inserted at
+sentence boundaries that are never the very start, so the violation lands mid-generation — the
+case BSAFE is built for (Sel et al. 2025; RLBF's "BSAFE+" injects into originally safe text).
+
+A span comes from one source: `bank` (prompts/spans/bank.yaml, mild and non-operational),
+`beavertails` (sentences of the unsafe answers in sources.harmful, tagged with their row's
+policies) or `generator` (prompts/inject/redteam.jinja). Each violation records its insertion
+point, its char offsets in the injected text, its policy, where it came from and its scores.
+
+Rejects a response that is empty (`empty_response`), has no sentence boundary past its first
+sentence (`no_sentence_boundary`), or whose span could not be made (`no_span` when the chosen
+source has none for any weighted policy, `span_generation_failed` when the generator's output is
+unusable).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from itertools import accumulate, pairwise
+from typing import Any, Literal
+
+import pyarrow as pa
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from pipeline import records, seeds, taxonomy
+from pipeline.backends import GeneratorSpec, SamplingParams
+from pipeline.prompting import render_prompt, template_hash
+from pipeline.scorers import ScorerSpec
+from pipeline.stage import StageConfig, StageSpec
+
+SPEC = StageSpec(
+    name="inject",
+    reads=("filter.responses", "sources.harmful"),
+    writes=("violations",),
+    chunked="filter.responses",
+    prompts=("inject/*", "spans/*"),
+)
+BANK = taxonomy.PROMPTS_DIR / "spans" / "bank.yaml"
+REDTEAM_TEMPLATE = "inject/redteam.jinja"
+
+
+class Config(StageConfig):
+    chunk_size: int | None = 4096  # rows per resumable chunk; inject is cheap, so larger than run's
+    span_source: Literal["bank", "beavertails", "generator"] = "bank"
+    min_violations: int = Field(1, ge=1)
+    max_violations: int = Field(2, ge=1)  # BSAFE allows several violations per response
+    # Relative weights of the policies; empty means every policy the span source covers, equally.
+    policy_weights: dict[str, float] = {}
+    min_span_chars: int = Field(20, ge=1)  # beavertails/generator spans outside these are skipped
+    max_span_chars: int = Field(300, ge=1)
+    # Used only with span_source: generator.
+    generator: GeneratorSpec = GeneratorSpec()
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    # Scores every span; null records no scores (the benchmark runs without a model).
+    scorer: ScorerSpec | None = ScorerSpec()
+
+    @field_validator("policy_weights")
+    @classmethod
+    def _known_policies(cls, weights: dict[str, float]) -> dict[str, float]:
+        known = taxonomy.load().policies
+        for name, weight in weights.items():
+            if name not in known:
+                raise ValueError(f"unknown policy {name!r}; known: {', '.join(known)}")
+            if weight < 0:
+                raise ValueError(f"policy weight for {name!r} is negative ({weight})")
+        return weights
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Config:
+        if self.max_violations < self.min_violations:
+            raise ValueError("max_violations must be at least min_violations")
+        if self.max_span_chars < self.min_span_chars:
+            raise ValueError("max_span_chars must be at least min_span_chars")
+        return self
+
+
+# --- sentences -------------------------------------------------------------------------------
+
+# A sentence ends at . ! or ? (plus closing quotes/brackets) followed by whitespace and more text.
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s+\S)")
+# Periods that end no sentence: list markers ("1."), initials ("J.") and common abbreviations.
+_NOT_AN_END = re.compile(r"(?:\d{1,3}|[A-Za-z]|e\.g|i\.e|etc|vs|Mr|Mrs|Ms|Dr|St|No|Fig)", re.I)
+_LOOKBACK = 8  # longer than any word _NOT_AN_END matches, so a longer one never needs a look
+
+
+def boundaries(text: str) -> list[int]:
+    """Char offsets right after each sentence end that has more text after it.
+
+    Offset 0 is never among them: an injected span always follows at least one sentence.
+    """
+    out = []
+    for m in _SENTENCE_END.finditer(text):
+        before = text[max(0, m.start() - _LOOKBACK) : m.start()].rsplit(None, 1)
+        if before and _NOT_AN_END.fullmatch(before[-1].lstrip("([\"'")):
+            continue
+        out.append(m.end())
+    return out
+
+
+def sentences(text: str) -> list[str]:
+    """`text` split at `boundaries`, each sentence on one line."""
+    cuts = [0, *boundaries(text), len(text)]
+    return [" ".join(text[a:b].split()) for a, b in pairwise(cuts) if text[a:b].strip()]
+
+
+# --- span sources ----------------------------------------------------------------------------
+
+
+@cache
+def _bank() -> dict[str, list[dict[str, str]]]:
+    raw = yaml.safe_load(BANK.read_text())
+    return {
+        policy: [
+            {"text": text, "id": f"bank:{policy}:{i}", "source": "bank", "license": raw["license"]}
+            for i, text in enumerate(texts)
+        ]
+        for policy, texts in raw["spans"].items()
+    }
+
+
+def _beavertails(harmful: pa.Table, cfg: Config) -> dict[str, list[dict[str, str]]]:
+    pool: dict[str, list[dict[str, str]]] = {}
+    for row in harmful.select(["id", "response", "policy", "license"]).to_pylist():
+        for i, sentence in enumerate(sentences(row["response"] or "")):
+            sentence, _ = taxonomy.neutralise(sentence)
+            if not cfg.min_span_chars <= len(sentence) <= cfg.max_span_chars:
+                continue
+            span = {
+                "text": sentence,
+                "id": f"{row['id']}:{i}",
+                "source": "beavertails",
+                "license": row["license"],
+            }
+            for policy in row["policy"] or ():
+                pool.setdefault(policy, []).append(span)
+    return pool
+
+
+def _policy_table(cfg: Config, covered: set[str]) -> tuple[list[str], list[float]]:
+    """The policies a violation may get and their cumulative weights."""
+    weights = cfg.policy_weights or {p: 1.0 for p in taxonomy.load().policies}
+    names = [p for p, w in weights.items() if w > 0 and p in covered]
+    return names, list(accumulate(weights[p] for p in names))
+
+
+def _generate_spans(
+    plans: list[dict[str, Any]], cfg: Config, env: Any
+) -> dict[tuple[str, int], dict[str, str] | None]:
+    """One red-team span per planned violation; None where the output is unusable."""
+    tax = taxonomy.load()
+    generator = env.generator(cfg.generator)
+    keys, prompts, row_seeds = [], [], []
+    for plan in plans:
+        for i, (at, policy) in enumerate(zip(plan["ats"], plan["policies"], strict=True)):
+            user = render_prompt(
+                REDTEAM_TEMPLATE,
+                policy_description=tax.policies[policy].description,
+                context=plan["text"][:at][-600:],
+            )
+            keys.append((plan["id"], i))
+            prompts.append(generator.format_chat([records.message("user", user)]))
+            row_seeds.append(seeds.derive(env.seed, plan["id"], "span", i))
+    params = SamplingParams(
+        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+    )
+    out: dict[tuple[str, int], dict[str, str] | None] = {}
+    for start in range(0, len(prompts), 256):
+        batch = slice(start, start + 256)
+        generations = generator.generate(prompts[batch], params, row_seeds[batch])
+        for key, gens in zip(keys[batch], generations, strict=True):
+            first = (sentences(gens[0].text.strip()) or [""])[0]
+            text, _ = taxonomy.neutralise(first)
+            ok = cfg.min_span_chars <= len(text) <= cfg.max_span_chars
+            span_id = f"generator:{generator.model_id}:{template_hash(REDTEAM_TEMPLATE)}"
+            out[key] = (
+                {"text": text, "id": span_id, "source": "generator", "license": ""} if ok else None
+            )
+    return out
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def _plan(row: dict[str, Any], cfg: Config, env: Any, policies: tuple[list[str], list[float]]):
+    """The row's clean text, insertion points and policies, or a (reason, detail) rejection."""
+    text = _clean(row["response"])
+    if not text.strip():
+        return "empty_response", "the benign response is empty"
+    ats = boundaries(text)
+    if not ats:
+        return "no_sentence_boundary", "no sentence ends before more text follows"
+    names, cum_weights = policies
+    if not names:
+        return "no_span", f"span source {cfg.span_source!r} has no spans for the weighted policies"
+    rng = seeds.rng(env.seed, row["id"], "inject")
+    m = rng.randint(min(cfg.min_violations, len(ats)), min(cfg.max_violations, len(ats)))
+    chosen = sorted(rng.sample(ats, m))
+    return {
+        "id": row["id"],
+        "text": text,
+        "ats": chosen,
+        "policies": [rng.choices(names, cum_weights=cum_weights)[0] for _ in chosen],
+        "rng": rng,
+    }
+
+
+def _clean(text: str | None) -> str:
+    text = text or ""
+    # Every control or special token string holds "[" or "<": most texts skip the regexes.
+    return taxonomy.neutralise(text)[0] if "[" in text or "<" in text else text
+
+
+def _inject(text: str, ats: list[int], spans: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """`text` with each span inserted after a space at its offset, and the spans' new offsets."""
+    pieces, offsets, prev, length = [], [], 0, 0
+    for at, span in zip(ats, spans, strict=True):
+        pieces.append(text[prev:at] + " ")
+        length += at - prev + 1
+        pieces.append(span)
+        offsets.append((length, length + len(span)))
+        length += len(span)
+        prev = at
+    pieces.append(text[prev:])
+    return "".join(pieces), offsets
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    responses = inputs["filter.responses"].to_pylist()
+    if cfg.span_source == "bank":
+        pool = _bank()
+    elif cfg.span_source == "beavertails":
+        pool = _beavertails(inputs["sources.harmful"], cfg)
+    else:
+        pool = {p: [] for p in taxonomy.load().policies}
+    policies = _policy_table(
+        cfg, set(k for k, v in pool.items() if v or cfg.span_source == "generator")
+    )
+
+    plans, rejected = [], []
+    for row in responses:
+        plan = _plan(row, cfg, env, policies)
+        if isinstance(plan, tuple):
+            rejected.append(records.reject(row, "inject", *plan))
+        else:
+            plans.append((row, plan))
+
+    generated = (
+        _generate_spans([p for _, p in plans], cfg, env) if cfg.span_source == "generator" else {}
+    )
+    picked = []
+    for row, plan in plans:
+        spans = []
+        for i, policy in enumerate(plan["policies"]):
+            span = generated.get((plan["id"], i)) if generated else plan["rng"].choice(pool[policy])
+            spans.append(span)
+        if any(s is None for s in spans):
+            rejected.append(records.reject(row, "inject", "span_generation_failed"))
+            continue
+        picked.append((row, plan, spans))
+
+    span_scores = _score({s["text"] for _, _, spans in picked for s in spans}, cfg, env)
+    out = []
+    for row, plan, spans in picked:
+        injected, offsets = _inject(plan["text"], plan["ats"], [s["text"] for s in spans])
+        violations = [
+            {
+                "at": at,
+                "start": start,
+                "end": end,
+                "span": span["text"],
+                "policy": policy,
+                "span_source": span["source"],
+                "span_id": span["id"],
+                "license": span["license"],
+                "scores": span_scores.get(span["text"], []),
+            }
+            for at, (start, end), span, policy in zip(
+                plan["ats"], offsets, spans, plan["policies"], strict=True
+            )
+        ]
+        meta = dict(row.get("meta") or {})  # the benign sample's provenance and filter scores
+        meta["offsets"] = [
+            {"start": v["start"], "end": v["end"], "policy": v["policy"]} for v in violations
+        ]
+        out.append(
+            {
+                "id": records.row_id(
+                    "inject", row["id"], ";".join(f"{v['at']}:{v['span_id']}" for v in violations)
+                ),
+                "source": row["source"],
+                "source_id": row["source_id"],
+                "license": row["license"],
+                "response_id": row["id"],
+                "prompt": _clean(row["prompt"]),
+                "response": plan["text"],
+                "injected": injected,
+                "policy": list(dict.fromkeys(plan["policies"])),
+                "violations": violations,
+                "meta": meta,
+            }
+        )
+    return {
+        "violations": records.table(out, records.VIOLATIONS),
+        "rejected": records.table(rejected, records.REJECTED),
+    }
+
+
+def _score(texts: set[str], cfg: Config, env: Any) -> dict[str, list[dict[str, Any]]]:
+    if cfg.scorer is None or not texts:
+        return {}
+    ordered = sorted(texts)
+    results = env.scorer(cfg.scorer).score(ordered)
+    return {t: records.scores(s) for t, s in zip(ordered, results, strict=True)}

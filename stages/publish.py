@@ -1,0 +1,377 @@
+"""publish: the dataset folder, laid out as a Hugging Face dataset repo, and its card.
+
+Reads blend's tables (one per config, each with a `split` column, and blend.report) and every
+upstream stage's rejected table (for the card's rejection counts). Writes no tables; writes into
+env.workdir:
+
+    README.md                                   the data card (pipeline/card.py)
+    data/<config>/<split>-NNNNN-of-MMMMM.parquet  shards cut at ~shard_bytes compressed
+    images/*.png                                policy mix, k histogram, lengths, toxicity
+
+Each shard is written with its config's schema from pipeline/records.py (never inferred), one row
+group at a time through a ParquetWriter, so memory stays bounded by a row group whatever the
+dataset size. There are no timestamps in shards, plots or card: the same inputs give the same
+bytes. It rejects nothing: a row blend kept is published.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipeline import card, records
+from pipeline.stage import StageConfig, StageSpec
+
+UPSTREAM = ("sources", "sample", "filter", "inject", "rewrite", "format", "blend")
+SPEC = StageSpec(
+    name="publish",
+    reads=(
+        *(f"blend.{c}" for c in records.CONFIGS),
+        "blend.report",
+        *(f"{s}.rejected" for s in UPSTREAM),
+    ),
+    writes=(),
+)
+DEFAULT_CONFIG = "mixture"
+KINDS = ("bsafe", "reset", "recovery", "utility", "preference")  # configs with one kind each
+RECIPE_SECTIONS = ("sample", "filter", "inject", "rewrite", "format", "blend")
+VERSIONED = ("retrace", "datasets", "pyarrow", "transformers", "torch", "trl", "huggingface_hub")
+
+# A row group holds at most this much uncompressed data: small enough that a reader (and the
+# Hub's dataset viewer) can fetch one at a time, large enough for zstd to compress well.
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+
+
+class Config(StageConfig):
+    # Compressed bytes per shard before the next one starts (the cut falls after a row group).
+    shard_bytes: int = Field(256_000_000, gt=0)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    pretty_name: str = "retrace backtracking safety corpus"
+    language: list[str] = ["en"]
+
+
+def external_files(cfg: Config) -> list[Path]:
+    """The card's code and template: changing either changes the published folder, so both go
+    into this stage's cache key."""
+    return [Path(card.__file__), card.CARD_DIR / card.TEMPLATE]
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+def write_shards(
+    table: pa.Table, schema: pa.Schema, folder: Path, split: str, cfg: Config
+) -> list[Path]:
+    """`table` as `<split>-NNNNN-of-MMMMM.parquet` files in `folder`, each cut once its
+    compressed size reaches cfg.shard_bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = table.select(schema.names).cast(schema)
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    group_rows = max(1, min(ROW_GROUP_BYTES, cfg.shard_bytes) // per_row)
+    options: dict[str, Any] = {
+        "compression": cfg.compression,
+        "write_statistics": ["id", "kind", "source", "license"],  # not on long text columns
+    }
+    if int(pa.__version__.split(".")[0]) >= 21:
+        # Chunk pages by content, so a republished dataset shares most bytes with the last
+        # revision on the Hub's Xet storage.
+        options["use_content_defined_chunking"] = True
+    parts: list[Path] = []
+    writer, sink = None, None
+    for start in range(0, table.num_rows, group_rows):
+        if writer is None:
+            parts.append(folder / f".{split}-{len(parts):05d}.partial")
+            sink = pa.OSFile(str(parts[-1]), "wb")
+            writer = pq.ParquetWriter(sink, schema, **options)
+        writer.write_table(table.slice(start, group_rows), row_group_size=group_rows)
+        if sink.tell() >= cfg.shard_bytes:
+            writer.close()
+            sink.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+        sink.close()
+    final = []
+    for i, part in enumerate(parts):
+        final.append(folder / f"{split}-{i:05d}-of-{len(parts):05d}.parquet")
+        part.rename(final[-1])
+    return final
+
+
+def _split_rows(table: pa.Table, split: str) -> pa.Table:
+    """The rows of one split; blend writes each split as one block, so this is a slice."""
+    idx = np.flatnonzero(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+        return table.slice(int(idx[0]), len(idx))
+    return table.take(pa.array(idx, pa.int64()))
+
+
+# --- numbers for the card ----------------------------------------------------------------------
+
+# Most to least permissive; a source licence not listed makes the card's licence "other".
+_LICENSE_RANK = {
+    "cc0-1.0": 0,
+    "pddl": 0,
+    "unlicense": 0,
+    "mit": 1,
+    "apache-2.0": 1,
+    "bsd-2-clause": 1,
+    "bsd-3-clause": 1,
+    "odc-by": 2,
+    "cc-by-3.0": 2,
+    "cc-by-4.0": 2,
+    "cc-by-sa-3.0": 3,
+    "cc-by-sa-4.0": 3,
+    "cc-by-nc-3.0": 4,
+    "cc-by-nc-4.0": 4,
+    "cc-by-nc-sa-3.0": 5,
+    "cc-by-nc-sa-4.0": 5,
+    "cc-by-nc-nd-4.0": 6,
+}
+
+
+def most_restrictive(licenses: Iterable[str]) -> str:
+    """The Hub licence id covering every row: the most restrictive source licence (BeaverTails
+    and Alpaca are CC BY-NC 4.0), or "other" when one is unknown. "a AND b" counts as both."""
+    ids = set()
+    for value in licenses:
+        for part in (value or "").split(" AND "):
+            ids.add(part.strip().lower().replace(" ", "-"))
+    ids.discard("")
+    if not ids or not ids <= _LICENSE_RANK.keys():
+        return "other"
+    return max(sorted(ids), key=_LICENSE_RANK.__getitem__)
+
+
+def _size_category(rows: int) -> str:
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")]
+    bounds += [(1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")]
+    return next((name for bound, name in bounds if rows < bound), "10M<n<100M")
+
+
+def _count(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
+    if table.num_rows == 0:
+        return []
+    grouped = table.group_by(keys).aggregate([([], "count_all")]).to_pylist()
+    rows = [{**{k: r[k] for k in keys}, "rows": r["count_all"]} for r in grouped]
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+
+
+def _chars(messages: pa.ChunkedArray) -> list[int]:
+    """Characters per row over a message list's contents, counted in place (no text copy)."""
+    arr = messages.combine_chunks()
+    per_message = pc.utf8_length(arr.values.field("content")).fill_null(0)
+    parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+    values = per_message.to_numpy(zero_copy_only=False)[arr.offsets[0].as_py() :][: len(parents)]
+    return np.bincount(parents, weights=values, minlength=len(arr)).astype(np.int64).tolist()
+
+
+def _toxicity(tables: list[pa.Table]) -> tuple[list[float], list[float]]:
+    """Per row, the highest score on the harmful spans (labels `span.*`, before backtracking)
+    and on what replaced them (every other label: replacements, refusals, safe responses)."""
+    before, after = [], []
+    for table in tables:
+        scores = table.column("meta").combine_chunks().field("scores")
+        flat = pc.list_flatten(scores)
+        if len(flat) == 0:
+            continue
+        rows = pc.list_parent_indices(scores).to_numpy(zero_copy_only=False)
+        value = flat.field("score").to_numpy(zero_copy_only=False)
+        is_span = pc.starts_with(flat.field("label"), "span.").to_numpy(zero_copy_only=False)
+        for mask, out in ((is_span, before), (~is_span, after)):
+            best = np.full(table.num_rows, -1.0)
+            np.maximum.at(best, rows[mask], value[mask])
+            out.extend(float(round(x, 6)) for x in best[best >= 0])
+    return before, after
+
+
+def _example(table: pa.Table, kind: str) -> dict[str, Any] | None:
+    if table.num_rows == 0:
+        return None
+    row = table.slice(0, 1).to_pylist()[0]
+    prompt = "\n\n".join(f"[{m['role']}] {m['content']}" for m in row["prompt"])
+    if kind == "preference":
+        texts = [
+            ("Chosen", row["chosen"][0]["content"]),
+            ("Rejected", row["rejected"][0]["content"]),
+        ]
+        segments = None
+    else:
+        texts = [
+            ("Completion (what the model is trained to emit)", row["completion"][0]["content"]),
+            ("Visible (what a user sees)", row["visible"]),
+        ]
+        # One segment per line: readable, and exact (JSON strings keep every space).
+        lines = [json.dumps(seg, ensure_ascii=False) for seg in row["segments"]]
+        segments = "[\n  " + ",\n  ".join(lines) + "\n]"
+    return {
+        "kind": kind,
+        "id": row["id"],
+        "source": row["source"],
+        "prompt": prompt,
+        "texts": texts,
+        "segments": segments,
+    }
+
+
+def _scorers(run_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        section: body["scorer"]
+        for section, body in run_config.items()
+        if isinstance(body, dict) and body.get("scorer") is not None
+    }
+
+
+def _versions() -> list[tuple[str, str]]:
+    found = []
+    for name in VERSIONED:
+        try:
+            found.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _context(
+    inputs: dict[str, Any], configs: list[dict], empty: list[str], cfg: Config, env: Any
+) -> dict[str, Any]:
+    tables = {name: inputs[f"blend.{name}"] for name in records.CONFIGS}
+    per_kind = [tables[k] for k in KINDS]
+    report = inputs["blend.report"]
+    license_counts = _count(
+        pa.table({"license": pa.chunked_array([t.column("license") for t in per_kind])}),
+        ["license"],
+    )
+    policy_rows, policy_mix = [], {}
+    for kind in KINDS:
+        flat = pc.list_flatten(tables[kind].column("policy"))
+        counts = _count(pa.table({"policy": flat}), ["policy"])
+        policy_rows += [{"config": kind, **r} for r in counts]
+        if counts:
+            policy_mix[kind] = {r["policy"]: r["rows"] for r in counts}
+    rejected = pa.concat_tables(
+        inputs[f"{s}.rejected"].select(records.REJECTED.names).cast(records.REJECTED)
+        for s in UPSTREAM
+    )
+    stage_order = {s: i for i, s in enumerate(UPSTREAM)}
+    rejections = sorted(
+        _count(rejected, ["stage", "reason"]),
+        key=lambda r: (stage_order.get(r["stage"], 99), r["reason"]),
+    )
+    meta = pa.concat_arrays([t.column("meta").combine_chunks() for t in per_kind])
+    generators = _count(
+        pa.table(
+            {
+                "generator": pc.fill_null(meta.field("generator"), "(none: source data)"),
+                "backend": pc.fill_null(meta.field("backend"), "-"),
+            }
+        ),
+        ["generator", "backend"],
+    )
+    steps = ("invalid", "exact_dedup", "near_dedup", "decontaminate")
+    report_rows = report.to_pylist()
+    images_dir = env.workdir / "images"
+    lengths = {
+        k: _chars(tables[k].column("chosen" if k == "preference" else "completion")) for k in KINDS
+    }
+    ks = [
+        k
+        for k in pc.struct_field(tables["recovery"].column("meta"), "k").to_pylist()
+        if k is not None
+    ]
+    before, after = _toxicity([tables[k] for k in ("bsafe", "reset", "recovery")])
+    total = sum(t.num_rows for t in per_kind)
+    license_id = most_restrictive(r["license"] for r in license_counts)
+    header = {
+        "pretty_name": cfg.pretty_name,
+        "license": license_id,
+        "language": list(cfg.language),
+        "task_categories": ["text-generation"],
+        "tags": ["safety", "alignment", "backtracking", "synthetic", "sft", "dpo", "trl"],
+        "size_categories": [_size_category(total)],
+        "configs": [
+            {
+                "config_name": c["name"],
+                **({"default": True} if c["name"] == DEFAULT_CONFIG else {}),
+                "data_files": [
+                    {"split": s["split"], "path": f"data/{c['name']}/{s['split']}-*.parquet"}
+                    for s in c["splits"]
+                ],
+            }
+            for c in configs
+        ],
+    }
+    if license_id == "other":
+        header["license_name"] = "mixed: see the licences table"
+    examples = [_example(tables[k], k) for k in KINDS]  # blend puts train rows first
+    run_config = env.run_config
+    return {
+        "header": header,
+        "run_name": (run_config.get("run") or {}).get("name", "unnamed"),
+        "default_config": DEFAULT_CONFIG
+        if any(c["name"] == DEFAULT_CONFIG for c in configs)
+        else (configs[0]["name"] if configs else DEFAULT_CONFIG),
+        "configs": configs,
+        "empty_configs": empty,
+        "mixture_kinds": _count(tables["mixture"], ["kind", "split"]),
+        "ratios": [r for r in report_rows if r["step"] == "mixture"],
+        "policies": policy_rows,
+        "licenses": license_counts,
+        "license_note": (
+            "Generated text (anchor answers, rewrites) also falls under the generator's terms of "
+            "use; see the generator table."
+        ),
+        "rejections": rejections,
+        "blend_steps": [r for r in report_rows if r["step"] in steps and r["removed"]],
+        "generators": generators,
+        "scorers": _scorers(run_config),
+        "images": {
+            "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
+            "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
+            "lengths": card.plot_lengths(lengths, images_dir / "lengths.png"),
+            "toxicity": card.plot_toxicity(before, after, images_dir / "toxicity.png"),
+        },
+        "examples": [e for e in examples if e is not None],
+        "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
+        "versions": _versions(),
+        "run_config": run_config,
+    }
+
+
+def run(inputs: dict[str, Any], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    out = Path(env.workdir)
+    # A resumed attempt gets the same folder back: clear what an earlier attempt wrote.
+    for stale in ("data", "images"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "README.md").unlink(missing_ok=True)
+    configs, empty = [], []
+    for name in records.CONFIGS:
+        table, schema = inputs[f"blend.{name}"], records.config_schema(name)
+        splits = []
+        for split in records.SPLITS:
+            rows = _split_rows(table, split)
+            if rows.num_rows == 0:
+                continue
+            files = write_shards(rows, schema, out / "data" / name, split, cfg)
+            size = sum(f.stat().st_size for f in files)
+            splits.append(
+                {"split": split, "rows": rows.num_rows, "shards": len(files), "bytes": size}
+            )
+            env.log(f"publish: {name}/{split}: {rows.num_rows} rows in {len(files)} shard(s)")
+        if splits:
+            configs.append({"name": name, "splits": splits})
+        else:
+            empty.append(name)
+    text = card.render_card(_context(inputs, configs, empty, cfg, env))
+    (out / "README.md").write_text(text, encoding="utf-8")
+    return {"rejected": records.table([], records.REJECTED)}

@@ -1,0 +1,210 @@
+"""rewrite: the safe texts the recipes need, from the generator with template fallbacks.
+
+Reads `inject.violations` (records.VIOLATIONS) and `sources.harmful` (records.HARMFUL); writes
+- `replacements` (records.REPLACEMENTS): for each injected span, one safe sentence that continues
+  coherently from the benign text before it (BSAFE's safe alternative);
+- `refusals` (records.REFUSALS): a refusal r for each harmful prompt (Qi et al.'s (x, h, r));
+- `safe_responses` (records.SAFE_RESPONSES): a safe response y+ for each harmful prompt (Zhang
+  et al.'s reset recipe).
+
+Every generated text is neutralised (no control-token strings), checked (non-empty, short enough,
+a replacement must not repeat its span) and scored; one whose highest toxicity score reaches
+`threshold` is redrawn with a fresh seed up to `retries` times, after which a per-policy template
+from prompts/fallbacks/ is used and the row says so (meta.fallback, meta.template "fallback:...").
+With `generator: null` every text comes from the templates.
+
+Rejects a harmful row whose prompt is empty (`empty_prompt`); nothing else, since a fallback
+always exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import pyarrow as pa
+import yaml
+from pydantic import Field
+
+from pipeline import records, seeds, taxonomy
+from pipeline.backends import GeneratorSpec, SamplingParams
+from pipeline.prompting import render_prompt
+from pipeline.scorers import ScorerSpec
+from pipeline.stage import StageConfig, StageSpec
+
+SPEC = StageSpec(
+    name="rewrite",
+    reads=("inject.violations", "sources.harmful"),
+    writes=("replacements", "refusals", "safe_responses"),
+    prompts=("rewrite/*", "fallbacks/*"),
+)
+TEMPLATES = {
+    "replacements": "rewrite/replacement.jinja",
+    "refusals": "rewrite/refusal.jinja",
+    "safe_responses": "rewrite/safe_response.jinja",
+}
+FALLBACKS = {name: f"fallbacks/{name}.yaml" for name in TEMPLATES}
+
+
+class Config(StageConfig):
+    # null: every text from prompts/fallbacks/ (no model; what the benchmark uses)
+    generator: GeneratorSpec | None = GeneratorSpec()
+    scorer: ScorerSpec | None = ScorerSpec()
+    threshold: float = Field(0.5, gt=0, le=1)  # a text whose highest label reaches it is unsafe
+    retries: int = Field(2, ge=0)  # fresh-seed attempts after the first, before the fallback
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    max_chars: int = Field(600, ge=20)
+    context_chars: int = Field(600, ge=0)  # benign text before a span shown to the generator
+
+
+@dataclass
+class _Job:
+    table: str  # replacements | refusals | safe_responses
+    key: str  # the output row's id
+    policy: str | None  # picks the fallback template
+    variables: dict[str, Any]
+    span: str = ""  # a replacement must not repeat it
+    row: dict[str, Any] = field(default_factory=dict)  # the output row without text and meta
+
+
+@cache
+def _fallbacks(name: str) -> dict[str, list[str]]:
+    return yaml.safe_load((taxonomy.PROMPTS_DIR / FALLBACKS[name]).read_text())
+
+
+def _clean(job: _Job, text: str, cfg: Config) -> tuple[str, str | None]:
+    """The usable part of a generated text, or a reason it is unusable."""
+    text, _ = taxonomy.neutralise(text.strip())
+    if job.table == "replacements":
+        text = " ".join(text.split("\n\n")[0].split())  # one line: it sits inside a paragraph
+    if not text:
+        return text, "empty"
+    if len(text) > cfg.max_chars:
+        return text, "too_long"
+    if job.span and job.span.lower() in text.lower():
+        return text, "repeats_span"
+    return text, None
+
+
+def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[dict[str, Any]]]:
+    tax = taxonomy.load()
+    jobs, rejected = [], []
+    for row in inputs["inject.violations"].to_pylist():
+        for i, v in enumerate(row["violations"]):
+            nxt = row["response"][v["at"] :].strip()
+            variables = {
+                "before": row["response"][: v["at"]][-cfg.context_chars :],
+                "after": nxt[:200],
+                "span": v["span"],
+                "policy_description": tax.policies[v["policy"]].description,
+            }
+            key = records.row_id("replacement", row["id"], i)
+            base = {"violation_id": row["id"], "index": i, "policy": v["policy"], "span": v["span"]}
+            jobs.append(_Job("replacements", key, v["policy"], variables, v["span"], base))
+    for row in inputs["sources.harmful"].to_pylist():
+        prompt, _ = taxonomy.neutralise(row["prompt"] or "")
+        if not prompt.strip():
+            rejected.append(records.reject(row, "rewrite", "empty_prompt"))
+            continue
+        policies = list(row["policy"] or [])
+        first = policies[0] if policies else None
+        description = tax.policies[first].description if first else "harmful or unsafe content"
+        variables = {"prompt": prompt, "policy_description": description}
+        for table in ("refusals", "safe_responses"):
+            key = records.row_id(table, row["id"])
+            base = {"harmful_id": row["id"], "policy": policies}
+            jobs.append(_Job(table, key, first, variables, row=base))
+    return jobs, rejected
+
+
+def _generate(jobs: list[_Job], cfg: Config, env: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Generated texts that pass every check, by job key, with their meta."""
+    if cfg.generator is None or not jobs:
+        return {}
+    generator = env.generator(cfg.generator)
+    params = SamplingParams(
+        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+    )
+    accepted: dict[str, tuple[str, dict[str, Any]]] = {}
+    pending = jobs
+    with env.progress("rewrite", total=len(jobs)) as bar:
+        for attempt in range(cfg.retries + 1):
+            if not pending:
+                break
+            prompts = [
+                generator.format_chat(
+                    [records.message("user", render_prompt(TEMPLATES[j.table], **j.variables))]
+                )
+                for j in pending
+            ]
+            job_seeds = [seeds.derive(env.seed, j.key, attempt) for j in pending]
+            outputs = generator.generate(prompts, params, job_seeds)
+            cleaned = [
+                _clean(j, gens[0].text, cfg) for j, gens in zip(pending, outputs, strict=True)
+            ]
+            scores = _score([t for t, why in cleaned if why is None], cfg, env)
+            retry = []
+            for job, seed, (text, why), gens in zip(
+                pending, job_seeds, cleaned, outputs, strict=True
+            ):
+                score = scores.get(text, {}) if why is None else {}
+                if why is None and max(score.values(), default=0.0) < cfg.threshold:
+                    meta = {
+                        "generator": generator.model_id,
+                        "backend": cfg.generator.backend,
+                        "temperature": cfg.temperature,
+                        "top_p": cfg.top_p,
+                        "seed": seed,
+                        "template": TEMPLATES[job.table],
+                        "fallback": False,
+                        "scores": records.scores(score),
+                    }
+                    accepted[job.key] = (text, meta)
+                    bar.advance(1, tokens=gens[0].completion_tokens)
+                else:
+                    retry.append(job)
+            pending = retry
+    return accepted
+
+
+def _score(texts: list[str], cfg: Config, env: Any) -> dict[str, dict[str, float]]:
+    if cfg.scorer is None or not texts:
+        return {}
+    unique = sorted(set(texts))
+    return dict(zip(unique, env.scorer(cfg.scorer).score(unique), strict=True))
+
+
+def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
+    templates = _fallbacks(job.table)
+    choices = templates.get(job.policy or "default") or templates["default"]
+    seed = seeds.derive(env.seed, job.key, "fallback")
+    text = choices[seed % len(choices)]
+    return text, {"seed": seed, "template": f"fallback:{FALLBACKS[job.table]}", "fallback": True}
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    jobs, rejected = _jobs(inputs, cfg)
+    accepted = _generate(jobs, cfg, env)
+    missing = [j for j in jobs if j.key not in accepted]
+    fallback = {j.key: _fallback(j, env) for j in missing}
+    fallback_scores = _score([text for text, _ in fallback.values()], cfg, env)
+    if missing and cfg.generator is not None:
+        env.log(f"rewrite: {len(missing)} of {len(jobs)} texts fell back to prompts/fallbacks/")
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in TEMPLATES}
+    for job in jobs:
+        if job.key in accepted:
+            text, meta = accepted[job.key]
+        else:
+            text, meta = fallback[job.key]
+            meta["scores"] = records.scores(fallback_scores.get(text, {}))
+        column = "replacement" if job.table == "replacements" else "text"
+        out[job.table].append({"id": job.key, **job.row, column: text, "meta": meta})
+    return {
+        "replacements": records.table(out["replacements"], records.REPLACEMENTS),
+        "refusals": records.table(out["refusals"], records.REFUSALS),
+        "safe_responses": records.table(out["safe_responses"], records.SAFE_RESPONSES),
+        "rejected": records.table(rejected, records.REJECTED),
+    }

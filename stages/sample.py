@@ -1,0 +1,156 @@
+"""sample: benign prompts -> n generator samples each, with full provenance.
+
+Reads `sources.benign` (records.PROMPTS) in resumable chunks; writes `samples` (records.SAMPLES).
+These are the benign responses BSAFE injects violations into, sampled at high temperature as the
+paper does (Gemma2 27B at T=1.5, FORMATS.md). Each prompt becomes a conversation: optional few-shot
+turns (for base models such as the embedded Gemma 3 270M), then the prompt through the user
+template, formatted by the generator's chat template or Gemma's turn format.
+
+Every row's randomness comes from `seeds.derive(run seed, prompt id)`, never from chunk position,
+so a resumed run writes the same rows as an uninterrupted one. On the transformers backend
+sampling is seeded per batch (see pipeline/backends.py): the same config and seed give the same
+samples. Response text is neutralised (DESIGN §4): a control or special token string the model
+wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+from pipeline import records, seeds
+from pipeline.backends import GeneratorSpec, SamplingParams
+from pipeline.prompting import render_prompt, template_hash
+from pipeline.stage import StageConfig, StageSpec
+from pipeline.taxonomy import PROMPTS_DIR, neutralise
+
+SPEC = StageSpec(
+    name="sample",
+    reads=("sources.benign",),
+    writes=("samples",),
+    chunked="sources.benign",
+    prompts=("sample/*", "chat/*"),
+)
+
+
+class Config(StageConfig):
+    generator: GeneratorSpec = GeneratorSpec()
+    template: str = "sample/benign.jinja"  # the user turn, under prompts/
+    fewshot: str | None = "sample/fewshot.yaml"  # few-shot turns for base models; null for chat
+    n: int = 1  # samples per prompt
+    temperature: float = 1.5  # BSAFE samples Gemma2 27B at T=1.5
+    top_p: float = 0.98
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    max_prompt_tokens: int = 2048  # formatted prompt, few-shot turns included
+    chunk_size: int | None = None  # prompts per resumable chunk; None takes run.chunk_size
+
+
+@cache
+def _fewshot(name: str) -> tuple[tuple[str, str], ...]:
+    raw = yaml.safe_load((PROMPTS_DIR / name).read_text())
+    try:
+        return tuple((str(t["user"]), str(t["assistant"])) for t in raw)
+    except (TypeError, KeyError):
+        raise ValueError(
+            f"sample: prompts/{name} must be a list of {{user, assistant}} turns"
+        ) from None
+
+
+def conversation(prompt: str, cfg: Config) -> list[dict[str, str]]:
+    """The messages the generator sees for one benign prompt."""
+
+    def user(text: str) -> dict[str, str]:
+        # Template files end with a newline; a turn's content does not.
+        return records.message("user", render_prompt(cfg.template, prompt=text).strip())
+
+    messages = []
+    for question, answer in _fewshot(cfg.fewshot) if cfg.fewshot else ():
+        messages += [user(question), records.message("assistant", answer)]
+    return [*messages, user(prompt)]
+
+
+def sampling_params(cfg: Config) -> SamplingParams:
+    return SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+        n=cfg.n,
+        stop=tuple(cfg.stop),
+    )
+
+
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+    generator = env.generator(cfg.generator)
+    params = sampling_params(cfg)
+    # Which prompt files wrote the rows, with their content hashes.
+    template = f"{cfg.template}@{template_hash(cfg.template)}"
+    if cfg.fewshot:
+        template += f" {cfg.fewshot}@{template_hash(cfg.fewshot)}"
+    rows = inputs["sources.benign"].to_pylist()
+
+    rejected, todo = [], []
+    for row in rows:
+        if not (row.get("prompt") or "").strip():
+            rejected.append(records.reject(row, "sample", "empty_prompt"))
+            continue
+        todo.append((row, generator.format_chat(conversation(row["prompt"], cfg))))
+    lengths = generator.count_tokens([text for _, text in todo])
+    ready = []
+    for (row, text), length in zip(todo, lengths, strict=True):
+        if length > cfg.max_prompt_tokens:
+            detail = f"{length} tokens > sample.max_prompt_tokens {cfg.max_prompt_tokens}"
+            rejected.append(records.reject(row, "sample", "prompt_too_long", detail))
+        else:
+            ready.append((row, text))
+
+    samples = []
+    # One generate call per batch of requests (n per prompt), so progress moves as batches finish.
+    step = max(1, generator.spec.batch_size // max(1, cfg.n))
+    with env.progress("sample", total=len(ready) * cfg.n, unit="samples") as progress:
+        for start in range(0, len(ready), step):
+            batch = ready[start : start + step]
+            request_seeds = [seeds.derive(env.seed, row["id"]) for row, _ in batch]
+            generations = generator.generate([text for _, text in batch], params, request_seeds)
+            tokens = 0
+            for (row, _), gens in zip(batch, generations, strict=True):
+                for index, gen in enumerate(gens):
+                    samples.append(_sample_row(row, index, gen, generator, cfg, template))
+                    tokens += gen.completion_tokens
+            progress.advance(rows=len(batch) * cfg.n, tokens=tokens)
+    return {
+        "samples": records.table(samples, records.SAMPLES),
+        "rejected": records.table(rejected, records.REJECTED),
+    }
+
+
+def _sample_row(
+    row: dict, index: int, gen: Any, generator: Any, cfg: Config, template: str
+) -> dict[str, Any]:
+    response, _ = neutralise(gen.text.strip())
+    return {
+        "id": records.row_id(row["id"], index, gen.seed, generator.model_id, response),
+        "source": row["source"],
+        "source_id": row["source_id"],
+        "license": row["license"],
+        "prompt_id": row["id"],
+        "prompt": row["prompt"],
+        "response": response,
+        "sample_index": index,
+        "finish_reason": gen.finish_reason,
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "meta": {
+            "generator": generator.model_id,
+            "backend": cfg.generator.backend,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "seed": gen.seed,
+            "template": template,
+        },
+    }

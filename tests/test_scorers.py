@@ -1,0 +1,130 @@
+"""Toxicity scorers: profanity-check for real, detoxify's own loading code on a tiny checkpoint.
+
+The detoxify fixture is built here, offline: a 1-layer BERT with a 15-word vocabulary, saved as
+an HF config + tokenizer folder and a .ckpt in detoxify's format
+({config: {arch, dataset}, state_dict}).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.scorers import ScorerSpec, load_scorer, safe_prefix, sentence_spans
+
+JIGSAW = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+
+
+@pytest.fixture(scope="module")
+def detoxify_checkpoint(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-detoxify")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "an", "idiot", "have"]
+    words += ["a", "nice", "day", "the", "cat"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=len(JIGSAW),
+    )
+    config.save_pretrained(folder)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    arch = {
+        "model_type": str(folder),
+        "model_name": "BertForSequenceClassification",
+        "tokenizer_name": "BertTokenizer",
+        "num_classes": len(JIGSAW),
+    }
+    ckpt = {
+        "config": {"arch": {"args": arch}, "dataset": {"args": {"classes": JIGSAW}}},
+        "state_dict": model.state_dict(),
+    }
+    torch.save(ckpt, folder / "tiny.ckpt")
+    return folder, model
+
+
+def test_profanity_check_flags_toxic_passes_benign():
+    scorer = load_scorer(ScorerSpec())
+    toxic, benign = scorer.score(
+        ["You are a fucking idiot and I hate you.", "Have a lovely day at the park."]
+    )
+    assert scorer.labels == ("profanity",)
+    assert toxic["profanity"] > 0.9 and benign["profanity"] < 0.2
+
+
+def test_detoxify_loads_local_checkpoint_through_its_own_code(detoxify_checkpoint):
+    folder, model = detoxify_checkpoint
+    spec = ScorerSpec(
+        kind="detoxify",
+        checkpoint=str(folder / "tiny.ckpt"),
+        huggingface_config_path=str(folder),
+        batch_size=2,
+    )
+    scorer = load_scorer(spec)
+    # detoxify renames the Jigsaw classes to its standard label names.
+    assert scorer.labels == (
+        "toxicity",
+        "severe_toxicity",
+        "obscene",
+        "threat",
+        "insult",
+        "identity_attack",
+    )
+    texts = ["you are an idiot", "have a nice day", "the cat"]  # batches of 2, then 1
+    got = scorer.score(texts)
+    tok = scorer._model.tokenizer
+    with torch.no_grad():
+        expected = torch.sigmoid(model(**tok(texts, return_tensors="pt", padding=True)).logits)
+    for row, probs in zip(got, expected.tolist(), strict=True):
+        assert list(row) == list(scorer.labels)
+        assert [row[label] for label in scorer.labels] == pytest.approx(probs, abs=1e-5)
+
+
+def test_detoxify_without_checkpoint_offline_says_how_to_provide_it(tmp_path):
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))  # an empty hub cache: nothing downloaded before
+    try:
+        with pytest.raises(FileNotFoundError, match="not available offline") as err:
+            load_scorer(ScorerSpec(kind="detoxify", model_type="unbiased"))
+    finally:
+        torch.hub.set_dir(hub)
+    message = str(err.value)
+    assert "scorer.checkpoint" in message and "toxic_debiased" in message
+    assert "\n" not in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_scorer(ScorerSpec(kind="detoxify", checkpoint=str(tmp_path / "missing.ckpt")))
+
+
+def test_sentence_spans_are_exact_offsets():
+    text = 'Cats purr. "Dogs bark!"  Why?\nBirds sing'
+    spans = sentence_spans(text)
+    assert [text[s:e] for s, e in spans] == ["Cats purr.", '"Dogs bark!"', "Why?", "Birds sing"]
+
+
+class WordScorer:
+    """A stand-in scorer: 1.0 for any text containing a listed word, else 0.1."""
+
+    labels = ("toxicity",)
+
+    def __init__(self, words):
+        self.words = words
+
+    def score(self, texts):
+        return [{"toxicity": 1.0 if any(w in t for w in self.words) else 0.1} for t in texts]
+
+
+def test_safe_prefix_ends_at_last_sentence_before_first_violation():
+    text = "The park is lovely. The pond has ducks. Go hurt them. Then have lunch."
+    result = safe_prefix(text, WordScorer(["hurt"]), threshold=0.5)
+    assert text[: result.safe_end] == "The park is lovely. The pond has ducks."
+    assert [round(s, 1) for *_, s in result.sentences] == [0.1, 0.1, 1.0, 0.1]
+    assert safe_prefix(text, WordScorer(["park"]), 0.5).safe_end == 0
+    assert safe_prefix(text, WordScorer([]), 0.5).safe_end == len(text)
+    assert safe_prefix("", WordScorer([]), 0.5).safe_end == 0

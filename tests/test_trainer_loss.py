@@ -1,0 +1,110 @@
+"""Objectives against hand computations, and gradient accumulation normalised per step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from trainer_fixtures import corpus
+
+from trainer.batching import IGNORE, Batch
+from trainer.config import TrainConfig
+from trainer.objectives import Heads, Objective
+from trainer.train import train
+
+
+def _batch(targets: list[int]) -> Batch:
+    t = torch.tensor([targets])
+    flags = t != IGNORE
+    return Batch(
+        input_ids=torch.zeros_like(t),
+        targets=t,
+        position_ids=torch.arange(t.shape[1])[None],
+        trained_index=torch.cumsum(flags, 1) * flags,
+        attention_mask=None,
+        n_tokens=t.shape[1],
+        n_trained=int(flags.sum()),
+    )
+
+
+def _log_softmax(row: list[float]) -> list[float]:
+    z = math.log(sum(math.exp(x) for x in row))
+    return [x - z for x in row]
+
+
+def test_constrained_loss_matches_hand_computation():
+    # Six trained tokens in one document, so all three betas (0.5; 2.0 x4; 0.1) are used; the
+    # "hidden states" are the logits themselves (identity heads).
+    torch.manual_seed(0)
+    logits = torch.randn(1, 8, 3, dtype=torch.float64)
+    ref = torch.randn(1, 8, 3, dtype=torch.float64)
+    targets = [IGNORE, 2, 0, 1, 1, 2, 0, IGNORE]
+    batch = _batch(targets)
+    obj = Objective("constrained", TrainConfig(loss_chunk=4), [])  # chunks cut the sequence
+    x = logits.clone().requires_grad_(True)
+    loss = obj(x, ref, batch, Heads(lambda h: h, lambda h: h))
+
+    hand, grads = 0.0, {}
+    trained = [(p, t) for p, t in enumerate(targets) if t != IGNORE]
+    for i, (pos, t) in enumerate(trained, start=1):
+        beta = 0.5 if i == 1 else 2.0 if i <= 5 else 0.1
+        lp = _log_softmax(logits[0, pos].tolist())
+        lr = _log_softmax(ref[0, pos].tolist())
+        delta = lp[t] - lr[t]
+        hand += (2 / beta) * -math.log(1 / (1 + math.exp(-beta * delta)))
+        w = max(2 * (1 - 1 / (1 + math.exp(-beta * delta))), 1e-3)
+        # d(-w log p_t)/d logits = -w (onehot_t - softmax)
+        grads[pos] = [-w * ((v == t) - math.exp(lp[v])) for v in range(3)]
+    assert loss.item() == pytest.approx(hand, rel=1e-9)
+    loss.backward()
+    for pos, g in grads.items():
+        assert x.grad[0, pos].tolist() == pytest.approx(g, rel=1e-9)
+    assert x.grad[0, 0].abs().sum() == 0 and x.grad[0, 7].abs().sum() == 0
+
+
+def test_controlled_is_weighted_ce_on_control_targets_and_kl_elsewhere():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 6, 5, dtype=torch.float64)
+    targets = [1, 4, IGNORE, 0, 4, IGNORE]  # token 4 plays the control token
+    cfg = TrainConfig(alpha=3.0, control_threshold=1.1)  # weight by target only
+    obj = Objective("controlled", cfg, control_ids=[4])
+    ref = logits + 0.5 * torch.randn_like(logits)
+    loss = obj(logits, ref, _batch(targets), Heads(lambda h: h, lambda h: h))
+    hand = 0.0
+    for pos, t in enumerate(targets):
+        if t == IGNORE:
+            continue
+        lp, lr = _log_softmax(logits[0, pos].tolist()), _log_softmax(ref[0, pos].tolist())
+        if t == 4:
+            hand += -3.0 * lp[t]
+        else:
+            hand += sum(math.exp(r) * (r - p) for r, p in zip(lr, lp, strict=True))
+    assert loss.item() == pytest.approx(hand, rel=1e-9)
+
+
+def _run(folder, out, **kw) -> dict:
+    cfg = TrainConfig(
+        model=str(kw.pop("model")), steps=1, pack=False, lr=1e-3, warmup_steps=0,
+        grad_clip=1e9, eval_rows=0, buffer_rows=64, **kw,
+    )  # fmt: skip
+    train(cfg, folder, out, log=lambda _: None)
+    (record,) = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return record
+
+
+def test_batch_16_equals_16_accumulated_micro_batches(tmp_path, tiny_model_dir):
+    # 16 rows of different lengths and masks (bsafe, reset, utility): one step either way.
+    folder = corpus(tmp_path / "data", {"bsafe": 6, "reset": 5, "utility": 5}, validation=0)
+    one = _run(folder, tmp_path / "a", model=tiny_model_dir, batch_size=16, grad_accum=1)
+    many = _run(folder, tmp_path / "b", model=tiny_model_dir, batch_size=1, grad_accum=16)
+    assert one["trained_tokens"] == many["trained_tokens"]
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)

