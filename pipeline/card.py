@@ -135,7 +135,7 @@ def _figure(width: float = 7.0, height: float = 3.6):
     matplotlib.use("Agg")  # files only, no display; a fixed backend keeps the bytes stable
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.hashsalt": "retrace", "font.size": 9})
+    plt.rcParams.update({"font.size": 9})
     return plt, *plt.subplots(figsize=(width, height), dpi=100)
 
 

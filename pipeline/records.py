@@ -261,8 +261,8 @@ def with_split(schema: pa.Schema) -> pa.Schema:
 # "anchor" (Qi et al.'s benign prompts answered by the generator, published as kind "utility").
 BLEND_REPORT = pa.schema(
     [
-        ("step", pa.string()),  # input | invalid | exact_dedup | near_dedup | decontaminate
-        #                         | split | mixture
+        ("step", pa.string()),  # manifest | input | invalid | exact_dedup | near_dedup
+        #                         | decontaminate | split | mixture
         ("component", pa.string()),
         ("split", pa.string()),  # "" before the split
         ("rows_in", pa.int64()),

@@ -6,11 +6,12 @@ anchor (filter.responses: benign prompts answered by the generator) and the eval
 (sources.eval). Writes one table per published config (bsafe, reset, recovery, utility,
 preference) with every surviving row, the `mixture` (the SFT components mixed by the configured
 ratios), each with a trailing `split` column, and `report` (records.BLEND_REPORT): what every
-step removed and the requested vs realised shares.
+step removed, the requested vs realised shares, and a `manifest` row (seed, the sources config
+with its revisions, the ratios).
 
 Steps, in order, over all components together:
-1. shuffle: each component sorted by a per-row key derive(seed, id), so nothing downstream depends
-   on input row order;
+1. shuffle: each component ordered by a per-row key derive(seed, id, "shuffle"), so nothing
+   downstream depends on input row order;
 2. exact duplicates (same prompt and completion text, across all kinds) -> rejected `duplicate`;
 3. near duplicates (MinHash over word shingles, Jaccard >= threshold) among rows of the same
    component and segment structure -> rejected `near_duplicate`. Rows built on purpose from one
@@ -23,7 +24,8 @@ Steps, in order, over all components together:
    validation;
 6. mixture: per split, the components' rows taken in shuffle order so their shares match
    `ratios` (by examples, or by tokens); rows left out stay in their own config.
-Utility or anchor rows with an empty prompt or answer are rejected `empty_text`.
+Utility or anchor rows with an empty prompt or answer are rejected `empty_text`
+(stages/blend_rows.py formats them; blend_dedup.py holds the vectorised MinHash and n-grams).
 """
 
 from __future__ import annotations
@@ -191,14 +193,16 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         "utility": inputs["sources.utility"].num_rows,
         "anchor": inputs["filter.responses"].num_rows,
     }
-    shuffle: dict[str, np.ndarray] = {}
+    shuffle: dict[str, np.ndarray] = {}  # each row's shuffle key, by row
+    order: dict[str, np.ndarray] = {}  # each component's rows in shuffle order
     for c in COMPONENTS:
         t = tables[c]
         key = np.array(
             [derive(env.seed, i, "shuffle") for i in t.column("id").to_pylist()], np.int64
         )
-        order = np.argsort(key, kind="stable")
-        tables[c], shuffle[c] = t.take(order), key[order]
+        # Rows stay where they are; `order` lists them in shuffle order (one nested-table take
+        # for the outputs instead of two).
+        order[c], shuffle[c] = np.argsort(key, kind="stable"), key
         sources = pc.value_counts(t.column("source")).to_pylist() if t.num_rows else []
         detail = {"sources": {s["values"]: s["counts"] for s in sources}}
         rows_in = invalid.get(c, t.num_rows)
@@ -206,14 +210,19 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         if c in invalid:
             report.append(_row("invalid", c, rows_in, t.num_rows))
 
-    # Every component's rows side by side: component index, row within it, and the key texts.
+    # Every component's rows side by side in shuffle order: component index, row within it, and
+    # the key texts; an earlier row wins every duplicate check.
     comp = np.concatenate([np.full(tables[c].num_rows, j) for j, c in enumerate(COMPONENTS)])
-    local = np.concatenate([np.arange(tables[c].num_rows) for c in COMPONENTS])
-    keys = [_keys(tables[c], c) for c in COMPONENTS]
+    local = np.concatenate([order[c] for c in COMPONENTS])
+    keys = [
+        {k: v.take(pa.array(order[c])) for k, v in _keys(tables[c], c).items()} for c in COMPONENTS
+    ]
     prompt = pa.concat_arrays([k["prompt"] for k in keys])
     body = pa.concat_arrays([k["body"] for k in keys])
     group = pa.concat_arrays([k["group"] for k in keys])
-    ids = pa.concat_arrays([tables[c].column("id").combine_chunks() for c in COMPONENTS])
+    ids = pa.concat_arrays(
+        [tables[c].column("id").combine_chunks().take(pa.array(order[c])) for c in COMPONENTS]
+    )
     alive = np.ones(len(comp), dtype=bool)
     removed: dict[int, tuple[str, dict]] = {}
 
@@ -284,6 +293,16 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     }
     mixed = _mixture(tables, kept, cfg, report, env)
     outputs["mixture"] = _output(tables, mixed, shuffle, list(mixed))
+    # The blend manifest: where the rows came from (the sources config names each dataset and
+    # its revision), the requested ratios and the seed; the mixture rows hold the realised ones.
+    manifest = {
+        "seed": env.seed,
+        "sources": (env.run_config or {}).get("sources"),
+        "ratios": cfg.ratios,
+        "ratio_by": cfg.ratio_by,
+        "validation_share": cfg.validation_share,
+    }
+    report.insert(0, _row("manifest", "", 0, 0, detail=manifest))
     outputs["report"] = records.table(report, records.BLEND_REPORT)
     for i, (reason, detail) in sorted(removed.items()):
         c = COMPONENTS[comp[i]]

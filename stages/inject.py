@@ -174,11 +174,12 @@ def _generate_spans(
     for start in range(0, len(prompts), 256):
         batch = slice(start, start + 256)
         generations = generator.generate(prompts[batch], params, row_seeds[batch])
-        for key, gens in zip(keys[batch], generations, strict=True):
+        for key, gens, seed in zip(keys[batch], generations, row_seeds[batch], strict=True):
             first = (sentences(gens[0].text.strip()) or [""])[0]
             text, _ = taxonomy.neutralise(first)
             ok = cfg.min_span_chars <= len(text) <= cfg.max_span_chars
-            span_id = f"generator:{generator.model_id}:{template_hash(REDTEAM_TEMPLATE)}"
+            # Enough to regenerate it: model, red-team template version and seed.
+            span_id = f"generator:{generator.model_id}:{template_hash(REDTEAM_TEMPLATE)}:{seed}"
             out[key] = (
                 {"text": text, "id": span_id, "source": "generator", "license": ""} if ok else None
             )

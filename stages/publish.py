@@ -17,6 +17,7 @@ bytes. It rejects nothing: a row blend kept is published.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from collections.abc import Iterable
 from importlib import metadata
@@ -189,9 +190,11 @@ def _toxicity(tables: list[pa.Table]) -> tuple[list[float], list[float]]:
         value = flat.field("score").to_numpy(zero_copy_only=False)
         is_span = pc.starts_with(flat.field("label"), "span.").to_numpy(zero_copy_only=False)
         for mask, out in ((is_span, before), (~is_span, after)):
-            best = np.full(table.num_rows, -1.0)
-            np.maximum.at(best, rows[mask], value[mask])
-            out.extend(float(round(x, 6)) for x in best[best >= 0])
+            # Parent indices ascend, so each row's scores are one run: reduce per run.
+            row, val = rows[mask], value[mask]
+            if len(row):
+                starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+                out.extend(np.round(np.maximum.reduceat(val, starts), 6).tolist())
     return before, after
 
 
@@ -233,13 +236,58 @@ def _scorers(run_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _versions() -> list[tuple[str, str]]:
-    found = []
+    found = [("python", platform.python_version())]
     for name in VERSIONED:
         try:
             found.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             continue
     return found
+
+
+def _header(configs: list[dict], license_id: str, total: int, cfg: Config) -> dict[str, Any]:
+    """The card's YAML header: `configs` lets datasets.load_dataset(folder, name) find each
+    config's shards by split."""
+    header = {
+        "pretty_name": cfg.pretty_name,
+        "license": license_id,
+        "language": list(cfg.language),
+        "task_categories": ["text-generation"],
+        "tags": ["safety", "alignment", "backtracking", "synthetic", "sft", "dpo", "trl"],
+        "size_categories": [_size_category(total)],
+        "configs": [
+            {
+                "config_name": c["name"],
+                **({"default": True} if c["name"] == DEFAULT_CONFIG else {}),
+                "data_files": [
+                    {"split": s["split"], "path": f"data/{c['name']}/{s['split']}-*.parquet"}
+                    for s in c["splits"]
+                ],
+            }
+            for c in configs
+        ],
+    }
+    if license_id == "other":
+        header["license_name"] = "mixed: see the licences table"
+    return header
+
+
+def _plots(tables: dict[str, pa.Table], policy_mix: dict, images_dir: Path) -> dict[str, str]:
+    lengths = {
+        k: _chars(tables[k].column("chosen" if k == "preference" else "completion")) for k in KINDS
+    }
+    ks = [
+        k
+        for k in pc.struct_field(tables["recovery"].column("meta"), "k").to_pylist()
+        if k is not None
+    ]
+    before, after = _toxicity([tables[k] for k in ("bsafe", "reset", "recovery")])
+    return {
+        "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
+        "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
+        "lengths": card.plot_lengths(lengths, images_dir / "lengths.png"),
+        "toxicity": card.plot_toxicity(before, after, images_dir / "toxicity.png"),
+    }
 
 
 def _context(
@@ -280,39 +328,9 @@ def _context(
     )
     steps = ("invalid", "exact_dedup", "near_dedup", "decontaminate")
     report_rows = report.to_pylist()
-    images_dir = env.workdir / "images"
-    lengths = {
-        k: _chars(tables[k].column("chosen" if k == "preference" else "completion")) for k in KINDS
-    }
-    ks = [
-        k
-        for k in pc.struct_field(tables["recovery"].column("meta"), "k").to_pylist()
-        if k is not None
-    ]
-    before, after = _toxicity([tables[k] for k in ("bsafe", "reset", "recovery")])
     total = sum(t.num_rows for t in per_kind)
     license_id = most_restrictive(r["license"] for r in license_counts)
-    header = {
-        "pretty_name": cfg.pretty_name,
-        "license": license_id,
-        "language": list(cfg.language),
-        "task_categories": ["text-generation"],
-        "tags": ["safety", "alignment", "backtracking", "synthetic", "sft", "dpo", "trl"],
-        "size_categories": [_size_category(total)],
-        "configs": [
-            {
-                "config_name": c["name"],
-                **({"default": True} if c["name"] == DEFAULT_CONFIG else {}),
-                "data_files": [
-                    {"split": s["split"], "path": f"data/{c['name']}/{s['split']}-*.parquet"}
-                    for s in c["splits"]
-                ],
-            }
-            for c in configs
-        ],
-    }
-    if license_id == "other":
-        header["license_name"] = "mixed: see the licences table"
+    header = _header(configs, license_id, total, cfg)
     examples = [_example(tables[k], k) for k in KINDS]  # blend puts train rows first
     run_config = env.run_config
     return {
@@ -335,12 +353,7 @@ def _context(
         "blend_steps": [r for r in report_rows if r["step"] in steps and r["removed"]],
         "generators": generators,
         "scorers": _scorers(run_config),
-        "images": {
-            "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
-            "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
-            "lengths": card.plot_lengths(lengths, images_dir / "lengths.png"),
-            "toxicity": card.plot_toxicity(before, after, images_dir / "toxicity.png"),
-        },
+        "images": _plots(tables, policy_mix, env.workdir / "images"),
         "examples": [e for e in examples if e is not None],
         "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
         "versions": _versions(),

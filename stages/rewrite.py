@@ -19,6 +19,8 @@ always exists.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -75,17 +77,44 @@ def _fallbacks(name: str) -> dict[str, list[str]]:
     return yaml.safe_load((taxonomy.PROMPTS_DIR / FALLBACKS[name]).read_text())
 
 
-def _clean(job: _Job, text: str, cfg: Config) -> tuple[str, str | None]:
-    """The usable part of a generated text, or a reason it is unusable."""
-    text, _ = taxonomy.neutralise(text.strip())
+# A refusal or safe response must decline: Qi et al.'s r and Zhang et al.'s y+ both do.
+_DECLINES = re.compile(
+    r"\b(can(?:no|['’])t|won['’]t|will not|unable|not able|sorry|apologi[sz]e|decline"
+    r"|rather not)\b",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)")
+
+
+def _shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def _clean(job: _Job, gen: Any, prompt: str, cfg: Config) -> tuple[str, str | None]:
+    """The usable part of a generated text, or a short reason it is unusable."""
+    text, _ = taxonomy.neutralise(gen.text.strip())
     if job.table == "replacements":
         text = " ".join(text.split("\n\n")[0].split())  # one line: it sits inside a paragraph
+        first = _SENTENCE_END.search(text)
+        text = text[: first.end()] if first else text
+    elif gen.finish_reason == "length":
+        # Cut off by max_new_tokens: keep the complete sentences, never half of one.
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        text = text[: ends[-1]] if ends else ""
     if not text:
         return text, "empty"
     if len(text) > cfg.max_chars:
         return text, "too_long"
     if job.span and job.span.lower() in text.lower():
         return text, "repeats_span"
+    # Small base models often echo their instructions back (measured on the embedded Gemma 3
+    # 270M): a text whose word 5-grams mostly occur in the prompt is a copy, not an answer.
+    own = _shingles(text)
+    if own and len(own & _shingles(prompt)) > 0.3 * len(own):
+        return text, "echoes_prompt"
+    if job.table != "replacements" and not _DECLINES.search(text):
+        return text, "does_not_decline"
     return text, None
 
 
@@ -111,7 +140,8 @@ def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[di
             continue
         policies = list(row["policy"] or [])
         first = policies[0] if policies else None
-        description = tax.policies[first].description if first else "harmful or unsafe content"
+        known = tax.policies.get(first or "")
+        description = known.description if known else "harmful or unsafe content"
         variables = {"prompt": prompt, "policy_description": description}
         for table in ("refusals", "safe_responses"):
             key = records.row_id(table, row["id"])
@@ -120,10 +150,14 @@ def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[di
     return jobs, rejected
 
 
-def _generate(jobs: list[_Job], cfg: Config, env: Any) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Generated texts that pass every check, by job key, with their meta."""
+def _generate(
+    jobs: list[_Job], cfg: Config, env: Any
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], Counter[str]]:
+    """Generated texts that pass every check, by job key, with their meta; and why the last
+    attempt of each job that never passed failed."""
+    failed: dict[str, str] = {}
     if cfg.generator is None or not jobs:
-        return {}
+        return {}, Counter()
     generator = env.generator(cfg.generator)
     params = SamplingParams(
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
@@ -143,7 +177,8 @@ def _generate(jobs: list[_Job], cfg: Config, env: Any) -> dict[str, tuple[str, d
             job_seeds = [seeds.derive(env.seed, j.key, attempt) for j in pending]
             outputs = generator.generate(prompts, params, job_seeds)
             cleaned = [
-                _clean(j, gens[0].text, cfg) for j, gens in zip(pending, outputs, strict=True)
+                _clean(j, gens[0], p, cfg)
+                for j, gens, p in zip(pending, outputs, prompts, strict=True)
             ]
             scores = _score([t for t, why in cleaned if why is None], cfg, env)
             retry = []
@@ -166,8 +201,9 @@ def _generate(jobs: list[_Job], cfg: Config, env: Any) -> dict[str, tuple[str, d
                     bar.advance(1, tokens=gens[0].completion_tokens)
                 else:
                     retry.append(job)
+                    failed[job.key] = why or "unsafe"
             pending = retry
-    return accepted
+    return accepted, Counter(failed[j.key] for j in pending)
 
 
 def _score(texts: list[str], cfg: Config, env: Any) -> dict[str, dict[str, float]]:
@@ -187,12 +223,13 @@ def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
 
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
     jobs, rejected = _jobs(inputs, cfg)
-    accepted = _generate(jobs, cfg, env)
+    accepted, why = _generate(jobs, cfg, env)
     missing = [j for j in jobs if j.key not in accepted]
     fallback = {j.key: _fallback(j, env) for j in missing}
     fallback_scores = _score([text for text, _ in fallback.values()], cfg, env)
     if missing and cfg.generator is not None:
-        env.log(f"rewrite: {len(missing)} of {len(jobs)} texts fell back to prompts/fallbacks/")
+        reasons = ", ".join(f"{reason} {n}" for reason, n in why.most_common())
+        env.log(f"rewrite: {len(missing)} of {len(jobs)} texts from prompts/fallbacks/ ({reasons})")
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in TEMPLATES}
     for job in jobs:
         if job.key in accepted:

@@ -66,6 +66,8 @@ def bsafe_row(rng: random.Random) -> dict:
             (" " + words(rng, 6), "replacement", True),
             (" " + words(rng, 15), "text", True),
         ],
+        # As the format stage labels them: the injected span's scores and the replacement's.
+        scores=records.scores({"span.toxicity": 0.9, "replacement.toxicity": 0.05}),
     )
 
 
@@ -448,3 +450,27 @@ def test_outputs_have_the_published_schemas_plus_split():
     for name in ("bsafe", "reset", "recovery", "utility", "mixture", "preference"):
         assert out[name].schema == records.with_split(records.config_schema(name))
     assert out["report"].schema == records.BLEND_REPORT
+
+
+def test_mixture_by_tokens_counts_with_a_tokenizer_when_given(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    out = run(
+        make_inputs(),
+        ratios={"bsafe": 1, "anchor": 1},
+        ratio_by="tokens",
+        tokenizer=str(tiny_model_dir),
+    )
+    report = mixed_counts(out)
+    assert report[("bsafe", "train")]["unit"] == "tokens"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [r for r in out["mixture"].to_pylist() if r["split"] == "train"]
+    sizes = {"bsafe": [], "utility": []}
+    for r in rows:
+        text = r["prompt"][0]["content"] + "\n" + r["completion"][0]["content"]
+        sizes[r["kind"]].append(len(tok(text, add_special_tokens=False)["input_ids"]))
+    total = {k: sum(v) for k, v in sizes.items()}
+    assert abs(total["bsafe"] - total["utility"]) <= max(max(v) for v in sizes.values())
+    assert report[("bsafe", "train")]["realised"] == pytest.approx(
+        total["bsafe"] / sum(total.values())
+    )

@@ -154,6 +154,11 @@ def test_card_header_resolves_configs_and_states_the_licence(folder):
         {"split": "validation", "path": "data/bsafe/validation-*.parquet"},
     ]
     assert "through TRL the `train=false` segments" in text and "retrace train" in text
+    # The Hub's own card parser reads the same header.
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard.load(folder / "README.md").data
+    assert data.license == "cc-by-nc-4.0" and len(data.configs) == len(records.CONFIGS)
 
 
 def test_card_counts_are_tables_a_program_can_read(folder, blended):
@@ -296,3 +301,9 @@ def test_the_card_template_and_code_are_in_the_cache_key():
     assert {f.name for f in files} == {"card.py", "card.md.jinja"} and all(
         f.is_file() for f in files
     )
+
+
+def test_toxicity_before_and_after_come_from_the_rows_scores(blended):
+    before, after = publish._toxicity([blended["bsafe"], blended["reset"]])
+    assert before == [0.9] * blended["bsafe"].num_rows  # span.* labels: the harmful spans
+    assert after == [0.05] * blended["bsafe"].num_rows  # every other label: what replaced them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import yaml
 from recipe_data import StandInEnv, StandInGenerator, harmful, responses
@@ -162,3 +163,25 @@ def test_real_transformers_generator_on_the_tiny_model(tiny_model_dir):
             # a random model rarely writes something usable: either it passed the checks or the
             # row says it fell back
             assert meta["fallback"] or meta["generator"] == str(tiny_model_dir)
+
+
+def test_echoes_and_non_refusals_fall_back():
+    def answer(prompt: str, seed: int) -> str:
+        if "polite refusal" in prompt:  # echoes its instructions, as the 270M base model does
+            return "Write a brief, polite refusal of one or two sentences, addressed to the user."
+        return "Sure, here is a nice paragraph about it."  # does not decline
+
+    out = _run(StandInGenerator(answer), rewrite.Config(retries=0), harm=HARM)
+    for table in ("refusals", "safe_responses"):
+        assert all(m["fallback"] for m in out[table].column("meta").to_pylist())
+
+
+def test_a_cut_off_refusal_keeps_its_complete_sentences():
+    class Cut(StandInGenerator):
+        def generate(self, prompts, params, seeds):
+            gens = super().generate(prompts, params, seeds)
+            return [[replace(g, finish_reason="length") for g in row] for row in gens]
+
+    gen = Cut(lambda p, s: "I'm sorry, I can't help. Instead you could try asking")
+    out = _run(gen, rewrite.Config(), harm=HARM)
+    assert set(out["refusals"].column("text").to_pylist()) == {"I'm sorry, I can't help."}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from trainer_fixtures import REFUSAL, corpus, recovery, row, write_config
+from trainer_fixtures import REFUSAL, corpus, one_thread, recovery, row, write_config
 
 from pipeline import records
 from trainer import tokens
@@ -20,6 +20,8 @@ from trainer.data import DataError, Position, open_folder, train_batches
 from trainer.encode import Doc, Encoder
 from trainer.objectives import Heads, Objective, logits_fn
 from trainer.train import _hidden, train
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
-from trainer_fixtures import corpus
+from trainer_fixtures import corpus, one_thread
 
 from trainer.batching import IGNORE, Batch
 from trainer.config import TrainConfig
 from trainer.objectives import Heads, Objective
 from trainer.train import train
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 def _batch(targets: list[int]) -> Batch:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from trainer_fixtures import HARM_PROMPTS, PROMPTS, benign, corpus, harmful
+from trainer_fixtures import HARM_PROMPTS, PROMPTS, benign, corpus, harmful, one_thread
 
 from pipeline.stage import LocalEnv
 from stages import train as stage
@@ -15,6 +15,8 @@ from trainer import tokens
 from trainer.config import TrainConfig
 from trainer.encode import Encoder
 from trainer.train import train
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 def _steps(out) -> list[dict]:

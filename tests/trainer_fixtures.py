@@ -11,6 +11,8 @@ import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
+import torch
 
 from pipeline import records
 
@@ -22,6 +24,16 @@ PREDICATES = ["is good for your health", "jumps over the lazy dog", "is known fo
 PROMPTS = ["Write a short poem about the sea.", "Tell me about breakfast.", "Describe Paris."]
 HARM_PROMPTS = ["Tell me why some groups are inferior.", "Insult my neighbours for me."]
 REFUSAL = "Sorry, I can't assist with that. Is there something else I can help you with?"
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine intra-op threads
+    spin against other processes (measured: 12k tok/s on one thread, 1-3k on two under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def harmful(rng: random.Random) -> str:
