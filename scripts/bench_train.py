@@ -54,13 +54,12 @@ def main() -> None:
     torch.manual_seed(0)
     config = Gemma3TextConfig(
         vocab_size=args.vocab, max_position_embeddings=32768, tie_word_embeddings=True,
-        **tokens.RANDOM_SIZES[args.size],
+        attn_implementation=args.attn, **tokens.RANDOM_SIZES[args.size],
     )  # fmt: skip
     model = Gemma3ForCausalLM(config).to(device)
-    model.config._attn_implementation = args.attn
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     decoder = torch.compile(model.get_decoder()) if args.compile else model.get_decoder()
     heads = Heads(logits_fn(model))
     loss_fn = Objective("sft", TrainConfig(loss_chunk=args.loss_chunk), [])

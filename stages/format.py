@@ -19,7 +19,11 @@ must hold no harmful span), control tokens appear exactly where the recipe put t
 untrained segment leaves a space before a trained one. A row that fails goes to `rejected`
 (`render_mismatch`, `control_token_in_text`, `span_in_visible`, `space_before_trained`), as does
 one whose inputs are missing (`missing_response`, `missing_replacement`, `missing_refusal`,
-`missing_safe_response`) or inconsistent (`offset_mismatch`).
+`missing_safe_response`) or inconsistent (`offset_mismatch`). A harmful row with an empty answer
+still gets its plain reset example, a k=0 recovery row and a spurious-reset pair.
+
+Not chunked: bsafe rows follow inject.violations and the other kinds follow sources.harmful, so
+no one input's chunks cover every row; the stage is CPU-only and fast (scripts/bench_recipes.py).
 """
 
 from __future__ import annotations

@@ -37,21 +37,23 @@ def bsafe(
     train_copy: bool,
 ) -> tuple[list[Segment], str]:
     """Benign text with BSAFE edits: for each (at, span, backtrack_token, replacement), sorted by
-    `at`: text up to `at` and a space · span (never trained) · backtrack token · span repeated ·
-    [REPLACE] · replacement; then the rest of the text.
+    `at`: text up to `at` · a space and the span (never trained) · backtrack token · span repeated
+    · [REPLACE] · replacement; then the rest of the text.
 
-    The visible text is the clean text with each replacement where its span was.
+    The space before a span goes with the span, so trained text never ends in a lone space token
+    and the span tokenises as it would mid-sentence (" Bad" rather than " " + "Bad"). The visible
+    text is the clean text with each replacement where its span was.
     """
     replace = taxonomy.load().replace_token
     segments: list[Segment] = []
     visible: list[str] = []
     prev = 0
     for i, (at, span, token, replacement) in enumerate(edits):
-        before = text[prev:at] + " "
-        visible += [before, replacement]
+        before = text[prev:at]
+        visible += [before, " ", replacement]
         segments += [
             seg(before, "text", train_prefix or i > 0),
-            seg(span, "harmful", False),
+            seg(" " + span, "harmful", False),
             seg(token, "control", True),
             seg(span, "copy", train_copy),
             seg(replace, "control", True),

@@ -8,13 +8,18 @@ Reads `inject.violations` (records.VIOLATIONS) and `sources.harmful` (records.HA
   et al.'s reset recipe).
 
 Every generated text is neutralised (no control-token strings), checked (non-empty, short enough,
-a replacement must not repeat its span) and scored; one whose highest toxicity score reaches
-`threshold` is redrawn with a fresh seed up to `retries` times, after which a per-policy template
-from prompts/fallbacks/ is used and the row says so (meta.fallback, meta.template "fallback:...").
+cut to whole sentences, not an echo of its prompt; a replacement is one sentence that does not
+repeat its span; a refusal or safe response declines) and scored. One that fails, or whose
+highest toxicity score reaches `threshold`, is redrawn with a fresh seed up to `retries` times,
+after which a per-policy template from prompts/fallbacks/ is used and the row says so
+(meta.fallback, meta.template "fallback:...").
 With `generator: null` every text comes from the templates.
 
 Rejects a harmful row whose prompt is empty (`empty_prompt`); nothing else, since a fallback
 always exists.
+
+Not chunked: replacements follow inject.violations and refusals/safe responses follow
+sources.harmful, so no one input's chunks cover every job; a killed run regenerates them all.
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ class Config(StageConfig):
     generator: GeneratorSpec | None = GeneratorSpec()
     scorer: ScorerSpec | None = ScorerSpec()
     threshold: float = Field(0.5, gt=0, le=1)  # a text whose highest label reaches it is unsafe
-    retries: int = Field(2, ge=0)  # fresh-seed attempts after the first, before the fallback
+    retries: int = Field(1, ge=0)  # fresh-seed attempts after the first, before the fallback
     temperature: float = 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 128
+    max_new_tokens: int = 96  # a sentence or a short refusal; paper scale: 256
     max_chars: int = Field(600, ge=20)
     context_chars: int = Field(600, ge=0)  # benign text before a span shown to the generator
 
@@ -97,7 +102,9 @@ def _clean(job: _Job, gen: Any, prompt: str, cfg: Config) -> tuple[str, str | No
     if job.table == "replacements":
         text = " ".join(text.split("\n\n")[0].split())  # one line: it sits inside a paragraph
         first = _SENTENCE_END.search(text)
-        text = text[: first.end()] if first else text
+        if first is None:
+            return text, "unfinished"  # it replaces a whole sentence, so it must be one
+        text = text[: first.end()]
     elif gen.finish_reason == "length":
         # Cut off by max_new_tokens: keep the complete sentences, never half of one.
         ends = [m.end() for m in _SENTENCE_END.finditer(text)]

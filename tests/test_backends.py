@@ -16,6 +16,7 @@ import torch
 
 from pipeline.backends import (
     GeneratorSpec,
+    NucleusSampler,
     SamplingParams,
     TransformersGenerator,
     VllmGenerator,
@@ -100,7 +101,7 @@ def test_generation_ends_at_end_of_turn_and_stop_strings(gen, monkeypatch):
     params = SamplingParams(temperature=0.0, max_new_tokens=len(words) + 3, stop=("STOP",))
     stop, length = gen.generate(["Hi", "The quick brown fox"], params, seeds=[0, 0])
     assert seen["ids"][0].tolist()[0] == pad and seen["mask"][0].tolist()[0] == 0  # left padded
-    assert seen["kwargs"]["do_sample"] is False and "stop_strings" in seen["kwargs"]
+    assert seen["kwargs"]["do_sample"] is False and "stopping_criteria" in seen["kwargs"]
     assert stop[0].text == tok.decode(words) and stop[0].finish_reason == "stop"
     assert stop[0].completion_tokens == len(words) + 1
     assert length[0].finish_reason == "length"
@@ -224,3 +225,33 @@ def test_fingerprint_covers_settings_and_model_identity(gen, tiny_model_dir):
     assert fp["batch_size"] == 3  # batch composition changes transformers samples
     assert fp["identity"]["model"] == str(tiny_model_dir.resolve())
     assert len(fp["identity"]["files_sha256"]) == 16
+
+
+# --- the sampler ----------------------------------------------------------------------------
+
+
+def draws(sampler, scores, steps=2000):
+    """Token ids drawn over `steps` calls; each call's row is 0 at one token, -inf elsewhere."""
+    out = [sampler(None, scores) for _ in range(steps)]
+    for row in out:
+        assert ((row == 0).sum(-1) == 1).all() and torch.isinf(row).sum() == row.numel() - len(row)
+    return torch.cat([row.argmax(-1) for row in out]).tolist()
+
+
+def test_sampler_keeps_the_top_p_nucleus_with_its_proportions():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    picks = draws(NucleusSampler(1.0, 0.7, 0, seed=1), probs.log())
+    # Kept: tokens whose preceding mass is under 0.7, i.e. 0 (0.0) and 1 (0.5); not 2 (0.8).
+    assert set(picks) == {0, 1}
+    assert picks.count(0) / len(picks) == pytest.approx(0.5 / 0.8, abs=0.04)
+    assert draws(NucleusSampler(1.0, 0.7, 0, seed=1), probs.log()) == picks  # same seed
+    assert set(draws(NucleusSampler(1.0, 1.0, 1, seed=2), probs.log(), 50)) == {0}  # top_k=1
+
+
+def test_sampler_widens_past_its_first_candidates_and_applies_temperature():
+    flat = torch.zeros(2, 5000)  # uniform: 0.98 of the mass needs 4,900 candidates
+    picks = draws(NucleusSampler(1.0, 0.98, 0, seed=3), flat, 300)
+    assert max(picks) > 1024
+    peaked = torch.tensor([[4.0, 0.0, 0.0]])  # T=1: token 0 has 0.96; T=100: about a third
+    hot = draws(NucleusSampler(100.0, 1.0, 0, seed=4), peaked, 600)
+    assert hot.count(0) / len(hot) == pytest.approx(1 / 3, abs=0.06)

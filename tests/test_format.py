@@ -161,8 +161,8 @@ def test_bsafe_one_violation_exact_row():
         "prompt": [{"role": "user", "content": "About tea?"}],
         "completion": [{"role": "assistant", "content": content}],
         "segments": segs(
-            ("Tea is green. ", "text", True),
-            ("You are an idiot.", "harmful", False),
+            ("Tea is green.", "text", True),
+            (" You are an idiot.", "harmful", False),
             ("[BACKTRACK-HARASSMENT]", "control", True),
             ("You are an idiot.", "copy", True),
             ("[REPLACE]", "control", True),
@@ -192,14 +192,14 @@ def test_bsafe_two_violations_generic_token_and_untrained_prefix_and_copy():
     )
     (row,) = out["bsafe"].to_pylist()
     assert row["segments"] == segs(
-        ("Tea is green. ", "text", False),
-        ("Bad one.", "harmful", False),
+        ("Tea is green.", "text", False),
+        (" Bad one.", "harmful", False),
         ("[BACKTRACK]", "control", True),
         ("Bad one.", "copy", False),
         ("[REPLACE]", "control", True),
         ("Good one.", "replacement", True),
-        (" It grows on hills. ", "text", True),
-        ("Bad two.", "harmful", False),
+        (" It grows on hills.", "text", True),
+        (" Bad two.", "harmful", False),
         ("[BACKTRACK]", "control", True),
         ("Bad two.", "copy", False),
         ("[REPLACE]", "control", True),
@@ -429,3 +429,23 @@ def test_token_prefix_never_cuts_a_character_or_counts_trailing_space():
     assert build.token_prefix(h, offsets, 5) == ("Sure ", 2)  # k=5 ends inside "—": back to 3
     assert build.token_prefix(h, offsets, 6) == ("Sure —", 6)
     assert build.token_prefix(h, offsets, 0) == ("", 0)
+
+
+def test_show_colours_segments_by_role_and_loss_flag():
+    from rich.console import Console
+
+    from pipeline.show import segment_text, show_rows
+
+    v = violations_table(("v1", "r1", TEA, [violation(13, "You are an idiot.", "harassment", 14)]))
+    out = run(violations=v, replacements=replacements_table(("v1", 0, "Tea is calming.")))
+    (row,) = out["bsafe"].to_pylist()
+    styled = segment_text(row["segments"])
+    styles = {styled.plain[s.start : s.end]: s.style for s in styled.spans}
+    assert styles[" You are an idiot."] == "red"
+    assert styles["[BACKTRACK-HARASSMENT]"] == styles["[REPLACE]"] == "bold green"
+    assert styles["Tea is calming."] == "green"
+    console = Console(record=True, width=200)
+    show_rows([row, row], console, n=1)
+    shown = console.export_text()
+    assert shown.count("bsafe " + row["id"]) == 1 and "policy=harassment" in shown
+    assert row["visible"] in shown

@@ -88,23 +88,25 @@ def test_recovery_k_redraw_follows_qi_and_is_deterministic(enc, tok):
     rng = random.Random(0)
     r = recovery(rng)
     h = enc.text(r["meta"]["harmful"])
+    head, _ = enc.scaffold(r["prompt"])
+
+    def k_of(doc: Doc) -> int:
+        return doc.trained.index(True, len(head)) - len(head)
+
     ks = []
     for epoch in range(400):
         doc = enc.encode(r, "recovery", redraw=(7, epoch))
-        head, _ = enc.scaffold(r["prompt"])
-        refusal = enc.text(REFUSAL)
-        k = len(doc.ids) - len(head) - len(refusal) - 1
+        k = k_of(doc)
         assert doc.ids[len(head) : len(head) + k] == h[:k]  # joined at the id level
-        assert not any(doc.trained[: len(head) + k]) and all(doc.trained[len(head) + k :])
+        assert all(doc.trained[len(head) + k :])
+        refusal = tok.decode(doc.ids[len(head) + k :])
+        assert refusal == (" " if k else "") + REFUSAL + "<end_of_turn>"
         ks.append(k)
     assert 0.4 < ks.count(0) / len(ks) < 0.6
     assert set(ks) - {0} == set(range(1, min(100, len(h)) + 1))
-    assert ks == [
-        len(enc.encode(r, "recovery", redraw=(7, e)).ids) - len(head) - len(refusal) - 1
-        for e in range(400)
-    ]
+    assert ks == [k_of(enc.encode(r, "recovery", redraw=(7, e))) for e in range(400)]
     published = enc.encode(r, "recovery")  # no redraw: the row's own prefix
-    assert tok.decode(published.ids).count(r["segments"][0]["text"]) == 1
+    assert tok.decode(published.ids).count(r["segments"][0]["text"] + " " + REFUSAL) == 1
 
 
 def test_packed_equals_unpacked_loss(tiny_model_dir, enc):
@@ -218,3 +220,16 @@ def test_chat_template_is_used_and_matches_the_turn_format(tiny_model_dir, enc):
     assert templated.decode(spaced.ids).startswith("<bos><start_of_turn> user\nSay [RESET]")
     templated.chat_template = GEMMA_TEMPLATE
     assert with_template.encode(r, "reset") == enc.encode(r, "reset")
+
+
+def test_rows_truncated_away_are_counted_and_all_dropped_fails(tmp_path, tok):
+    folder = corpus(tmp_path, {"reset": 6, "utility": 6}, validation=0)
+    sources = open_folder(folder, {"mixture": 1.0})
+    cfg = TrainConfig(batch_size=2, pack=False)
+    enc = Encoder(tok, 30, tokens.control_tokens())  # reset rows: the [RESET] lies past 30
+    dropped = Counter()
+    it = train_batches(sources, enc, cfg, 0, Position(), dropped)
+    next(it)
+    assert dropped == Counter({"mixture:truncated_all_trained": 6})
+    with pytest.raises(DataError, match="every row of epoch 0 was dropped"):
+        next(train_batches(sources, Encoder(tok, 8, ()), cfg, 0, Position(), Counter()))

@@ -99,7 +99,7 @@ def recovery(rng: random.Random, k_words: int = 3) -> dict:
     return row(
         "recovery",
         rng.choice(HARM_PROMPTS),
-        [(prefix, "harmful", False), (REFUSAL, "refusal", True)],
+        [(prefix, "harmful", False), (" " + REFUSAL, "refusal", True)],  # joint on the trained side
         k=k_words,
         k_max=len(h.split()),
         h_tokens=len(h.split()),

@@ -65,9 +65,11 @@ def plan(
     return batches
 
 
-def collate(rows: list[list[Doc]], pad_id: int) -> Batch:
+def collate(rows: list[list[Doc]], pad_id: int, width: int | None = None) -> Batch:
+    """Tensors for one micro-batch, padded to its longest row or to `width` (static shapes for
+    torch.compile)."""
     packed = any(len(r) > 1 for r in rows)
-    width = max(sum(len(d.ids) for d in r) for r in rows)
+    width = max(width or 0, *(sum(len(d.ids) for d in r) for r in rows))
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     targets = torch.full(shape, IGNORE, dtype=torch.long)

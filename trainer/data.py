@@ -183,6 +183,8 @@ def train_batches(
     dropped: Counter,
 ) -> Iterator[tuple[Position, Batch]]:
     """Endless micro-batches from `start`, each with the position just after it."""
+    pad = encoder.tok.pad_token_id
+    width = cfg.max_length if cfg.pack and cfg.compile else None  # one shape: no recompiles
     epoch = start.epoch
     while True:
         yielded = False
@@ -195,19 +197,21 @@ def train_batches(
             raw = [r for _, r in zip(range(cfg.buffer_rows), rows, strict=False)]
             if not raw:
                 break
+            first = start.batch if (epoch, row0) == (start.epoch, start.row) else 0
+            # A buffer re-planned on resume had its drops counted before the checkpoint.
+            count = dropped if first == 0 else Counter()
             docs: list[Doc] = []
             for config, row in raw:
                 doc = encoder.encode(row, config, (seed, epoch) if cfg.redraw_k else None)
                 if isinstance(doc, str):
-                    dropped[f"{config}:{doc}"] += 1
+                    count[f"{config}:{doc}"] += 1
                 else:
                     docs.append(doc)
             rng = seeds.rng(seed, "plan", epoch, row0)
             batches = plan(docs, cfg.batch_size, cfg.max_length, cfg.pack, rng)
-            first = start.batch if (epoch, row0) == (start.epoch, start.row) else 0
             for i in range(first, len(batches)):
                 yielded = True
-                yield Position(epoch, row0, i + 1), collate(batches[i], encoder.tok.pad_token_id)
+                yield Position(epoch, row0, i + 1), collate(batches[i], pad, width)
             row0 += len(raw)
         resumed_late = epoch == start.epoch and (start.row or start.batch)
         if not yielded and not resumed_late:

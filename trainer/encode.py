@@ -10,7 +10,8 @@ control-token id, directly. The template's own markup is tokenised with its spec
 Flags come from the segments (DESIGN §1): harmful spans and unsafe prefixes are context, the rest
 of the assistant turn and its end-of-turn token are trained. `recovery` rows may redraw k each
 epoch (Qi et al.): the untrained prefix becomes the first k target-tokenizer tokens of the harmful
-answer h, joined to the refusal at the token-id level with no separator, as in the authors' code.
+answer h, joined at the token-id level to the row's refusal segment as published (with whatever
+joint the format stage put on its trained side; none when k=0), as in the authors' code.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class Encoder:
             prefix = self.recovery_prefix(meta["harmful"], row["id"], *redraw)
             ids += prefix
             trained += [False] * len(prefix)
+            if not prefix and segments:
+                # The format stage puts the prefix/refusal joint (a space or separator) on the
+                # refusal's side; with no prefix the turn starts with the refusal itself.
+                segments = [{**segments[0], "text": segments[0]["text"].lstrip()}, *segments[1:]]
         for seg in segments:
             if seg["role"] == "control":
                 if seg["text"] not in self.control:

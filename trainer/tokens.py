@@ -63,7 +63,7 @@ def add_control_tokens(tokenizer) -> int:
     )
 
 
-def random_gemma(size: str, tokenizer, seed: int):
+def random_gemma(size: str, tokenizer, seed: int, attn_implementation: str = "sdpa"):
     """A random-init Gemma 3 text model of a named size, sized to `tokenizer`."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -78,6 +78,7 @@ def random_gemma(size: str, tokenizer, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
+        attn_implementation=attn_implementation,
         **RANDOM_SIZES[size],
     )
     torch.manual_seed(seed)
@@ -109,8 +110,7 @@ def load_for_training(
     if model.startswith("random:"):
         tok = load_tokenizer(tokenizer)
         add_control_tokens(tok)
-        net = random_gemma(model.split(":", 1)[1], tok, seed)
-        net.config._attn_implementation = attn_implementation
+        net = random_gemma(model.split(":", 1)[1], tok, seed, attn_implementation)
         _check_tied(net)
         return net, tok
     path = resolve(model, revision)

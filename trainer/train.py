@@ -1,7 +1,7 @@
 """Train a backtracking model on a published retrace dataset folder.
 
-CPU example (a tiny random Gemma 3 with the embedded Gemma tokenizer; ~5 s a step on 2 cores,
-most of it the 262k-token output layer):
+CPU example (a tiny random Gemma 3 with the embedded Gemma tokenizer; ~10 s a step on 2 shared
+cores, nearly all of it the 262k-token output layer):
 
     python -m trainer.train --data runs/default/publish/files --out /tmp/ckpt \\
         --set model=random:tiny --set steps=40
@@ -78,6 +78,11 @@ def train(
     if resume is not None:
         state = torch.load(resume / "trainer_state.pt", weights_only=False)
         _check_same_config(state["config"], cfg, resume)
+        if state["seed"] != seed:
+            raise RuntimeError(
+                f"train: checkpoint {resume} was made with seed {state['seed']}, not {seed}; "
+                "resume with the same run seed or train into a new folder"
+            )
         model, tok = tokens.load_checkpoint(resume, cfg.attn_implementation)
         log(f"resuming from {resume} (step {state['step']})")
     else:
@@ -90,7 +95,7 @@ def train(
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     decoder = model.get_decoder()
     forward = torch.compile(decoder) if cfg.compile else decoder
     heads = Heads(logits_fn(model), logits_fn(reference) if reference is not None else None)
@@ -124,6 +129,7 @@ def train(
         _truncate_log(out / "log.jsonl", step)
     else:
         torch.manual_seed(seed)
+        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     flops_tok = flops_per_token(model)
     peak = peak_flops(device)
 
@@ -196,6 +202,7 @@ def train(
                 "scheduler": sched.state_dict(),
                 "rng": _get_rng(),
                 "config": cfg.model_dump(mode="json"),
+                "seed": seed,
             }
             last = _save_checkpoint(out, step, model, tok, state, cfg.keep_checkpoints)
         if stopping:
