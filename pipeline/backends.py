@@ -209,11 +209,16 @@ class TransformersGenerator(_TokenizerMixin):
     def _to_generation(
         self, row: list[int], prompt_tokens: int, params: SamplingParams, seed: int
     ) -> Generation:
-        # The row ends at its first stop token (kept in the count, as vLLM counts it) or runs to
-        # max_new_tokens; what follows is padding.
+        # The row ends at its first stop token (kept in the count, as vLLM counts it), at a stop
+        # string (generate pads the rest of the row) or at max_new_tokens.
         end = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
         tokens = row if end is None else row[: end + 1]
-        text = self.tokenizer.decode(row if end is None else row[:end], skip_special_tokens=False)
+        if end is None and params.stop:
+            while tokens and tokens[-1] == self.pad_id:
+                tokens = tokens[:-1]
+        text = self.tokenizer.decode(
+            tokens if end is None else row[:end], skip_special_tokens=False
+        )
         text, stopped = _cut_at_stop(text, params.stop)
         finished = end is not None or stopped
         return Generation(

@@ -226,6 +226,10 @@ class Pipeline:
             yield self.store.read(upstream, table).slice(0, 0)
 
     def _run_stage(self, name: str, key: str, parts: dict[str, Any]) -> None:
+        with self.store.lock(name):
+            self._run_locked(name, key, parts)
+
+    def _run_locked(self, name: str, key: str, parts: dict[str, Any]) -> None:
         spec, section, module = self.spec(name), self.section(name), self.stages[name]
         tables = [*spec.writes, "rejected"]
         work = self.store.work_dir(name, key)

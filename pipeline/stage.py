@@ -139,4 +139,4 @@ class LocalEnv:
         if self.show_progress:
             from pipeline.progress import console
 
-            console.log(message)
+            console.print(f"[dim]  {message}[/]", highlight=False)

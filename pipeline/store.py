@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import fcntl
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,21 @@ class RunStore:
 
     def work_dir(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f".work-{key[:16]}"
+
+    @contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold the stage for this process: two runs of one stage would finalise over each other."""
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(
+                    f"another retrace process is running stage {stage} in {self.root}; wait for "
+                    "it to finish, or give this run another run.name"
+                ) from None
+            yield
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
         path = self.stage_dir(stage) / MANIFEST

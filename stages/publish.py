@@ -297,7 +297,9 @@ def _context(
     per_kind = [tables[k] for k in KINDS]
     report = inputs["blend.report"]
     license_counts = _count(
-        pa.table({"license": pa.chunked_array([t.column("license") for t in per_kind])}),
+        pa.table(
+            {"license": pa.chunked_array([t.column("license") for t in per_kind], pa.string())}
+        ),
         ["license"],
     )
     policy_rows, policy_mix = [], {}

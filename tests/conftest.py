@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_gemma import build_tiny_gemma
+from tiny_gemma import build_fluent_tiny_gemma, build_tiny_gemma
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 2-layer Gemma 3 model with a 600-token BPE tokenizer (see tiny_gemma.py)."""
     return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
+
+
+@pytest.fixture(scope="session")
+def fluent_model_dir(tmp_path_factory) -> Path:
+    """The tiny model trained for a few seconds to write sentences and stop (see tiny_gemma.py)."""
+    return build_fluent_tiny_gemma(tmp_path_factory.mktemp("fluent-gemma"))

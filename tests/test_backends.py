@@ -83,29 +83,39 @@ def test_seeds_must_match_prompts(gen):
 
 
 def test_generation_ends_at_end_of_turn_and_stop_strings(gen, monkeypatch):
-    """Left padding in, completion cut at the first stop token (counted), pad after it ignored."""
+    """Left padding in; a completion ends at its first stop token (counted) or stop string
+    (generate pads the rest of that row, which is not counted), else runs to max_new_tokens."""
     tok = gen.tokenizer
     eot, pad = tok.convert_tokens_to_ids("<end_of_turn>"), gen.pad_id
     words = tok("fox jumps", add_special_tokens=False)["input_ids"]
+    stop = tok(" STOP", add_special_tokens=False)["input_ids"]
+    width = len(words) + len(stop) + 2
+    tails = [
+        [*words, eot] + [pad] * width,
+        [*words, *stop] + [pad] * width,
+        [*words] * width,
+    ]
     seen = {}
 
     def fake_generate(input_ids, attention_mask, max_new_tokens, **kwargs):
         seen.update(ids=input_ids, mask=attention_mask, kwargs=kwargs)
-        tails = [
-            [*words, eot, pad, pad][:max_new_tokens],
-            [*words, *words, *words][:max_new_tokens],
-        ]
-        return torch.cat([input_ids, torch.tensor(tails)], dim=1)
+        return torch.cat([input_ids, torch.tensor([t[:max_new_tokens] for t in tails])], dim=1)
 
     monkeypatch.setattr(gen.model, "generate", fake_generate)
-    params = SamplingParams(temperature=0.0, max_new_tokens=len(words) + 3, stop=("STOP",))
-    stop, length = gen.generate(["Hi", "The quick brown fox"], params, seeds=[0, 0])
+    params = SamplingParams(temperature=0.0, max_new_tokens=width, stop=("STOP",))
+    at_eot, at_stop, at_length = gen.generate(
+        ["Hi", "Hello", "The quick brown fox"], params, [0] * 3
+    )
     assert seen["ids"][0].tolist()[0] == pad and seen["mask"][0].tolist()[0] == 0  # left padded
     assert seen["kwargs"]["do_sample"] is False and "stopping_criteria" in seen["kwargs"]
-    assert stop[0].text == tok.decode(words) and stop[0].finish_reason == "stop"
-    assert stop[0].completion_tokens == len(words) + 1
-    assert length[0].finish_reason == "length"
-    assert length[0].completion_tokens == len(words) + 3
+    assert at_eot[0].text == tok.decode(words) and at_eot[0].finish_reason == "stop"
+    assert at_eot[0].completion_tokens == len(words) + 1
+    assert (
+        at_stop[0].text == tok.decode([*words, *stop]).split("STOP")[0]
+        and at_stop[0].finish_reason == "stop"
+    )
+    assert at_stop[0].completion_tokens == len(words) + len(stop)
+    assert at_length[0].finish_reason == "length" and at_length[0].completion_tokens == width
 
 
 # --- vLLM through a stand-in ---------------------------------------------------------------

@@ -183,3 +183,16 @@ def test_same_config_same_bytes(tmp_path):
     a.run(["square"]), b.run(["square"])
     sha = [p.store.manifest("square")["outputs"]["squares"]["sha256"] for p in (a, b)]
     assert sha[0] == sha[1]
+
+
+def test_a_second_process_on_the_same_stage_is_refused(tmp_path):
+    pipe = make(tmp_path)
+    with pipe.store.lock("numbers"):
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(tmp_path / "cfg.yaml")],
+            env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"},
+            capture_output=True,
+            text=True,
+        )
+    assert child.returncode != 0
+    assert "another retrace process is running stage numbers" in child.stderr

@@ -82,3 +82,36 @@ def build_tiny_gemma(out_dir: Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def build_fluent_tiny_gemma(out_dir: Path, steps: int = 120, seed: int = 0) -> Path:
+    """The tiny model after a few seconds of training on the corpus above.
+
+    A random model writes token soup with no sentence boundaries, so inject (which needs one) and
+    everything after it would see nothing. Trained briefly on three-sentence answers that end in
+    <end_of_turn>, it writes sentence-shaped text and stops, like a real generator.
+    """
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = build_tiny_gemma(out_dir, seed=seed)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    rng = random.Random(seed)
+    sentences = [s for s in _CORPUS if s.endswith(".") and len(s.split()) > 3]
+    docs = [" ".join(rng.sample(sentences, 3)) + "<end_of_turn>" for _ in range(64)]
+    batch = tok(docs, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir)
+    return out_dir
