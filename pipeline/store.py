@@ -13,10 +13,10 @@ under a final name.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import fcntl
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -21,8 +21,8 @@ runner = CliRunner()
 def small_config(tmp_path: Path, model: Path) -> Path:
     """The default config, shrunk, with the fluent tiny model as generator and tokenizer.
 
-    The tiny model writes rough text, so filter's quality bounds are opened up here: this test is about
-    the plumbing and the formats, not the prose.
+    The tiny model writes rough text, so filter's quality bounds are opened up here: this test is
+    about the plumbing and the formats, not the prose.
     """
     cfg = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
     generator = {"backend": "transformers", "model": str(model), "batch_size": 4}
