@@ -264,6 +264,10 @@ class Pipeline:
                 path = work / table / f"part-{index:05d}.parquet"
                 store.atomic_write_table(path, outputs[table])
             marker.touch()
+            if chunk is not None and not console.is_terminal:  # a log line instead of the bar
+                elapsed = time.monotonic() - started
+                done = rows_in[spec.chunked]
+                console.print(f"  {name}: chunk {index} done, {done} rows in {elapsed:.0f} s")
         if not any(env.workdir.iterdir()):
             env.workdir.rmdir()  # the stage wrote no files
         outputs = store.hash_outputs(work, tables)

@@ -16,6 +16,7 @@ run to run; each figure is the best of --repeats runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -132,7 +133,10 @@ def main() -> None:
     cfg, single = config(args.batch_size), config(1)
     env = LocalEnv(seed=0)
     gen = env.generator(cfg.generator)  # loaded once; the stage gets it from the env
-    env._models[f"GeneratorSpec:{single.generator.model_dump_json()}"] = gen  # same model
+    # The batch-1 stage run shares the loaded model: a copy of the generator with its own spec.
+    gen_1 = copy.copy(gen)
+    gen_1.spec = single.generator
+    env._models[f"GeneratorSpec:{single.generator.model_dump_json()}"] = gen_1
     table = prompt_table(args.prompts)
     prompts = table.column("prompt").to_pylist()
     texts = [gen.format_chat(sample.conversation(p, cfg)) for p in prompts]

@@ -40,3 +40,16 @@ def test_missing_config_file_says_so(tmp_path):
 def test_show_before_format_says_what_to_run(tmp_path):
     result = runner.invoke(app, ["show", "--set", f"run.runs_dir={tmp_path}"])
     assert result.exit_code == 1 and "retrace stage format" in result.stderr
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from pipeline import config
+    from pipeline.dag import load_stages
+
+    stages = load_stages()
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {f.name for f in files} >= {"default.yaml", "paper.yaml"}
+    for path in files:
+        config.load(path, stages)
