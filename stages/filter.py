@@ -14,6 +14,11 @@ so a row is dropped, in this order, when it is:
 - `near_duplicate`: MinHash/LSH Jaccard estimate over word shingles >= `near_duplicate_threshold`
   against an earlier kept row.
 
+First, with `trim_to_sentence`, a finished response that does not end a sentence is cut after
+its last complete sentence: small base models often leave a stray word where their turn should
+end (the embedded Gemma 3 270M nearly always does), and BSAFE builds on whole sentences. The cut
+is counted in the log. A response with no complete sentence is left whole for the checks below.
+
 Every dropped row lands in `rejected` with its reason and its scores. Dropping is this stage's
 job, so its rejected-share bound defaults to 1.0.
 """
@@ -28,9 +33,10 @@ from typing import Any
 
 import pyarrow as pa
 from datasketch import MinHash, MinHashLSH
+from pydantic import Field
 
 from pipeline import records
-from pipeline.scorers import ScorerSpec
+from pipeline.scorers import ScorerSpec, sentence_spans
 from pipeline.stage import StageConfig, StageSpec
 
 SPEC = StageSpec(name="filter", reads=("sample.samples",), writes=("responses",))
@@ -44,15 +50,25 @@ class Config(StageConfig):
     min_words: int = 20
     max_words: int = 1000
     drop_unfinished: bool = True
+    trim_to_sentence: bool = True  # cut a stray tail after the last complete sentence
     repetition_ngram: int = 3
     max_repeated_ngram_share: float = 0.3
     max_non_printable_share: float = 0.01
-    near_duplicate_threshold: float = 0.8
+    near_duplicate_threshold: float = Field(0.8, gt=0, lt=1)  # MinHashLSH needs 0 < t < 1
     shingle_words: int = 5
     minhash_permutations: int = 128
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*\s*$")
+
+
+def trim_to_sentence(text: str) -> str:
+    """`text` cut after its last complete sentence, when it ends mid-sentence and has one."""
+    if _ENDS_SENTENCE.search(text):
+        return text
+    complete = [end for _, end in sentence_spans(text) if _ENDS_SENTENCE.search(text[:end])]
+    return text[: complete[-1]].rstrip() if complete else text
 
 
 def _words(text: str) -> list[str]:
@@ -107,6 +123,14 @@ def _quality(row: dict, words: list[str], cfg: Config) -> tuple[str, dict[str, A
 
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
     rows = inputs["sample.samples"].to_pylist()
+    if cfg.trim_to_sentence:
+        trimmed = 0
+        for row in rows:
+            if row["finish_reason"] == "stop" and row["response"]:
+                cut = trim_to_sentence(row["response"])
+                trimmed += cut != row["response"]
+                row["response"] = cut
+        env.log(f"filter: cut a stray tail after the last sentence of {trimmed} response(s)")
     scorer = env.scorer(cfg.scorer)
     with env.progress("filter: scoring", total=len(rows)) as progress:
         all_scores = []

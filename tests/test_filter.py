@@ -107,3 +107,27 @@ def test_repeated_ngram_share(text, share):
 def test_non_printable_share_ignores_newlines_and_tabs():
     assert filt.non_printable_share("a\nb\tc") == 0
     assert filt.non_printable_share("ab\x00\ufffd") == 0.5
+
+
+def test_stray_tail_after_the_last_sentence_is_cut_only_when_finished():
+    rows = [
+        row("tail", OTHER + " législ"),  # a base model's stray word where its turn should end
+        row("whole", GOOD),
+        row("no_sentence", "a run of words with no sentence end at all and then some more words"),
+    ]
+    out = run_filter(rows, min_words=5)["responses"].to_pylist()
+    by_id = {r["id"]: r["response"] for r in out}
+    assert by_id == {"tail": OTHER, "whole": GOOD, "no_sentence": rows[2]["response"]}
+    assert (
+        run_filter(rows[:1], min_words=5, trim_to_sentence=False)["responses"]
+        .to_pylist()[0]["response"]
+        .endswith("législ")
+    )
+
+
+def test_near_duplicate_threshold_must_be_below_one():
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="near_duplicate_threshold"):
+        filt.Config(near_duplicate_threshold=1.0)
