@@ -292,6 +292,8 @@ class Pipeline:
         self.store.finalize(name, work, tables, manifest)
         counts = ", ".join(f"{t} {o['rows']}" for t, o in outputs.items() if t != store.FILES)
         console.print(f"[green]{name}: done[/] in {manifest['seconds']:.1f} s ({counts})")
+        if store.FILES in outputs:  # where the stage's files live now, not its work folder
+            console.print(f"  {name}: files in {self.store.files_dir(name)}")
 
     @staticmethod
     def _check_outputs(name: str, tables: list[str], outputs: Any) -> None:
