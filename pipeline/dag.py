@@ -161,7 +161,8 @@ class Pipeline:
             "code": store.hash_files(self._code_files(name)),
             "prompts": store.hash_files(self._prompt_files(spec), root=PROMPTS_DIR),
             "external": store.hash_files([Path(p) for p in external]),
-            "models": [m.fingerprint() for m in _models(section)],
+            "models": [m.fingerprint() for m in _models(section)]
+            + list(getattr(module, "fingerprints", lambda cfg: [])(section)),
         }
         return _sha(parts), parts
 

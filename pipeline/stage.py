@@ -9,7 +9,8 @@ A stage module `stages/<name>.py` defines:
   name in `SPEC.writes`, plus `"rejected"` (schema `records.REJECTED`).
 
 Optional: `external_files(cfg) -> list[Path]` for files outside the run store whose content the
-output depends on (the sources stage's local data files).
+output depends on (the sources stage's local data files), and `fingerprints(cfg) -> list[dict]`
+for models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
 
 A stage never touches the run folder, the CLI or another stage; the engine (`pipeline/dag.py`)
 does chunking, caching, resume, manifests and progress.

@@ -84,6 +84,13 @@ class Config(StageConfig):
         return self
 
 
+def fingerprints(cfg: Config) -> list[dict[str, Any]]:
+    """recovery's k counts tokens of the target tokenizer: its identity belongs in the cache key."""
+    from pipeline.models import fingerprint
+
+    return [fingerprint(cfg.target_tokenizer, cfg.target_revision)]
+
+
 @cache
 def _tokenizer(model: str, revision: str | None) -> Any:
     from transformers import AutoTokenizer

@@ -196,3 +196,13 @@ def test_a_second_process_on_the_same_stage_is_refused(tmp_path):
         )
     assert child.returncode != 0
     assert "another retrace process is running stage numbers" in child.stderr
+
+
+def test_a_stage_can_add_model_fingerprints_to_its_key(tmp_path, monkeypatch):
+    from fakestages import square
+
+    pipe = make(tmp_path)
+    pipe.run(["square"])
+    monkeypatch.setattr(square, "fingerprints", lambda cfg: [{"tokenizer": "v2"}], raising=False)
+    assert make(tmp_path).status("square") == "stale"
+    assert make(tmp_path).key("square")[1]["models"] == [{"tokenizer": "v2"}]
