@@ -210,14 +210,14 @@ def plot_toxicity(before: Sequence[float], after: Sequence[float], path: Path) -
     plt, fig, ax = _figure()
     if before or after:
         bins = np.linspace(0, 1, 21)
-        if before:
-            counts = np.histogram(before, bins=bins)[0]
-            label = "before: harmful spans"
-            ax.stairs(counts, bins, fill=True, alpha=0.6, color="tab:red", label=label)
-        if after:
-            counts = np.histogram(after, bins=bins)[0]
-            label = "after: replacements, refusals, safe responses"
-            ax.stairs(counts, bins, fill=True, alpha=0.6, color="tab:green", label=label)
+        series = [
+            (before, "before: harmful spans", "tab:red"),
+            (after, "after: replacements, refusals, safe responses", "tab:green"),
+        ]
+        for values, label, color in series:
+            if values:
+                counts = np.histogram(values, bins=bins)[0]
+                ax.stairs(counts, bins, fill=True, alpha=0.6, color=color, label=label)
         ax.set_xlabel("toxicity (highest label score per row)")
         ax.set_ylabel("rows")
         ax.legend()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -119,8 +118,9 @@ def _print_status(pipe: Pipeline) -> None:
     for col in ("stage", "state", "rows out", "rejected", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
     colours = {"fresh": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    states = pipe.statuses(list(pipe.stages))
     for name in pipe.stages:
-        state = pipe.status(name)
+        state = states[name]
         manifest = pipe.store.manifest(name) or {}
         rows = ", ".join(
             f"{t} {n}" for t, n in manifest.get("rows_out", {}).items() if t != "files"
@@ -210,7 +210,3 @@ def train(
     out = pipe.store.root / "train-data"
     run_trainer(pipe.cfg.train, data.resolve(), out, seed=pipe.run_cfg.seed, log=console.print)
     print(out / "final")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    sys.exit(app())

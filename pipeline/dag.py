@@ -168,15 +168,23 @@ class Pipeline:
 
     def status(self, name: str) -> str:
         """fresh | stale | missing | partial (a resumable attempt) for one stage."""
-        manifest = self.store.manifest(name)
-        computed = self.key(name)
-        if manifest is not None:
-            upstream_fresh = all(self.status(n) == "fresh" for n in self.spec(name).needs)
-            fresh = computed is not None and manifest["key"] == computed[0] and upstream_fresh
-            return "fresh" if fresh else "stale"
-        if computed and (self.store.work_dir(name, computed[0]) / "_done").is_dir():
-            return "partial"
-        return "missing"
+        return self.statuses([name])[name]
+
+    def statuses(self, targets: list[str]) -> dict[str, str]:
+        """The state of the targets and what they need, each key computed once, in DAG order."""
+        found: dict[str, str] = {}
+        for name in self.closure(targets):
+            manifest = self.store.manifest(name)
+            computed = self.key(name)
+            if manifest is not None:
+                upstream_fresh = all(found[n] == "fresh" for n in self.spec(name).needs)
+                fresh = computed is not None and manifest["key"] == computed[0] and upstream_fresh
+                found[name] = "fresh" if fresh else "stale"
+            elif computed and (self.store.work_dir(name, computed[0]) / "_done").is_dir():
+                found[name] = "partial"
+            else:
+                found[name] = "missing"
+        return found
 
     # --- running ---------------------------------------------------------------------------
 
