@@ -1,0 +1,19 @@
+"""The stages, one module each, in DAG order (DESIGN §3).
+
+`retrace run` stops at publish: push needs a network and a repo id, train a GPU-sized budget; both
+run when named.
+"""
+
+STAGES = (
+    "sources",
+    "sample",
+    "filter",
+    "inject",
+    "rewrite",
+    "format",
+    "blend",
+    "publish",
+    "push",
+    "train",
+)
+DATASET_STAGES = STAGES[: STAGES.index("publish") + 1]

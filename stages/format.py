@@ -50,7 +50,8 @@ SPEC = StageSpec(
         "sources.harmful",
         "filter.responses",
     ),
-    writes=("bsafe", "reset", "recovery", "preference"),
+    writes={k: records.config_schema(k) for k in ("bsafe", "reset", "recovery", "preference")},
+    hooks=("fingerprints",),
 )
 
 

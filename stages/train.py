@@ -20,7 +20,7 @@ from pipeline.stage import Env, StageSpec
 from trainer.config import TrainConfig
 from trainer.train import train
 
-SPEC = StageSpec(name="train", reads=("publish.files",), writes=(), cached=True)
+SPEC = StageSpec(name="train", reads=("publish.files",), hooks=("external_files",))
 
 Config = TrainConfig
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from trainer_fixtures import HARM_PROMPTS, PROMPTS, benign, corpus, harmful, one_thread
 
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import train as stage
 from trainer import tokens
 from trainer.config import TrainConfig

@@ -27,13 +27,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import records, seeds
+from pipeline.errors import RetraceError
 from trainer.batching import Batch, collate, plan
 from trainer.encode import Doc, Encoder
 
 COLUMNS = ("id", "kind", "prompt", "segments", "meta")
 
 
-class DataError(ValueError):
+class DataError(RetraceError, ValueError):
     """The dataset folder cannot be trained on; the message says why and what to do."""
 
 
