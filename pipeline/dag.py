@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -187,8 +187,9 @@ class LocalExecutor:
             yield index, run_chunk(stage, index, module, inputs, section, env)
 
 
-# `run.executor` -> the executor class.
-EXECUTORS: dict[str, type] = {"local": LocalExecutor}
+# `run.executor` -> a function of the `run:` section that builds the executor (another executor
+# reads its own settings from there).
+EXECUTORS: dict[str, Callable[[Any], Any]] = {"local": lambda run: LocalExecutor()}
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class Pipeline:
         self.run_cfg = cfg.run
         self.store = store.RunStore(Path(cfg.run.runs_dir) / cfg.run.name)
         self.resolved = section_dump(cfg)
-        self.executor = EXECUTORS[cfg.run.executor]()
+        self.executor = EXECUTORS[cfg.run.executor](cfg.run)
         for name in self.stages:
             self._check_contract(name)
 
@@ -373,8 +374,8 @@ class Pipeline:
             )
             raise StageError(
                 f"stage {name} cannot start: its input {read} is empty ({why}); inspect "
-                f"{self.store.table_dir(upstream, 'rejected')} and loosen {upstream}'s settings "
-                "or give it more input"
+                f"{self.store.table_dir(upstream, 'rejected')}, then loosen the {upstream} "
+                "settings or give it more input"
             )
 
     def _inputs(self, spec: StageSpec) -> dict[str, Any]:

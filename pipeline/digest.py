@@ -42,8 +42,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_digests(paths: Iterable[Path]) -> list[str]:
-    """The sha256 of each file, read only when its stat changed since it was last hashed."""
+def file_digests(paths: Iterable[Path], remember: bool = True) -> list[str]:
+    """The sha256 of each file, read only when its stat changed since it was last hashed
+    (`remember=False`: read every file, keep nothing; for files just written)."""
+    if not remember:
+        return [sha256_file(Path(p)) for p in paths]
     cache_file = cache_dir() / _CACHE_NAME
     cache = _read_cache(cache_file)
     found, changed = [], False
@@ -68,10 +71,10 @@ def file_digests(paths: Iterable[Path]) -> list[str]:
     return found
 
 
-def hash_files(paths: list[Path], root: Path | None = None) -> str:
+def hash_files(paths: list[Path], root: Path | None = None, remember: bool = True) -> str:
     """One hash over the files' contents in order (and their names relative to `root`)."""
     h = hashlib.sha256()
-    for p, digest in zip(paths, file_digests(paths), strict=True):
+    for p, digest in zip(paths, file_digests(paths, remember), strict=True):
         if root is not None:
             h.update(str(Path(p).relative_to(root)).encode() + b"\0")
         h.update(digest.encode())

@@ -51,6 +51,11 @@ class StageSpec:
     cached: bool = True  # False: run every time it is asked for (push)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.writes, Mapping):
+            raise TypeError(
+                f"stage {self.name}: SPEC.writes maps each table to its schema, e.g. "
+                "writes={'samples': records.SAMPLES}"
+            )
         unknown = [h for h in self.hooks if h not in HOOKS]
         if unknown:
             raise ValueError(f"stage {self.name}: unknown hook(s) {unknown}; known: {HOOKS}")

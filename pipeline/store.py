@@ -18,7 +18,6 @@ loses nothing and never leaves a stage that claims outputs it does not have.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.digest import hash_files
 from pipeline.errors import RetraceError
 
 MANIFEST = "_manifest.json"
@@ -79,18 +79,6 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
     pq.write_table(table, tmp, compression="zstd")
     fsync(tmp)
     os.replace(tmp, path)
-
-
-def hash_files(paths: list[Path], root: Path | None = None) -> str:
-    """Content hash of files in the given order (names relative to root count too)."""
-    h = hashlib.sha256()
-    for p in paths:
-        if root is not None:
-            h.update(str(p.relative_to(root)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def parts(folder: Path) -> list[Path]:
@@ -269,9 +257,11 @@ def hash_outputs(base: Path, tables: list[str]) -> dict[str, dict[str, Any]]:
     result: dict[str, dict[str, Any]] = {}
     for table in tables:
         folder = base / table
-        result[table] = {"sha256": hash_files(parts(folder)), "rows": count_rows(folder)}
+        sha = hash_files(parts(folder), remember=False)  # just written: nothing to remember
+        result[table] = {"sha256": sha, "rows": count_rows(folder)}
     files = base / FILES
     if files.is_dir():
         all_files = sorted(p for p in files.rglob("*") if p.is_file())
-        result[FILES] = {"sha256": hash_files(all_files, root=files), "rows": len(all_files)}
+        sha = hash_files(all_files, root=files, remember=False)
+        result[FILES] = {"sha256": sha, "rows": len(all_files)}
     return result

@@ -21,7 +21,15 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline import config as config_mod
 from pipeline import records
-from pipeline.dag import PROJECT_ROOT, Pipeline, StageError, import_closure, load_stages
+from pipeline.dag import (
+    EXECUTORS,
+    PROJECT_ROOT,
+    Pipeline,
+    StageError,
+    import_closure,
+    load_stages,
+    run_chunk,
+)
 from pipeline.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -558,3 +566,24 @@ def test_a_second_run_on_the_same_run_name_is_refused(tmp_path):
     assert status(pipe) == ["fresh", "fresh", "fresh"]
     assert (pipe.store.files_dir("report") / "README.md").read_text() == "# squares\n\n17 values\n"
     assert pipe.store.manifest("numbers")["config"]["count"] == 20
+
+
+# --- executors ----------------------------------------------------------------------------------
+
+
+class _Reversed:
+    """An executor that computes every pending chunk first and hands them back last to first, as
+    a pool of workers may: the engine must write the same run whatever the order."""
+
+    def map(self, stage, module, section, env, chunks):
+        results = [(i, run_chunk(stage, i, module, inputs, section, env)) for i, inputs in chunks]
+        yield from reversed(results)
+
+
+def test_another_executor_writes_the_same_run(tmp_path, monkeypatch):
+    local = make(tmp_path / "local")
+    local.run(["report"])
+    monkeypatch.setitem(EXECUTORS, "local", lambda run: _Reversed())
+    other = make(tmp_path / "other")
+    other.run(["report"])
+    assert _snapshot(other.store.root) == _snapshot(local.store.root)
