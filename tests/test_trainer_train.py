@@ -61,7 +61,7 @@ def test_stage_trains_into_its_workdir(tmp_path, tiny_model_dir):
     final = tmp_path / "work" / "final"
     tok = tokens.load_tokenizer(str(final))
     assert set(tokens.control_tokens()) <= set(tok.all_special_tokens)
-    assert stage.SPEC.reads == ("publish.files",) and stage.SPEC.writes == ()
+    assert stage.SPEC.reads == ("publish.files",) and not stage.SPEC.writes
 
 
 def _prob(model, enc, user: str, assistant: str, token: str) -> float:
