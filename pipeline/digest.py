@@ -59,8 +59,13 @@ def file_digests(paths: Iterable[Path], remember: bool = True) -> list[str]:
             cache[name], changed = entry, True
         found.append(entry[4])
     if changed:
-        # Merged with what another process wrote meanwhile; a lost entry costs a re-read only.
-        merged = {**_read_cache(cache_file), **cache}
+        # Merged with what another process wrote meanwhile (a lost entry costs a re-read only);
+        # files that are gone are forgotten, so the cache does not grow with temporary folders.
+        merged = {
+            name: entry
+            for name, entry in {**_read_cache(cache_file), **cache}.items()
+            if os.path.exists(name)
+        }
         tmp = cache_file.with_name(f".{_CACHE_NAME}.tmp-{os.getpid()}")
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
