@@ -355,7 +355,13 @@ class Pipeline:
                     outcome[name] = "cached"
                     continue
                 self._check_inputs_have_rows(name)
-                self._run_stage(name, key, parts, fresh=name in forced)
+                try:
+                    self._run_stage(name, key, parts, fresh=name in forced)
+                except Exception as err:  # writing parts, hashing, finalizing: name the stage
+                    notes = getattr(err, "__notes__", ())
+                    if not isinstance(err, StageError) and not any("in stage" in n for n in notes):
+                        err.add_note(f"in stage {name}")
+                    raise
                 outcome[name] = "ran"
         return outcome
 

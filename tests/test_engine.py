@@ -587,3 +587,15 @@ def test_another_executor_writes_the_same_run(tmp_path, monkeypatch):
     other = make(tmp_path / "other")
     other.run(["report"])
     assert _snapshot(other.store.root) == _snapshot(local.store.root)
+
+
+def test_a_failure_outside_a_chunk_still_names_the_stage(tmp_path, monkeypatch):
+    from pipeline import store
+
+    def full(*args):
+        raise OSError(28, "No space left on device", str(tmp_path / "runs"))
+
+    monkeypatch.setattr(store.RunStore, "finalize", full)
+    with pytest.raises(OSError) as err:
+        make(tmp_path).run(["numbers"])
+    assert err.value.__notes__ == ["in stage numbers"]
