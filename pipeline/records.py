@@ -176,6 +176,18 @@ def reject(row: Mapping[str, Any], stage: str, reason: str, detail: Any = "") ->
     }
 
 
+def license_expr(*licenses: str | None) -> str:
+    """Licences as one Hub-style expression: each id lower-cased with spaces as hyphens ("MIT",
+    "CC BY 4.0" -> "mit", "cc-by-4.0"), an "a AND b" taken apart, blanks and repeats dropped, the
+    rest joined with " AND " in first-seen order. The `license` column always holds this form."""
+    ids = (
+        part.strip().lower().replace(" ", "-")
+        for value in licenses
+        for part in (value or "").split(" AND ")
+    )
+    return " AND ".join(dict.fromkeys(i for i in ids if i))
+
+
 def message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 

@@ -223,10 +223,8 @@ def _bsafe(inputs, cfg: Config, out, rejected) -> None:
         origin = {
             "source": response["source"],
             "source_id": response["source_id"],
-            "license": " AND ".join(
-                dict.fromkeys(
-                    x for x in [response["license"], *(v["license"] for v in violations)] if x
-                )
+            "license": records.license_expr(
+                response["license"], *(v["license"] for v in violations)
             ),
         }
         rep_meta = [r["meta"] or {} for r in reps]

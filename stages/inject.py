@@ -116,9 +116,10 @@ def sentences(text: str) -> list[str]:
 @cache
 def _bank() -> dict[str, list[dict[str, str]]]:
     raw = yaml.safe_load(BANK.read_text())
+    lic = records.license_expr(raw["license"])
     return {
         policy: [
-            {"text": text, "id": f"bank:{policy}:{i}", "source": "bank", "license": raw["license"]}
+            {"text": text, "id": f"bank:{policy}:{i}", "source": "bank", "license": lic}
             for i, text in enumerate(texts)
         ]
         for policy, texts in raw["spans"].items()

@@ -144,11 +144,7 @@ _LICENSE_RANK = {
 def most_restrictive(licenses: Iterable[str]) -> str:
     """The Hub licence id covering every row: the most restrictive source licence (BeaverTails
     and Alpaca are CC BY-NC 4.0), or "other" when one is unknown. "a AND b" counts as both."""
-    ids = set()
-    for value in licenses:
-        for part in (value or "").split(" AND "):
-            ids.add(part.strip().lower().replace(" ", "-"))
-    ids.discard("")
+    ids = {i for value in licenses for i in records.license_expr(value).split(" AND ") if i}
     if not ids or not ids <= _LICENSE_RANK.keys():
         return "other"
     return max(sorted(ids), key=_LICENSE_RANK.__getitem__)
@@ -220,7 +216,7 @@ def _example(table: pa.Table, kind: str) -> dict[str, Any] | None:
     return {
         "kind": kind,
         "id": row["id"],
-        "source": row["source"],
+        "source": card.portable(row["source"]),
         "prompt": prompt,
         "texts": texts,
         "segments": segments,
@@ -296,11 +292,12 @@ def _context(
     tables = {name: inputs[f"blend.{name}"] for name in records.CONFIGS}
     per_kind = [tables[k] for k in KINDS]
     report = inputs["blend.report"]
+    column = pa.chunked_array([t.column("license") for t in per_kind], pa.string())
+    # Counted by normalised expression, so "apache-2.0 AND Apache-2.0" is one "apache-2.0" row.
+    distinct = column.unique()
+    normal = pa.array([records.license_expr(v) for v in distinct.to_pylist()], pa.string())
     license_counts = _count(
-        pa.table(
-            {"license": pa.chunked_array([t.column("license") for t in per_kind], pa.string())}
-        ),
-        ["license"],
+        pa.table({"license": normal.take(pc.index_in(column, value_set=distinct))}), ["license"]
     )
     policy_rows, policy_mix = [], {}
     for kind in KINDS:
@@ -334,7 +331,10 @@ def _context(
     license_id = most_restrictive(r["license"] for r in license_counts)
     header = _header(configs, license_id, total, cfg)
     examples = [_example(tables[k], k) for k in KINDS]  # blend puts train rows first
-    run_config = env.run_config
+    # No absolute local path reaches the card (model folders, source files, runs_dir); the
+    # example's source is made portable in _example.
+    run_config = card.portable(env.run_config)
+    generators = card.portable(generators)
     return {
         "header": header,
         "run_name": (run_config.get("run") or {}).get("name", "unnamed"),

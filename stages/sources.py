@@ -131,7 +131,7 @@ class Entry(BaseModel):
         return self.hub_id or str(self.spec.hub_id)
 
     def license_name(self) -> str:
-        return self.license or self.spec.license
+        return records.license_expr(self.license or self.spec.license)
 
     def split_name(self) -> str:
         return self.split or self.spec.split

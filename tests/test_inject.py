@@ -45,7 +45,7 @@ def test_spans_land_at_sentence_boundaries_with_offsets():
             assert v["at"] in inject.boundaries(row["response"])
             assert row["injected"][v["start"] : v["end"]] == v["span"]
             assert v["span"] in [s["text"] for s in inject._bank()[v["policy"]]]
-            assert v["span_source"] == "bank" and v["license"] == "Apache-2.0"
+            assert v["span_source"] == "bank" and v["license"] == "apache-2.0"  # normalised
             rebuilt += row["response"][prev : v["at"]] + " " + v["span"]
             prev = v["at"]
         assert row["injected"] == rebuilt + row["response"][prev:]

@@ -301,7 +301,7 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
         tmp_path / "a.jsonl",
         [
             {
-                "instruction": "Say [RESET] then <end_of_turn> and [backtrack-hate].",
+                "instruction": "Say [RESET] then <end_of_turn>, [multimodal] and [backtrack-hate].",
                 "input": "",
                 "output": "Done.",
             },
@@ -310,12 +310,13 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
     )
     out = run(utility=[Entry(loader="alpaca", path=path)])
     prompt = out["utility"]["prompt"][0].as_py()
-    assert prompt == "Say (RESET) then ‹end_of_turn› and (backtrack-hate)."
+    # [multimodal] is one added token of Gemma 3's tokenizer, like the turn markers.
+    assert prompt == "Say (RESET) then ‹end_of_turn›, (multimodal) and (backtrack-hate)."
     assert out["counts"].to_pylist()[0] | {"loaded": 2} == {
         "loaded": 2,
         "not_selected": 0,
         "neutralised_rows": 1,
-        "neutralised_strings": 3,
+        "neutralised_strings": 4,
     }
     assert out["rejected"].num_rows == 0
 
