@@ -36,8 +36,9 @@ from datasketch import MinHash, MinHashLSH
 from pydantic import Field
 
 from pipeline import records
-from pipeline.scorers import ScorerSpec, sentence_spans
+from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.text import ends_sentence, sentence_ends
 
 SPEC = StageSpec(name="filter", reads=("sample.samples",), writes=("responses",))
 
@@ -60,15 +61,14 @@ class Config(StageConfig):
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*\s*$")
 
 
 def trim_to_sentence(text: str) -> str:
     """`text` cut after its last complete sentence, when it ends mid-sentence and has one."""
-    if _ENDS_SENTENCE.search(text):
+    if ends_sentence(text):
         return text
-    complete = [end for _, end in sentence_spans(text) if _ENDS_SENTENCE.search(text[:end])]
-    return text[: complete[-1]].rstrip() if complete else text
+    ends = sentence_ends(text)
+    return text[: ends[-1]] if ends else text
 
 
 def _words(text: str) -> list[str]:
