@@ -23,8 +23,12 @@ MESSAGES = pa.list_(MESSAGE)
 SEGMENT_ROLES = ("text", "harmful", "control", "copy", "replacement", "refusal", "safe")
 SEGMENT = pa.struct([("text", pa.string()), ("role", pa.string()), ("train", pa.bool_())])
 
-SFT_KINDS = ("bsafe", "reset", "recovery", "utility")
-CONFIGS = (*SFT_KINDS, "preference", "mixture")
+# Kinds of published row: the recipes `format` writes as SFT rows, plain utility SFT rows, and
+# preference pairs; each has its own config, and `mixture` mixes the SFT kinds.
+RECIPE_KINDS = ("bsafe", "reset", "recovery")
+SFT_KINDS = (*RECIPE_KINDS, "utility")
+KINDS = (*SFT_KINDS, "preference")
+CONFIGS = (*KINDS, "mixture")
 
 SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
 SCORES = pa.list_(SCORE)

@@ -300,6 +300,14 @@ def test_an_input_without_the_contract_columns_fails_naming_it():
         run(inputs)
 
 
+def test_a_segment_role_outside_the_contract_fails_naming_it():
+    inputs = make_inputs()
+    row = segments_row("reset", "Hi?", [("Bad.", "harmful", False), ("Fine.", "sfae", True)])
+    inputs["format.reset"] = records.table([row], records.SFT)
+    with pytest.raises(BlendError, match=r"format\.reset has segment roles \['sfae'\]"):
+        run(inputs)
+
+
 # --- dedup and decontamination ---------------------------------------------------------------
 
 
