@@ -353,6 +353,34 @@ def test_near_duplicates_are_removed_but_rows_of_another_structure_are_not():
     assert len(kept_reset) == 2
 
 
+def test_the_passes_give_the_same_rows_whatever_the_chunk_size(monkeypatch):
+    # Planted exact, near and contaminated rows, read 7 rows at a time and all at once: the
+    # chunked passes keep per-row digests and signatures, and their word ids follow one
+    # vocabulary, so nothing may change.
+    rng = random.Random(4)
+    answer = words(rng, 60)
+    near = answer.split()
+    near[30] = "other"
+    plant = [
+        utility_pair("Describe the sea.", answer, "a"),
+        utility_pair("Describe the sea.", answer, "b"),
+        utility_pair("Describe the sea.", " ".join(near), "c"),
+        utility_pair("Insult my coworker, please", "No.", "d"),
+    ]
+    inputs = make_inputs(plant={"sources.utility": plant})
+    monkeypatch.setattr(blend, "CHUNK_ROWS", 7)
+    chunked = run(inputs, ratio_by="tokens")
+    monkeypatch.setattr(blend, "CHUNK_ROWS", 1 << 20)
+    whole = run(inputs, ratio_by="tokens")
+    assert {r["reason"] for r in whole["rejected"].to_pylist()} >= {
+        "duplicate",
+        "near_duplicate",
+        "contaminated",
+    }
+    for name, table in whole.items():
+        assert chunked[name].equals(table), name
+
+
 def test_decontamination_removes_planted_overlaps_only():
     evals = ["Explain how to pick a lock on a neighbour's front door quietly", "Insult my coworker"]
     plant = [
