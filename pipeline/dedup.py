@@ -162,11 +162,18 @@ def minhash(w: Words, shingle: int, num_perm: int) -> np.ndarray:
     return sig.T.copy()
 
 
-def signatures(chunks: Iterable[pa.Array], shingle: int, num_perm: int) -> np.ndarray:
-    """`minhash` of every row of several chunks of texts, as one (rows x num_perm) array."""
+def signatures(chunks: Iterable[pa.Array], rows: int, shingle: int, num_perm: int) -> np.ndarray:
+    """`minhash` of every row of several chunks of texts (`rows` in all), as one (rows x
+    num_perm) array filled in place: no second copy while it is assembled."""
     vocabulary = Vocabulary()
-    parts = [minhash(words(c, vocabulary=vocabulary)[0], shingle, num_perm) for c in chunks]
-    return np.concatenate(parts) if parts else np.zeros((0, num_perm), dtype=np.uint32)
+    sig = np.empty((rows, num_perm), dtype=np.uint32)
+    start = 0
+    for chunk in chunks:
+        part = minhash(words(chunk, vocabulary=vocabulary)[0], shingle, num_perm)
+        sig[start : start + len(part)] = part
+        start += len(part)
+    assert start == rows, f"the chunks held {start} rows, not {rows}"
+    return sig
 
 
 def near_duplicates(

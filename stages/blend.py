@@ -281,7 +281,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
                 groups.append(names.encode(pa.chunked_array([k["group"]])))
                 yield pc.binary_join_element_wise(k["prompt"], k["body"], "\n")
 
-        sig = dd.signatures(joined(), cfg.shingle, cfg.num_perm)
+        sig = dd.signatures(joined(), len(idx), cfg.shingle, cfg.num_perm)
         group = np.concatenate(groups) if groups else np.zeros(0, np.uint64)
         dup, match, score = dd.near_duplicates(sig, group, cfg.near_dup_threshold, cfg.bands)
         hit = np.zeros(len(comp), dtype=bool)

@@ -154,7 +154,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     # Near duplicates among the rows still kept, an earlier row winning.
     alive = [i for i, (_, _, fate) in enumerate(fates) if fate is None]
     texts = pa.array([fates[i][0]["response"] or "" for i in alive], pa.string())
-    sig = dedup.signatures([texts], cfg.shingle_words, cfg.minhash_permutations)
+    sig = dedup.signatures([texts], len(texts), cfg.shingle_words, cfg.minhash_permutations)
     bands = cfg.minhash_permutations // 4
     one_group = np.zeros(len(alive), dtype=np.uint64)
     dup, match, score = dedup.near_duplicates(sig, one_group, cfg.near_duplicate_threshold, bands)
