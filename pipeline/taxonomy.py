@@ -65,9 +65,12 @@ def load(path: Path = TAXONOMY_FILE) -> Taxonomy:
     return Taxonomy(raw["generic_token"], raw["replace_token"], raw["reset_token"], policies)
 
 
-# Bracketed control-token look-alikes ([RESET], [backtrack-hate], [ REPLACE ]) and the Gemma turn
-# and special tokens. Case and inner spaces vary so near-misses are caught too.
-_CONTROL = re.compile(r"\[\s*(BACKTRACK(?:\s*-\s*[A-Z_\-]+)?|REPLACE|RESET)\s*\]", re.IGNORECASE)
+# Bracketed control-token look-alikes ([RESET], [backtrack-hate], [ REPLACE ]), Gemma 3's bracketed
+# `[multimodal]` token, and the Gemma turn and special tokens. Case and inner spaces vary so
+# near-misses are caught too.
+_CONTROL = re.compile(
+    r"\[\s*(BACKTRACK(?:\s*-\s*[A-Z_\-]+)?|REPLACE|RESET|multimodal)\s*\]", re.IGNORECASE
+)
 _SPECIAL = re.compile(
     r"<(/?(?:start_of_turn|end_of_turn|bos|eos|pad|unk|mask|start_of_image|end_of_image"
     r"|image_soft_token|unused\d+))>"
@@ -77,8 +80,8 @@ _SPECIAL = re.compile(
 def neutralise(text: str) -> tuple[str, int]:
     """`text` with control/special token strings defused, and how many were found.
 
-    `[RESET]` becomes `(RESET)` and `<end_of_turn>` becomes `‹end_of_turn›`: still readable,
-    never the token.
+    `[RESET]` becomes `(RESET)`, `[multimodal]` `(multimodal)` and `<end_of_turn>`
+    `‹end_of_turn›`: still readable, never the token.
     """
     text, n_control = _CONTROL.subn(lambda m: f"({m.group(1)})", text)
     text, n_special = _SPECIAL.subn(lambda m: f"‹{m.group(1)}›", text)

@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 from pipeline import records, seeds, taxonomy
 from pipeline.render import RenderError, render_pieces, split
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.text import clean
 from stages import format_build as build
 
 SPEC = StageSpec(
@@ -183,12 +184,6 @@ def _check_sft(row: dict[str, Any], spans: tuple[str, ...] = ()) -> tuple[str, s
     return None
 
 
-def _clean(text: str | None) -> str:
-    text = text or ""
-    # Every control or special token string holds "[" or "<": most texts skip the regexes.
-    return taxonomy.neutralise(text)[0] if "[" in text or "<" in text else text
-
-
 # --- the recipes -----------------------------------------------------------------------------
 
 
@@ -214,20 +209,18 @@ def _bsafe(inputs, cfg: Config, out, rejected) -> None:
         # Pieces are neutralised one by one (the check below catches a control token that only
         # appears where two pieces meet), so the insertion points move with them.
         cuts = [0, *(v["at"] for v in violations), len(row["response"])]
-        pieces = [_clean(row["response"][a:b]) for a, b in pairwise(cuts)]
+        pieces = [clean(row["response"][a:b]) for a, b in pairwise(cuts)]
         edits, at = [], 0
         for v, rep, piece in zip(violations, reps, pieces[:-1], strict=True):
             at += len(piece)
             token = tax.backtrack_token(v["policy"], cfg.per_policy_tokens)
-            edits.append((at, _clean(v["span"]), token, _clean(rep["replacement"])))
+            edits.append((at, clean(v["span"]), token, clean(rep["replacement"])))
         segments, visible = build.bsafe("".join(pieces), edits, cfg.train_prefix, cfg.train_copy)
         origin = {
             "source": response["source"],
             "source_id": response["source_id"],
-            "license": " AND ".join(
-                dict.fromkeys(
-                    x for x in [response["license"], *(v["license"] for v in violations)] if x
-                )
+            "license": records.license_expr(
+                response["license"], *(v["license"] for v in violations)
             ),
         }
         rep_meta = [r["meta"] or {} for r in reps]
@@ -241,7 +234,7 @@ def _bsafe(inputs, cfg: Config, out, rejected) -> None:
             + _labelled("replacement", [m.get("scores") or [] for m in rep_meta]),
         )
         sft = _sft(
-            "bsafe", row["policy"], origin, _clean(response["prompt"]), segments, visible, meta
+            "bsafe", row["policy"], origin, clean(response["prompt"]), segments, visible, meta
         )
         _keep(sft, _check_sft(sft, tuple(e[1] for e in edits)), out["bsafe"], rejected)
 
@@ -290,17 +283,17 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
     refusals = {r["harmful_id"]: r for r in inputs["rewrite.refusals"].to_pylist()}
     safes = {r["harmful_id"]: r for r in inputs["rewrite.safe_responses"].to_pylist()}
     rows = inputs["sources.harmful"].to_pylist()
-    answers = [_clean(r["response"]) if (r["response"] or "").strip() else "" for r in rows]
+    answers = [clean(r["response"]) if (r["response"] or "").strip() else "" for r in rows]
     tokenizer = _tokenizer(cfg.target_tokenizer, cfg.target_revision) if any(answers) else None
     spans = token_offsets(tokenizer, answers) if tokenizer else [[] for _ in rows]
     tokenizer_id = model_id(cfg.target_tokenizer, cfg.target_revision)
     for row, h, offsets in zip(rows, answers, spans, strict=True):
-        x, policy = _clean(row["prompt"]), list(row["policy"] or [])
+        x, policy = clean(row["prompt"]), list(row["policy"] or [])
         safe, refusal = safes.get(row["id"]), refusals.get(row["id"])
         if safe is None:
             rejected.append(records.reject(row, "format", "missing_safe_response"))
         else:
-            y_plus, meta = _clean(safe["text"]), safe["meta"]
+            y_plus, meta = clean(safe["text"]), safe["meta"]
             if h:
                 prefix = build.word_prefix(h, lo, hi, seeds.rng(env.seed, row["id"], "reset"))
                 segments, visible = build.reset(prefix, y_plus)
@@ -336,7 +329,7 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
         if refusal is None:
             rejected.append(records.reject(row, "format", "missing_refusal"))
             continue
-        r = _clean(refusal["text"])
+        r = clean(refusal["text"])
         for variant in range(cfg.variants_per_triplet):
             rng = seeds.rng(env.seed, row["id"], "recovery", variant)
             k, k_max = build.k_draw(rng, len(offsets), cfg.p_zero, cfg.k_cap)

@@ -16,10 +16,12 @@ Every row gets a content-addressed id, `row_id(source, source_id, content)`, tha
 carry through to the shards. Control-token strings and model special tokens in any text are
 neutralised (DESIGN §4) and counted; the row itself is kept.
 
-Rejects, with reason: missing_field, wrong_type, empty_field, undecodable, too_long (any text over
-`max_chars`), no_category (an unsafe BeaverTails row with no category set), no_final_answer (a
-GSM8K answer without `#### N`), unknown_policy (generic policy column), duplicate (the same
-content already in the table, from any source).
+Rejects, with reason: malformed_line (a local JSON Lines line that is not a JSON object, or a CSV
+record with more fields than its header; the detail names the line: one bad line costs one row,
+not the file), missing_field, wrong_type, empty_field, undecodable (invalid UTF-8, U+FFFD, a lone
+surrogate escape), too_long (any text over `max_chars`), no_category (an unsafe BeaverTails row
+with no category set), no_final_answer (a GSM8K answer without `#### N`), unknown_policy (generic
+policy column), duplicate (the same content already in the table, from any source).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from stages.sources_loaders import (
     SourceError,
     builder_for,
     opened,
-    rows,
 )
 
 __all__ = ["SPEC", "Config", "Entry", "SourceError", "external_files", "run"]
@@ -136,7 +137,7 @@ class Entry(BaseModel):
         return self.hub_id or str(self.spec.hub_id)
 
     def license_name(self) -> str:
-        return self.license or self.spec.license
+        return records.license_expr(self.license or self.spec.license)
 
     def split_name(self) -> str:
         return self.split or self.spec.split
@@ -250,18 +251,18 @@ def _read(
     n_rejected = len(rejected)
     with (
         opened(entry, key) as parts,
-        env.progress(
-            f"sources {table.name}: {source}", sum(len(ds) for _, ds in parts)
-        ) as progress,
+        env.progress(f"sources {table.name}: {source}", sum(map(len, parts))) as progress,
     ):
-        for prefix, ds in parts:
-            for index, raw in enumerate(rows(ds)):
+        for part in parts:
+            for index, raw, unreadable in part.items():
                 if entry.limit is not None and kept >= entry.limit:
                     break
                 read += 1
                 progress.advance()
-                source_id = f"{prefix}{index}"
+                source_id = f"{part.prefix}{index}"
                 try:
+                    if unreadable is not None:
+                        raise unreadable
                     row = _normalise(raw, table.name, entry, max_chars)
                     if row is None:
                         skipped += 1

@@ -293,12 +293,81 @@ def test_invalid_utf8_in_a_jsonl_row_rejects_only_that_row(tmp_path):
     assert reasons(out) == {"0": "undecodable"}
 
 
+def test_one_malformed_json_line_rejects_only_that_line_with_its_number(tmp_path):
+    good = [
+        json.dumps({"question": f"{q}?", "answer": f"x\n#### {i}"}) for i, q in enumerate("abc")
+    ]
+    path = tmp_path / "gsm.jsonl"
+    lines = [
+        good[0],
+        '{"question": "cut off", "answ',  # line 2: truncated JSON
+        "",  # a blank line holds no row
+        '{"question": "\\ud800 lone?", "answer": "y\\n#### 9"}',  # line 4: lone surrogate
+        good[1],
+        "[1, 2]",  # line 6: not an object
+        good[2],
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    out = run(utility=[Entry(loader="gsm8k", path=path, source="g")])
+    # Good rows keep the index they have in the file, as if no line were bad.
+    assert [(r["source_id"], r["prompt"]) for r in out["utility"].to_pylist()] == [
+        ("0", "a?"),
+        ("3", "b?"),
+        ("5", "c?"),
+    ]
+    got = [
+        (json.loads(r["row"])["source_id"], json.loads(r["row"])["line"], r["reason"], r["detail"])
+        for r in out["rejected"].to_pylist()
+    ]
+    assert got == [
+        (
+            "1",
+            2,
+            "malformed_line",
+            "sources.utility[0]: line 2: not JSON: Unterminated string starting at (column 25)",
+        ),
+        (
+            "2",
+            4,
+            "undecodable",
+            "sources.utility[0]: line 4: a lone surrogate escape (\\ud800-\\udfff) is no text",
+        ),
+        ("4", 6, "malformed_line", "sources.utility[0]: line 6: a JSON list, not an object"),
+    ]
+    assert json.loads(out["rejected"]["row"][0].as_py())["text"] == lines[1]
+    assert out["stats"]["loaded"] == 6
+
+
+def test_a_csv_record_with_extra_fields_rejects_only_that_record(tmp_path):
+    path = tmp_path / "harmbench.csv"
+    path.write_text(
+        "Behavior,ContextString,BehaviorID\n"
+        "Do one thing,,b1\n"
+        '"Say ""two""","a context\nover two lines",b2\n'
+        "Three,,b3,an extra field\n"
+        "Four,,b4\n"
+    )
+    out = run(eval=[Entry(loader="harmbench", path=path, source="h")])
+    assert out["eval"]["source_id"].to_pylist() == ["b1", "b2", "b4"]
+    assert out["eval"]["prompt"][1].as_py() == 'a context\nover two lines\n\n---\n\nSay "two"'
+    (bad,) = out["rejected"].to_pylist()
+    assert bad["reason"] == "malformed_line"
+    assert bad["detail"] == "sources.eval[0]: line 5: 4 fields where the header has 3"
+    assert json.loads(bad["row"]) | {"id": ""} == {
+        "source": "h",
+        "source_id": "2",
+        "line": 5,
+        "text": "Three,,b3,an extra field",
+        "id": "",
+    }
+
+
 def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
     path = write_jsonl(
         tmp_path / "a.jsonl",
         [
             {
-                "instruction": "Say [RESET] then <end_of_turn> and [backtrack-hate].",
+                "instruction": "Say [RESET] then <end_of_turn>, [multimodal] and [backtrack-hate].",
                 "input": "",
                 "output": "Done.",
             },
@@ -307,12 +376,13 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
     )
     out = run(utility=[Entry(loader="alpaca", path=path)])
     prompt = out["utility"]["prompt"][0].as_py()
-    assert prompt == "Say (RESET) then ‹end_of_turn› and (backtrack-hate)."
+    # [multimodal] is one added token of Gemma 3's tokenizer, like the turn markers.
+    assert prompt == "Say (RESET) then ‹end_of_turn›, (multimodal) and (backtrack-hate)."
     assert out["stats"] | {"loaded": 2} == {
         "loaded": 2,
         "not_selected": 0,
         "neutralised_rows": 1,
-        "neutralised_strings": 3,
+        "neutralised_strings": 4,
     }
     assert out["rejected"].num_rows == 0
 
@@ -351,10 +421,11 @@ def test_missing_file_or_column_or_unparsable_file_fails_the_source(tmp_path):
     wrong = write_jsonl(tmp_path / "w.jsonl", [{"question": "q", "solution": "s"}])
     with pytest.raises(SourceError, match=r"has no column\(s\) \['answer'\]"):
         run(utility=[Entry(loader="gsm8k", path=wrong)])
-    garbage = tmp_path / "g.jsonl"
-    garbage.write_text('{"question": "q", "answer": "a\\n#### 1"}\nnot json\n')
-    with pytest.raises(SourceError, match=r"cannot read .*g\.jsonl as json: ArrowInvalid"):
-        run(utility=[Entry(loader="gsm8k", path=garbage)])
+    # A CSV whose header cannot be read has no rows to keep.
+    garbage = tmp_path / "g.csv"
+    garbage.write_bytes(b"Beh\xffvior,ContextString,BehaviorID\nx,,b1\n")
+    with pytest.raises(SourceError, match=r"cannot read .*g\.csv as csv: Error: the header"):
+        run(eval=[Entry(loader="harmbench", path=garbage)])
 
 
 def test_external_files_lists_each_local_file_once():
