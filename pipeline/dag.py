@@ -260,20 +260,22 @@ class Pipeline:
         else:
             console.print(f"{name}: running")
         rows_in = Counter({r: t.num_rows for r, t in inputs.items() if isinstance(t, pa.Table)})
-        for index, chunk in enumerate(self._chunks(spec, size)):
-            if chunk is not None:
-                rows_in[spec.chunked] += chunk.num_rows
+
+        def pending() -> Iterator[tuple[int, dict[str, Any]]]:
+            for index, chunk in enumerate(self._chunks(spec, size)):
+                if chunk is not None:
+                    rows_in[spec.chunked] += chunk.num_rows
+                if not (done_dir / f"{index:05d}").exists():
+                    yield index, inputs if chunk is None else {**inputs, spec.chunked: chunk}
+
+        for index, outputs in self._compute(name, module, section, env, pending()):
             marker = done_dir / f"{index:05d}"
-            if marker.exists():
-                continue
-            chunk_inputs = inputs if chunk is None else {**inputs, spec.chunked: chunk}
-            outputs = module.run(chunk_inputs, section, env)
             self._check_outputs(name, tables, outputs)
             for table in tables:
                 path = work / table / f"part-{index:05d}.parquet"
                 store.atomic_write_table(path, outputs[table])
             marker.touch()
-            if chunk is not None and not console.is_terminal:  # a log line instead of the bar
+            if spec.chunked and not console.is_terminal:  # a log line instead of the bar
                 elapsed = time.monotonic() - started
                 done = rows_in[spec.chunked]
                 console.print(f"  {name}: chunk {index} done, {done} rows in {elapsed:.0f} s")
@@ -303,6 +305,20 @@ class Pipeline:
         console.print(f"[green]{name}: done[/] in {manifest['seconds']:.1f} s ({counts})")
         if store.FILES in outputs:  # where the stage's files live now, not its work folder
             console.print(f"  {name}: files in {self.store.files_dir(name)}")
+
+    def _compute(
+        self, name: str, module: ModuleType, section: BaseModel, env: LocalEnv, pending: Iterator
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Each pending chunk's outputs: here, one after the other, or on Ray (`run.executor`)."""
+        if self.run_cfg.executor == "ray":
+            from pipeline.executor_ray import RayExecutor
+
+            yield from RayExecutor(self.run_cfg.ray).map(
+                name, module, section, env, pending, show_progress=console.is_terminal
+            )
+            return
+        for index, chunk_inputs in pending:
+            yield index, module.run(chunk_inputs, section, env)
 
     @staticmethod
     def _check_outputs(name: str, tables: list[str], outputs: Any) -> None:
