@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from test_pipeline import small_config
 from typer.testing import CliRunner
 
@@ -75,20 +75,13 @@ def test_manifests_and_the_card_are_the_executors_too(two_runs):
     assert card.replace(str(local.parent), str(on_ray.parent)) == ray_card
 
 
-def _resume_config(tmp_path: Path, model: Path, runs: str) -> Path:
-    """Ten prompts in five chunks of two, so a kill lands between chunks."""
-    path = small_config(tmp_path, model)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["run"].update(runs_dir=str(tmp_path / runs), chunk_size=2)
-    out = tmp_path / f"{runs}.yaml"
-    out.write_text(yaml.safe_dump(cfg))
-    return out
-
-
 def test_a_ray_run_killed_mid_stage_resumes_from_its_finished_chunks(
-    tmp_path, fluent_model_dir, ray_address
+    tmp_path, fluent_model_dir, ray_address, two_runs
 ):
-    config = _resume_config(tmp_path, fluent_model_dir, "runs")
+    local, _ = two_runs
+    config = small_config(tmp_path, fluent_model_dir)  # ten prompts, three chunks
+    run = tmp_path / "runs/small"
+    shutil.copytree(local / "sources", run / "sources")  # a cache hit: only sample runs
     on_ray = ["--set", "run.executor=ray", "--set", f"run.ray.address={ray_address}"]
     command = [sys.executable, "-c", "from pipeline.cli import app; app()", "stage", "sample"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -98,26 +91,25 @@ def test_a_ray_run_killed_mid_stage_resumes_from_its_finished_chunks(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    stage_dir = tmp_path / "runs/small/sample"
+    done = run / "sample"
     deadline = time.monotonic() + 240
-    while not list(stage_dir.glob(".work-*/_done/*")) and time.monotonic() < deadline:
+    while not list(done.glob(".work-*/_done/*")) and time.monotonic() < deadline:
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     child.kill()
     child.wait()
-    finished = len(list(stage_dir.glob(".work-*/_done/*")))
-    assert 1 <= finished < 5 and not (stage_dir / store.MANIFEST).exists()
+    finished = len(list(done.glob(".work-*/_done/*")))
+    assert 1 <= finished < 3 and not (done / store.MANIFEST).exists()
 
     output = _run(config, "sample", *on_ray, command="stage")
+    assert "sources: cached" in output
     assert f"sample: resuming after {finished} finished chunk(s)" in output
-    resumed = stage_dir / "samples"
-    ids = store.read_parts(resumed).column("id").to_pylist()
+    resumed = store.parts(done / "samples")
+    ids = store.read_parts(done / "samples").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 10
-    # What an uninterrupted local run writes, part by part.
-    fresh = _resume_config(tmp_path, fluent_model_dir, "fresh")
-    _run(fresh, "sample", command="stage")
-    fresh_parts = store.parts(tmp_path / "fresh/small/sample/samples")
-    assert [p.read_bytes() for p in store.parts(resumed)] == [p.read_bytes() for p in fresh_parts]
+    # What the uninterrupted local run wrote, part by part.
+    expected = store.parts(local / "sample/samples")
+    assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in expected]
 
 
 def test_ray_settings_are_checked_before_any_work():
