@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CHUNK = "__retrace_chunk"  # the column that tags each row with its chunk on the way in
+_ERROR_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:Error|Exception): .*$", re.MULTILINE)
 # On the way out: one row per output table of a chunk, the table as Arrow IPC.
 _PACKED = pa.schema(
     [
@@ -115,11 +117,23 @@ class RayExecutor:
         resources = self.cfg.stages.get(name, RayStage())
         job = _Job(module.__name__, section, env.seed, Path(env.workdir), env.run_config)
         chunked = module.SPEC.chunked
-        if chunked is None or any(inputs[chunked].num_rows == 0 for _, inputs in todo):
-            # One call (a stage that is not chunked, or the single empty chunk of an empty input).
-            yield from self._tasks(job, todo, resources)
-            return
-        yield from self._dataset(job, chunked, todo, resources)
+        import ray
+
+        try:
+            if chunked is None or any(inputs[chunked].num_rows == 0 for _, inputs in todo):
+                # One call (a stage that is not chunked, or the single empty chunk of an empty
+                # input).
+                yield from self._tasks(job, todo, resources)
+            else:
+                yield from self._dataset(job, chunked, todo, resources)
+        except ray.exceptions.RayError as err:
+            # Ray's message is the whole remote traceback; the stage's own error is its last
+            # non-Ray "SomeError: message" line.
+            found = [m.group(0) for m in _ERROR_LINE.finditer(str(err))]
+            raise RuntimeError(
+                f"stage {name} failed on Ray: {found[-1] if found else type(err).__name__}"
+                " (RETRACE_DEBUG=1 shows the worker's traceback)"
+            ) from err
 
     @staticmethod
     def _tasks(job: _Job, todo: list, resources: RayStage) -> Iterator[tuple[int, dict]]:
