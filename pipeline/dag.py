@@ -313,9 +313,7 @@ class Pipeline:
         if self.run_cfg.executor == "ray":
             from pipeline.executor_ray import RayExecutor
 
-            yield from RayExecutor(self.run_cfg.ray).map(
-                name, module, section, env, pending, show_progress=console.is_terminal
-            )
+            yield from RayExecutor(self.run_cfg.ray).map(name, module, section, env, pending)
             return
         for index, chunk_inputs in pending:
             yield index, module.run(chunk_inputs, section, env)

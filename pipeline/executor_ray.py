@@ -12,8 +12,9 @@ executor computed them. Here:
 - a stage that is not chunked (filter, rewrite, format, blend, publish) is one call, run as one
   Ray task with that stage's resources (so `rewrite` lands on a GPU node when it asks for one).
 
-Outputs travel back as Arrow IPC, one row per output table. Finished chunks are written in the
-order they finish; a chunk is marked done only when all of its tables are in place.
+A chunk's result travels back pickled (its tables as Arrow buffers), one row per chunk, whatever
+the stage returned: the engine checks it as it checks a local result. Finished chunks are written
+in the order they finish.
 
 A cluster needs retrace importable on every node (the same image or environment) and the run store
 (`run.runs_dir`) on a filesystem every node sees: stages write their files there directly.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,15 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CHUNK = "__retrace_chunk"  # the column that tags each row with its chunk on the way in
 _ERROR_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:Error|Exception): .*$", re.MULTILINE)
-# On the way out: one row per output table of a chunk, the table as Arrow IPC.
-_PACKED = pa.schema(
-    [
-        ("chunk", pa.int64()),
-        ("table", pa.string()),
-        ("ipc", pa.large_binary()),
-        ("tables", pa.int64()),  # how many tables the chunk has: complete when all are in
-    ]
-)
+# On the way out: one row per chunk, the stage's result pickled.
+_PACKED = pa.schema([("chunk", pa.int64()), ("result", pa.large_binary())])
 
 
 class RayStage(BaseModel):
@@ -108,12 +103,14 @@ class RayExecutor:
         section: BaseModel,
         env: Any,
         pending: Iterable[tuple[int, dict[str, Any]]],
-        show_progress: bool = False,
-    ) -> Iterator[tuple[int, dict[str, pa.Table]]]:
+    ) -> Iterator[tuple[int, Any]]:
+        """(index, result) for each pending (index, inputs), in the order chunks finish."""
+        from pipeline.progress import console
+
         todo = list(pending)
         if not todo:
             return
-        self._connect(show_progress)
+        self._connect(show_progress=console.is_terminal)
         resources = self.cfg.stages.get(name, RayStage())
         job = _Job(module.__name__, section, env.seed, Path(env.workdir), env.run_config)
         chunked = module.SPEC.chunked
@@ -171,20 +168,16 @@ class RayExecutor:
             fn = _run_chunks
             common["fn_args"] = (job, chunked, [shared])
         dataset = ray.data.from_arrow(blocks).map_batches(fn, **common)
-        found: dict[int, dict[str, pa.Table]] = {}
+        seen: set[int] = set()
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                tables = found.setdefault(row["chunk"], {})
-                if row["table"] in tables:
+                if row["chunk"] in seen:
                     raise RuntimeError(
                         f"{job.module}: chunk {row['chunk']} was computed twice on Ray (a chunk "
                         "split across batches); report this with your Ray version"
                     )
-                tables[row["table"]] = _from_ipc(row["ipc"])
-                if len(tables) == row["tables"]:
-                    yield row["chunk"], found.pop(row["chunk"])
-        if found:
-            raise RuntimeError(f"{job.module}: chunks {sorted(found)} came back incomplete")
+                seen.add(row["chunk"])
+                yield row["chunk"], pickle.loads(row["result"])
 
 
 class _Job:
@@ -211,7 +204,7 @@ def _uses_models(section: BaseModel) -> bool:
     return any(True for _ in _models(section))
 
 
-def _run_whole(job: _Job, inputs: dict[str, Any]) -> dict[str, pa.Table]:
+def _run_whole(job: _Job, inputs: dict[str, Any]) -> Any:
     return job.stage().run(inputs, job.section, job.env())
 
 
@@ -227,14 +220,8 @@ def _run_chunks(
     tags = batch.column(CHUNK)
     for index in dict.fromkeys(tags.to_pylist()):
         chunk = batch.filter(pc.equal(tags, index)).drop_columns([CHUNK])
-        outputs = stage.run({**inputs, chunked: chunk}, job.section, env)
-        if not isinstance(outputs, dict) or not all(
-            isinstance(t, pa.Table) for t in outputs.values()
-        ):
-            raise TypeError(f"stage {job.module} returned {outputs!r:.200}, not a dict of tables")
-        for table, value in outputs.items():
-            ipc = _to_ipc(value)
-            rows.append({"chunk": index, "table": table, "ipc": ipc, "tables": len(outputs)})
+        result = stage.run({**inputs, chunked: chunk}, job.section, env)
+        rows.append({"chunk": index, "result": pickle.dumps(result, protocol=5)})
     return pa.Table.from_pylist(rows, schema=_PACKED)
 
 
@@ -247,14 +234,3 @@ class _ChunkActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _run_chunks(batch, self.job, self.chunked, self.shared, self.env, self.stage)
-
-
-def _to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
