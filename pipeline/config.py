@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from pipeline.errors import RetraceError
+from pipeline.executor_ray import RayConfig
 
 
 class ConfigError(RetraceError):
@@ -33,7 +34,10 @@ class RunConfig(BaseModel):
     runs_dir: Path = Path("runs")
     chunk_size: int = Field(64, gt=0)  # rows per resumable chunk of a chunked stage
     max_rejected_share: float = Field(0.5, ge=0, le=1)  # per-stage failure bound
-    executor: Literal["local"] = "local"  # what computes a stage's chunks (pipeline/dag.py)
+    # Where chunks are computed: this process, or a Ray cluster (pipeline/executor_ray.py).
+    # Neither changes a byte of output, so neither is in a cache key or a card.
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
 
     @field_validator("name")
     @classmethod
@@ -134,5 +138,6 @@ def load(
 
 
 def section_dump(cfg: BaseModel) -> dict[str, Any]:
-    """The resolved config as plain JSON-able data (what manifests, cards and checkpoints store)."""
-    return cfg.model_dump(mode="json")
+    """The resolved config as plain JSON-able data (what manifests, cards and checkpoints store),
+    less where it ran: a card rebuilt elsewhere runs on that machine's executor."""
+    return cfg.model_dump(mode="json", exclude={"run": {"executor", "ray"}})

@@ -192,6 +192,15 @@ class LocalExecutor:
 EXECUTORS: dict[str, Callable[[Any], Any]] = {"local": lambda run: LocalExecutor()}
 
 
+def _ray_executor(run: Any) -> Any:
+    from pipeline.executor_ray import RayExecutor  # ray is an extra: imported only when asked
+
+    return RayExecutor(run.ray)
+
+
+EXECUTORS["ray"] = _ray_executor
+
+
 # --- the pipeline ------------------------------------------------------------------------------
 
 

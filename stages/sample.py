@@ -10,7 +10,8 @@ Every row's randomness comes from `seeds.derive(run seed, prompt id)`, never fro
 so a resumed run writes the same rows as an uninterrupted one. On the transformers backend
 sampling is seeded per batch (see pipeline/backends.py): the same config and seed give the same
 samples. Response text is neutralised (DESIGN §4): a control or special token string the model
-wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`.
+wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a
+server backend's request failed for good; the detail is the server's reason).
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             generations = generator.generate([text for _, text in batch], params, request_seeds)
             tokens = 0
             for (row, _), gens in zip(batch, generations, strict=True):
+                failed = next((g.error for g in gens if g.finish_reason == "error"), None)
+                if failed is not None:
+                    rejected.append(records.reject(row, "sample", "generation_failed", failed))
+                    continue
                 for index, gen in enumerate(gens):
                     samples.append(_sample_row(row, index, gen, generator, cfg, template))
                     tokens += gen.completion_tokens
