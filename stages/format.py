@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import records, seeds, taxonomy
+from pipeline import records, recovery, seeds, taxonomy
 from pipeline.render import RenderError, render_pieces, split
 from pipeline.stage import StageConfig, StageSpec
 from stages import format_build as build
@@ -82,6 +82,12 @@ class Config(StageConfig):
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"reset_prefix must be 0 <= lo <= hi <= 1, got {self.reset_prefix}")
         return self
+
+
+def external_files(cfg: Config) -> list[str]:
+    """The recovery draw lives in pipeline/recovery.py (shared with the trainer): it is code of
+    this stage's output."""
+    return [recovery.__file__]
 
 
 def fingerprints(cfg: Config) -> list[dict[str, Any]]:
@@ -335,12 +341,13 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
         if refusal is None:
             rejected.append(records.reject(row, "format", "missing_refusal"))
             continue
-        r = _clean(refusal["text"])
+        # Stripped, so the trainer can take the joint off again (recovery.refusal_of).
+        r = _clean(refusal["text"]).strip()
         for variant in range(cfg.variants_per_triplet):
             rng = seeds.rng(env.seed, row["id"], "recovery", variant)
-            k, k_max = build.k_draw(rng, len(offsets), cfg.p_zero, cfg.k_cap)
-            prefix, k = build.token_prefix(h, offsets, k)
-            segments, visible = build.recovery(prefix, r, cfg.refusal_separator)
+            segments, visible, k, k_max = recovery.draw(
+                h, offsets, r, rng, cfg.p_zero, cfg.k_cap, cfg.refusal_separator
+            )
             meta = _meta(
                 refusal["meta"],
                 k=k,

@@ -108,7 +108,18 @@ def recovery(rng: random.Random, k_words: int = 3) -> dict:
     )
 
 
-MAKERS = {"bsafe": bsafe, "reset": reset, "utility": utility, "recovery": recovery}
+def anchor(rng: random.Random) -> dict:
+    """Qi et al.'s anchor: a benign prompt answered by the generator (published as utility)."""
+    return {**utility(rng), "meta": {"generator": "stand-in/model"}}
+
+
+MAKERS = {
+    "bsafe": bsafe,
+    "reset": reset,
+    "utility": utility,
+    "recovery": recovery,
+    "anchor": anchor,
+}
 
 
 def write_config(root: Path, config: str, split: str, rows: list[dict], schema=None) -> Path:
@@ -121,12 +132,17 @@ def write_config(root: Path, config: str, split: str, rows: list[dict], schema=N
 def corpus(root: Path, sizes: dict[str, int], seed: int = 0, validation: int = 8) -> Path:
     """A folder with one config per kind in `sizes` plus their `mixture`, train and validation."""
     rng = random.Random(seed)
-    mixture: dict[str, list[dict]] = {"train": [], "validation": []}
+    by_config: dict[tuple[str, str], list[dict]] = {}
     for kind, n in sizes.items():
+        config = "utility" if kind == "anchor" else kind  # blend publishes anchors as utility
         for split, count in (("train", n), ("validation", validation)):
-            rows = [MAKERS[kind](rng) for _ in range(count)]
-            write_config(root, kind, split, rows)
-            mixture[split] += rows
+            by_config.setdefault((config, split), []).extend(
+                MAKERS[kind](rng) for _ in range(count)
+            )
+    mixture: dict[str, list[dict]] = {"train": [], "validation": []}
+    for (config, split), rows in by_config.items():
+        write_config(root, config, split, rows)
+        mixture[split] += rows
     for split, rows in mixture.items():
         rng.shuffle(rows)
         write_config(root, "mixture", split, rows)

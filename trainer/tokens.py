@@ -144,5 +144,16 @@ def _check_tied(net) -> None:
             raise RuntimeError("train: input and output embeddings came apart after resizing")
 
 
+def set_generation_stops(model, tokenizer) -> None:
+    """Generation stops at the end of sequence and at <end_of_turn>: a model turn ends with the
+    latter (the format the trainer teaches), which a base model's config does not list."""
+    stops = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if eot is not None and eot != tokenizer.unk_token_id:
+        stops.append(eot)
+    model.generation_config.eos_token_id = sorted({i for i in stops if i is not None})
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def control_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in control_tokens()]
