@@ -37,7 +37,9 @@ class TrainConfig(BaseModel):
     # random-init Gemma 3 of a named size: tiny, 270m, 1b) whose tokenizer comes from `tokenizer`.
     model: str = "random:tiny"
     revision: str | None = None
-    tokenizer: str = "embedded"  # only for random models: a folder, a Hub id or "embedded"
+    # Only for random models: a folder, a Hub id, "embedded", or "corpus:<N>" (a byte-level BPE
+    # of N entries trained on the dataset's text; trainer/tokens.py says why).
+    tokenizer: str = "embedded"
     # Control tokens are added as new special tokens, their embeddings drawn around the mean of the
     # existing ones (transformers' mean_resizing); Gemma's <unusedN> slots are not re-purposed, so
     # the same recipe works for any model.
@@ -110,6 +112,15 @@ class TrainConfig(BaseModel):
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str) -> str:
+        if v.startswith("corpus:"):
+            size = v.split(":", 1)[1]
+            if not size.isdigit() or int(size) < 300:
+                raise ValueError("corpus:<N> needs N >= 300 (the 256 bytes and the special tokens)")
         return v
 
     @field_validator("lr", "grad_clip")

@@ -159,6 +159,32 @@ def component_rows(sources: list[Source]) -> Counter:
     return found
 
 
+def corpus_controls(sources: list[Source]) -> list[str]:
+    """Every control-token string the configs' segments use, sorted."""
+    found: set[str] = set()
+    for src in sources:
+        for f in src.train + src.validation:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["segments"]):
+                segs = pc.list_flatten(batch.column(0))
+                control = pc.equal(segs.field("role"), "control")
+                found.update(pc.unique(pc.filter(segs.field("text"), control)).to_pylist())
+    return sorted(found)
+
+
+def corpus_text(sources: list[Source]) -> Iterator[str]:
+    """The configs' train text (prompt contents, segment texts but control tokens), in file order:
+    what a `corpus:<N>` tokenizer is trained on."""
+    for src in sources:
+        for f in src.train:
+            for batch in pq.ParquetFile(f).iter_batches(
+                batch_size=1024, columns=["prompt", "segments"]
+            ):
+                yield from pc.list_flatten(batch.column(0)).field("content").to_pylist()
+                segs = pc.list_flatten(batch.column(1))
+                keep = pc.not_equal(segs.field("role"), "control")
+                yield from pc.filter(segs.field("text"), keep).to_pylist()
+
+
 def identity(sources: list[Source]) -> str:
     """Content hash of the Parquet files trained on: a checkpoint belongs to this data."""
     h = hashlib.sha256()

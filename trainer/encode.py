@@ -10,8 +10,9 @@ special tokens.
 
 The assistant turn is tokenised as a whole between control tokens, not segment by segment, and
 each token goes to the segment its characters fall in; a token straddling a trained and an
-untrained segment is not trained. So a corpus that puts the space before a harmful span on the
-trained side yields " Bad" (context), not a trained lone " " before it.
+untrained segment is not trained, nor is a whitespace-only token right before an untrained one. So
+a corpus that puts the space before a harmful span on the trained side yields " Bad" (context), or
+an untrained " " + "Bad", never a trained lone " " before it.
 
 Flags come from the segments (DESIGN §1): harmful spans and unsafe prefixes are context, the rest
 of the assistant turn and its end-of-turn token are trained. `recovery` rows may redraw k each
@@ -93,6 +94,7 @@ class Encoder:
         self.tok = tokenizer
         self.max_length = max_length
         self.control = {t: tokenizer.convert_tokens_to_ids(t) for t in control_tokens}
+        self._control_ids = frozenset(self.control.values())
         self.decision_weight = decision_weight
         self.recovery = recovery or Recovery()
         self.eot = self._end_of_turn_id()
@@ -202,7 +204,15 @@ class Encoder:
             out.where.append(j)
             out.decision.append(True)
         flush()
+        # A lone whitespace token trained right before an untrained one (a tokenizer that splits
+        # " Bad" into " " + "Bad") would teach emitting the space that leads into a harmful span.
+        for i in range(len(out.ids) - 1):
+            if out.trained[i] and not out.trained[i + 1] and self._blank(out.ids[i]):
+                out.trained[i] = False
         return out
+
+    def _blank(self, tid: int) -> bool:
+        return tid not in self._control_ids and not self.tok.decode([tid]).strip()
 
     # --- a row --------------------------------------------------------------------------------
 

@@ -85,6 +85,12 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         left_out = {c: n for c, n in have.items() if c not in cfg.per_step}
         if left_out:
             log(f"per_step trains only {', '.join(cfg.per_step)}; not trained: {left_out}")
+    # Control tokens the corpus uses beyond the taxonomy (a corpus from elsewhere may name its own
+    # policies) become control tokens too, said here, rather than rows dropped in silence.
+    known = set(tokens.control_tokens())
+    extra = tuple(t for t in data_mod.corpus_controls(sources) if t not in known)
+    if extra:
+        log(f"control tokens from the corpus, not in the taxonomy, added: {', '.join(extra)}")
     data_id = data_mod.identity(sources)
     draw, draw_source = data_mod.recovery_draw(data, cfg)
     device = _device(cfg.device)
@@ -116,11 +122,17 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     else:
         state = None
         model, tok = tokens.load_for_training(
-            cfg.model, cfg.tokenizer, seed, cfg.revision, cfg.attn_implementation
+            cfg.model,
+            cfg.tokenizer,
+            seed,
+            cfg.revision,
+            cfg.attn_implementation,
+            extra,
+            lambda: data_mod.corpus_text(sources),
         )
     tokens.set_generation_stops(model, tok)  # saved with every checkpoint
-    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok))
-    reference = _reference(cfg, tok, seed, device) if objective.needs_reference else None
+    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok, extra))
+    reference = _reference(cfg, tok, seed, device, extra) if objective.needs_reference else None
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -128,7 +140,8 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     decoder = model.get_decoder()
     forward = torch.compile(decoder) if cfg.compile else decoder
     heads = Heads(logits_fn(model), logits_fn(reference) if reference is not None else None)
-    encoder = Encoder(tok, cfg.max_length, tokens.control_tokens(), cfg.decision_weight, draw)
+    controls = tokens.control_tokens(extra)
+    encoder = Encoder(tok, cfg.max_length, controls, cfg.decision_weight, draw)
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"model {cfg.model}: {n_params / 1e6:.1f}M params, vocab {len(tok)}, device {device}, "
@@ -332,10 +345,17 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return mult
 
 
-def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device):
+def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, extra: tuple[str, ...]):
     """The frozen reference: cfg.reference, or the start model rebuilt exactly (also on resume)."""
+    source = cfg.reference or cfg.model
     ref, ref_tok = tokens.load_for_training(
-        cfg.reference or cfg.model, cfg.tokenizer, seed, cfg.revision, cfg.attn_implementation
+        source,
+        cfg.tokenizer,
+        seed,
+        cfg.revision,
+        cfg.attn_implementation,
+        extra,
+        tok=tok if source.startswith("random:") else None,  # the same tokenizer, not retrained
     )
     if ref_tok.get_vocab() != tok.get_vocab():
         raise RuntimeError(
