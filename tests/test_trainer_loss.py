@@ -78,7 +78,7 @@ def test_controlled_is_ce_plus_alpha_weighted_kl_by_the_references_control_mass(
     cfg = TrainConfig(kl_alpha=2.0, kl_mass=(0.4, 0.99))
     obj = Objective("controlled", cfg, control_ids=[4])
     loss = obj(logits, ref, batch, Heads(lambda h: h, lambda h: h))
-    hand, kl_term, weighted = 0.0, 0.0, 0
+    hand, kl_term, weighted, alphas = 0.0, 0.0, 0, 0.0
     for pos, t in enumerate(targets):
         if t == IGNORE:
             continue
@@ -90,9 +90,11 @@ def test_controlled_is_ce_plus_alpha_weighted_kl_by_the_references_control_mass(
         hand += w * (-lp[t] + alpha * kl)
         kl_term += w * alpha * kl
         weighted += alpha > 0
+        alphas += alpha
     assert loss.item() == pytest.approx(hand, rel=1e-9)
     assert float(obj.stats["kl"]) == pytest.approx(kl_term, rel=1e-9)
     assert int(obj.stats["kl_positions"]) == weighted and 0 < weighted < 5
+    assert float(obj.stats["alpha"]) == pytest.approx(alphas, rel=1e-9)
 
 
 def test_controlled_gradient_equals_sfts_at_step_0(tiny_model_dir):

@@ -34,6 +34,7 @@ from typing import Any
 from pipeline import recovery, seeds
 
 _SENTINEL = "\x00RETRACE{}\x00"  # stands in for message contents when rendering a chat template
+_SCAFFOLDS = 65536  # prompts whose token ids are kept (a few MB)
 # A sentence ends at . ! ? (and any closing quotes or brackets), then whitespace or nothing.
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s*$")
 
@@ -95,6 +96,8 @@ class Encoder:
         self.max_length = max_length
         self.control = {t: tokenizer.convert_tokens_to_ids(t) for t in control_tokens}
         self._control_ids = frozenset(self.control.values())
+        self._markup: dict[str, list[int]] = {}
+        self._scaffolds: dict[tuple, tuple[list[int], list[int]]] = {}
         self.decision_weight = decision_weight
         self.recovery = recovery or Recovery()
         self.eot = self._end_of_turn_id()
@@ -120,7 +123,10 @@ class Encoder:
         """Template markup: its special-token strings are the special tokens."""
         if not s:
             return []
-        return self.tok(s, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+        if s not in self._markup:  # a handful of distinct strings, met on every row
+            ids = self.tok(s, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+            self._markup[s] = ids
+        return list(self._markup[s])
 
     def _end_of_turn_id(self) -> int:
         eot = self.tok.convert_tokens_to_ids("<end_of_turn>")
@@ -132,6 +138,15 @@ class Encoder:
 
     def scaffold(self, prompt: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """(ids before the assistant content, ids after it up to the end-of-turn token)."""
+        key = (self.tok.chat_template, *((m["role"], m["content"]) for m in prompt))
+        if key not in self._scaffolds:
+            if len(self._scaffolds) >= _SCAFFOLDS:  # rows repeat every epoch: keep the recent
+                self._scaffolds.pop(next(iter(self._scaffolds)))
+            self._scaffolds[key] = self._scaffold(prompt)
+        head, tail = self._scaffolds[key]
+        return list(head), list(tail)
+
+    def _scaffold(self, prompt: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         msgs = [{"role": m["role"], "content": _SENTINEL.format(i)} for i, m in enumerate(prompt)]
         msgs.append({"role": "assistant", "content": _SENTINEL.format(len(prompt))})
         if self.tok.chat_template:

@@ -95,7 +95,7 @@ class Objective:
         self.control_ids = control_ids
         # Summed over the micro-batches of a step by the caller, then reset: the KL term of
         # `controlled` and how many positions it weighted.
-        self.stats = {"kl": 0.0, "kl_positions": 0}
+        self.stats = {"kl": 0.0, "kl_positions": 0, "alpha": 0.0}
 
     @property
     def needs_reference(self) -> bool:
@@ -113,20 +113,22 @@ class Objective:
         for i in range(0, t.numel(), self.chunk):
             s = slice(i, i + self.chunk)
             ref = rh[s] if rh is not None else None
-            loss, kl, n = checkpoint(
+            loss, kl, n, alpha = checkpoint(
                 self._chunk, h[s], t[s], w[s], ref, index[s], heads, use_reentrant=False
             )
             total = total + loss
-            self.stats["kl"] = self.stats["kl"] + kl  # tensors: no device sync per chunk
+            # Tensors: no device sync per chunk.
+            self.stats["kl"] = self.stats["kl"] + kl
             self.stats["kl_positions"] = self.stats["kl_positions"] + n
+            self.stats["alpha"] = self.stats["alpha"] + alpha
         return total
 
     def _chunk(self, h, t, w, ref_h, index, heads: Heads):
-        """(weighted loss sum, KL term sum, positions the KL term weights) of one chunk."""
+        """(weighted loss sum, KL term sum, positions the KL term weights, Σα_t) of one chunk."""
         logits = heads.model(h)
         none = torch.zeros((), device=h.device)
         if self.name == "sft":
-            return (w * F.cross_entropy(logits, t, reduction="none")).sum(), none, none
+            return (w * F.cross_entropy(logits, t, reduction="none")).sum(), none, none, none
         logp_all = torch.log_softmax(logits, -1)
         with torch.no_grad():
             ref_all = torch.log_softmax(heads.reference(ref_h), -1)
@@ -134,11 +136,11 @@ class Objective:
         if self.name == "constrained":
             ref_logp = ref_all.gather(1, t[:, None])[:, 0]
             beta = betas_for(index, self.betas, logp.dtype)
-            return (w * constrained_token_loss(logp, ref_logp, beta)).sum(), none, none
+            return (w * constrained_token_loss(logp, ref_logp, beta)).sum(), none, none, none
         # controlled: cross-entropy everywhere, plus the KL where backtracking is live
         ids = torch.tensor(self.control_ids, device=t.device, dtype=torch.long)
         mass = ref_all[:, ids].exp().sum(-1)
         alpha = kl_weight(mass, self.alpha, *self.mass)
         kl = (ref_all.exp() * (ref_all - logp_all)).sum(-1)
         term = (w * alpha * kl).sum()
-        return (w * -logp).sum() + term, term.detach(), (alpha > 0).sum()
+        return (w * -logp).sum() + term, term.detach(), (alpha > 0).sum(), alpha.sum()

@@ -1,10 +1,10 @@
 """Train a backtracking model on a published retrace dataset folder.
 
-CPU example (a tiny random Gemma 3 with the embedded Gemma tokenizer; ~10 s a step on 2 shared
-cores, nearly all of it the 262k-token output layer):
+CPU example (a tiny random Gemma 3 with a 2k-entry BPE built for the corpus, as `make train`
+does; with the embedded 262k tokenizer nearly all the compute is the output layer):
 
     python -m trainer.train --data runs/default/publish/files --out /tmp/ckpt \\
-        --set model=random:tiny --set steps=40
+        --set model=random:tiny --set tokenizer=corpus:2048 --set steps=300
 
 Fine-tune the embedded Gemma 3 270M on a GPU, packed, with the constrained objective:
 
@@ -14,7 +14,10 @@ Fine-tune the embedded Gemma 3 270M on a GPU, packed, with the constrained objec
 Through the pipeline: `retrace train [--set train.k=v]` or `make train`. Rerunning with the same
 --out resumes from the latest checkpoint and continues exactly as an uninterrupted run would.
 Writes <out>/checkpoints/step-N/ (HF model + tokenizer with the control tokens + trainer_state.pt),
-<out>/final/ (HF model + tokenizer) and <out>/log.jsonl (one record per step and per eval).
+<out>/final/ (HF model + tokenizer) and <out>/log.jsonl (one record per step and per eval: loss,
+the step's rows and trained-token share per component, rows dropped or cut, and for `controlled`
+the KL term and the share of positions it weights). A checkpoint belongs to its data: resuming
+on other data, or a second training into the same --out, is refused.
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         # Normalise by the trained tokens of the whole step, not per micro-batch (FORMATS).
         n_step = sum(b.n_trained for b in taken.batches)
         loss_sum = torch.zeros((), device=device)
-        objective.stats = {"kl": 0.0, "kl_positions": 0}
+        objective.stats = {"kl": 0.0, "kl_positions": 0, "alpha": 0.0}
         flops = 0.0
         for batch in taken.batches:
             batch = batch.to(device)
@@ -230,15 +233,23 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
             "cut": sum(n for k, n in counts.items() if k.endswith(":cut_to_max_length")),
         }
         if cfg.objective == "controlled":
-            # The KL term per trained token, and the share of trained positions it weights.
+            # The KL term per trained token, the share of trained positions it weights (α_t > 0)
+            # and their mean α_t.
             record["kl"] = float(objective.stats["kl"]) / n_step
             record["kl_share"] = int(objective.stats["kl_positions"]) / n_step
+            positions = max(1, int(objective.stats["kl_positions"]))
+            record["kl_mean_alpha"] = float(objective.stats["alpha"]) / positions
         journal.write(json.dumps(record) + "\n")
         journal.flush()
         shares = " ".join(f"{c} {v:.0%}" for c, v in record["token_share"].items())
         log(
             f"step {step:5d}/{cfg.steps} | epoch {position.epoch} | loss {loss_value:.4f} | "
-            + (f"kl {record['kl']:.4f} on {record['kl_share']:.0%} | " if "kl" in record else "")
+            + (
+                f"kl {record['kl']:.4f} on {record['kl_share']:.0%} "
+                f"(mean α {record['kl_mean_alpha']:.2f}) | "
+                if "kl" in record
+                else ""
+            )
             + f"lr {lr:.2e} | gnorm {float(grad_norm):.3f} | {n_tok / dt:,.0f} tok/s | "
             + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
             + f"tokens {shares} | dropped {record['dropped']} | cut {record['cut']}"
