@@ -26,7 +26,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).par
 from test_blend import anchor_rows, bsafe_row, recovery_row, reset_row, utility_source_rows  # noqa: E402
 
 from pipeline import records  # noqa: E402
-from pipeline.stage import LocalEnv  # noqa: E402
+from pipeline.env import LocalEnv  # noqa: E402
 from stages import blend, publish  # noqa: E402
 
 

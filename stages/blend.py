@@ -56,7 +56,10 @@ SPEC = StageSpec(
         "filter.responses",
         "sources.eval",
     ),
-    writes=("bsafe", "reset", "recovery", "utility", "preference", "mixture", "report"),
+    writes={
+        **{c: records.with_split(records.config_schema(c)) for c in records.CONFIGS},
+        "report": records.BLEND_REPORT,
+    },
 )
 
 # Mixture components: the SFT kinds plus Qi et al.'s anchor, which is published as `utility`.

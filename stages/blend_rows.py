@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import records
+from pipeline.errors import RetraceError
 from pipeline.taxonomy import neutralise
 
 SFT_KINDS = ("bsafe", "reset", "recovery")
 
 
-class BlendError(RuntimeError):
+class BlendError(RetraceError, RuntimeError):
     """An input table blend cannot use; the message names it and what to do."""
 
 

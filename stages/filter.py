@@ -33,30 +33,41 @@ from typing import Any
 
 import pyarrow as pa
 from datasketch import MinHash, MinHashLSH
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline import records
 from pipeline.scorers import ScorerSpec, sentence_spans
 from pipeline.stage import StageConfig, StageSpec
 
-SPEC = StageSpec(name="filter", reads=("sample.samples",), writes=("responses",))
+SPEC = StageSpec(
+    name="filter",
+    reads=("sample.samples",),
+    writes={"responses": records.SAMPLES},
+    required=("sample.samples",),
+)
 
 
 class Config(StageConfig):
-    max_rejected_share: float | None = 1.0
+    max_rejected_share: float | None = Field(1.0, ge=0, le=1)
     scorer: ScorerSpec = ScorerSpec()
-    toxicity_threshold: float = 0.5
+    toxicity_threshold: float = Field(0.5, ge=0, le=1)  # scores are probabilities
     toxicity_label: str | None = None  # None: the maximum over the scorer's labels
-    min_words: int = 20
-    max_words: int = 1000
+    min_words: int = Field(20, ge=0)
+    max_words: int = Field(1000, gt=0)
     drop_unfinished: bool = True
     trim_to_sentence: bool = True  # cut a stray tail after the last complete sentence
-    repetition_ngram: int = 3
-    max_repeated_ngram_share: float = 0.3
-    max_non_printable_share: float = 0.01
+    repetition_ngram: int = Field(3, gt=0)
+    max_repeated_ngram_share: float = Field(0.3, ge=0, le=1)
+    max_non_printable_share: float = Field(0.01, ge=0, le=1)
     near_duplicate_threshold: float = Field(0.8, gt=0, lt=1)  # MinHashLSH needs 0 < t < 1
-    shingle_words: int = 5
-    minhash_permutations: int = 128
+    shingle_words: int = Field(5, gt=0)
+    minhash_permutations: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _word_bounds(self) -> Config:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) is above max_words ({self.max_words})")
+        return self
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)

@@ -50,7 +50,8 @@ SPEC = StageSpec(
         "sources.harmful",
         "filter.responses",
     ),
-    writes=("bsafe", "reset", "recovery", "preference"),
+    writes={k: records.config_schema(k) for k in ("bsafe", "reset", "recovery", "preference")},
+    hooks=("fingerprints",),
 )
 
 
@@ -82,12 +83,6 @@ class Config(StageConfig):
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"reset_prefix must be 0 <= lo <= hi <= 1, got {self.reset_prefix}")
         return self
-
-
-def external_files(cfg: Config) -> list[str]:
-    """The recovery draw lives in pipeline/recovery.py (shared with the trainer): it is code of
-    this stage's output."""
-    return [recovery.__file__]
 
 
 def fingerprints(cfg: Config) -> list[dict[str, Any]]:

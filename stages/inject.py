@@ -36,7 +36,7 @@ from pipeline.stage import StageConfig, StageSpec
 SPEC = StageSpec(
     name="inject",
     reads=("filter.responses", "sources.harmful"),
-    writes=("violations",),
+    writes={"violations": records.VIOLATIONS},
     chunked="filter.responses",
     prompts=("inject/*", "spans/*"),
 )

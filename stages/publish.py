@@ -32,8 +32,9 @@ from pydantic import Field
 
 from pipeline import card, records
 from pipeline.stage import StageConfig, StageSpec
+from stages import DATASET_STAGES
 
-UPSTREAM = ("sources", "sample", "filter", "inject", "rewrite", "format", "blend")
+UPSTREAM = DATASET_STAGES[: DATASET_STAGES.index("publish")]
 SPEC = StageSpec(
     name="publish",
     reads=(
@@ -41,7 +42,8 @@ SPEC = StageSpec(
         "blend.report",
         *(f"{s}.rejected" for s in UPSTREAM),
     ),
-    writes=(),
+    required=("blend.mixture",),
+    hooks=("external_files",),
 )
 DEFAULT_CONFIG = "mixture"
 KINDS = ("bsafe", "reset", "recovery", "utility", "preference")  # configs with one kind each

@@ -43,7 +43,12 @@ from pipeline.stage import StageConfig, StageSpec
 SPEC = StageSpec(
     name="rewrite",
     reads=("inject.violations", "sources.harmful"),
-    writes=("replacements", "refusals", "safe_responses"),
+    writes={
+        "replacements": records.REPLACEMENTS,
+        "refusals": records.REFUSALS,
+        "safe_responses": records.SAFE_RESPONSES,
+    },
+    required=("inject.violations",),
     prompts=("rewrite/*", "fallbacks/*"),
 )
 TEMPLATES = {

@@ -9,7 +9,8 @@ Writes:
   AdvBench, HarmBench or any file;
 - `utility` (records.UTILITY): ordinary (prompt, answer) pairs from Alpaca, GSM8K, MATH;
 - `eval`    (records.EVAL): evaluation prompts, which blend decontaminates against;
-- `counts`  (records.SOURCE_COUNTS): one row of stage-wide figures for the manifest.
+and, as its stats (the manifest's `stats`): `loaded` (every source row read), `not_selected` (rows a
+loader passes over by design), `neutralised_rows` and `neutralised_strings`.
 
 Every row gets a content-addressed id, `row_id(source, source_id, content)`, that later stages
 carry through to the shards. Control-token strings and model special tokens in any text are
@@ -47,8 +48,6 @@ from stages.sources_loaders import (
 
 __all__ = ["SPEC", "Config", "Entry", "SourceError", "external_files", "run"]
 
-SPEC = StageSpec(name="sources", writes=("benign", "harmful", "utility", "eval", "counts"))
-
 # Output table -> (schema, content fields: what the id hashes and duplicates are judged on).
 TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "benign": (records.PROMPTS, ("prompt",)),
@@ -56,6 +55,12 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "utility": (records.UTILITY, ("prompt", "response")),
     "eval": (records.EVAL, ("prompt",)),
 }
+
+SPEC = StageSpec(
+    name="sources",
+    writes={name: schema for name, (schema, _) in TABLES.items()},
+    hooks=("external_files",),
+)
 
 SAMPLES = Path("configs/data")  # the shipped sample files (configs/data/README.md)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +202,7 @@ def external_files(cfg: Config) -> list[Path]:
 
 
 class _Tally:
-    """Stage-wide figures for the `counts` table."""
+    """Stage-wide figures: the stage's stats."""
 
     def __init__(self) -> None:
         self.loaded = self.not_selected = self.neutralised_rows = self.neutralised_strings = 0
@@ -225,7 +230,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, pa.Tabl
         for i, entry in enumerate(getattr(cfg, name)):
             _read(entry, f"sources.{name}[{i}]", table, cfg.max_chars, env, rejected, tally)
         out[name] = records.table(table.kept, table.schema)
-    out["counts"] = records.table([tally.row()], records.SOURCE_COUNTS)
+    out["stats"] = tally.row()
     out["rejected"] = records.table(rejected, records.REJECTED)
     return out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import taxonomy
+from pipeline.errors import RetraceError
 
 if TYPE_CHECKING:
     from stages.sources import Entry
@@ -30,7 +31,7 @@ COMPRESSION = (".gz", ".xz", ".bz2", ".zst")
 GENERIC_COLUMNS = ("prompt", "response", "id", "policy")
 
 
-class SourceError(RuntimeError):
+class SourceError(RetraceError, RuntimeError):
     """A whole source entry cannot be read (no network, missing file or column); one line."""
 
 

@@ -19,14 +19,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import records, recovery
+from pipeline import records
 from pipeline.stage import Env, StageConfig, StageSpec
 from trainer.config import TrainConfig
 from trainer.train import train
 
-SPEC = StageSpec(name="train", reads=("publish.files",), writes=(), cached=True)
-
-_TRAINER = Path(__file__).resolve().parents[1] / "trainer"
+# chat/*: the turn format the trainer renders prompts with when a model has no chat template.
+SPEC = StageSpec(
+    name="train", reads=("publish.files",), prompts=("chat/*",), hooks=("external_files",)
+)
 
 
 class Config(TrainConfig, StageConfig):
@@ -39,13 +40,13 @@ def spec_for(cfg: Config) -> StageSpec:
 
 
 def external_files(cfg: Config) -> list[Path]:
-    """The trainer's code, and the Parquet files of a folder named by `train.data`."""
-    files = sorted(_TRAINER.glob("*.py")) + [Path(recovery.__file__)]
-    if cfg.data:
-        card = Path(cfg.data) / "README.md"  # the recovery redraw reads format's settings there
-        files += sorted(Path(cfg.data).glob("data/*/*.parquet"))
-        files += [card] if card.is_file() else []
-    return files
+    """The Parquet files and card of a folder named by `train.data` (the trainer's code is in
+    the key as this module's import closure)."""
+    if not cfg.data:
+        return []
+    card = Path(cfg.data) / "README.md"  # the recovery redraw reads format's settings there
+    files = sorted(Path(cfg.data).glob("data/*/*.parquet"))
+    return files + ([card] if card.is_file() else [])
 
 
 def run(inputs: dict[str, Any], cfg: Config, env: Env) -> dict[str, pa.Table]:

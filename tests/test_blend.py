@@ -15,7 +15,7 @@ import random
 import pytest
 
 from pipeline import records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import blend
 from stages.blend_rows import BlendError
 

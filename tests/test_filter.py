@@ -12,7 +12,7 @@ import pytest
 
 import stages.filter as filt
 from pipeline import records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 
 GOOD = (
     "Start with a few simple dishes you already like, such as pasta or an omelette. Learn how to "

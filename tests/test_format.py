@@ -9,8 +9,8 @@ import pytest
 from recipe_data import harmful, responses
 
 from pipeline import records, recovery, seeds
+from pipeline.env import LocalEnv
 from pipeline.render import render
-from pipeline.stage import LocalEnv
 from stages import format as fmt
 from stages import format_build as build
 

@@ -16,7 +16,7 @@ from test_blend import make_inputs, utility_pair
 from test_blend import run as run_blend
 
 from pipeline import card, records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import blend, publish
 
 RUN_CONFIG = {

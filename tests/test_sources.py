@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline import records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import sources, sources_loaders
 from stages.sources import Config, Entry, SourceError
 
@@ -53,22 +53,19 @@ def default_out() -> dict[str, pa.Table]:
 
 
 def test_default_config_reads_every_sample_and_rejects_nothing(default_out):
-    assert {k: t.num_rows for k, t in default_out.items()} == {
+    assert {k: t.num_rows for k, t in default_out.items() if k != "stats"} == {
         "benign": 40,  # alpaca
         "harmful": 34,  # beavertails: 40 rows, 6 safe
         "utility": 74,  # alpaca 40 + gsm8k 20 + math 14
         "eval": 52,  # harmbench 20 + advbench 20 + prompts 12
-        "counts": 1,
         "rejected": 0,
     }
-    assert default_out["counts"].to_pylist() == [
-        {
-            "loaded": 40 + 40 + 74 + 52,
-            "not_selected": 6,
-            "neutralised_rows": 0,
-            "neutralised_strings": 0,
-        }
-    ]
+    assert default_out["stats"] == {
+        "loaded": 40 + 40 + 74 + 52,
+        "not_selected": 6,
+        "neutralised_rows": 0,
+        "neutralised_strings": 0,
+    }
     for name, schema in [
         ("benign", records.PROMPTS),
         ("harmful", records.HARMFUL),
@@ -126,7 +123,7 @@ def test_beavertails_unsafe_rows_become_harmful_qa_with_policies(default_out):
 def test_beavertails_safe_rows_feed_benign_prompts_when_configured():
     out = run(benign=[Entry(loader="beavertails", path=DATA / "beavertails.jsonl")])
     assert sorted(by_source_id(out["benign"])) == ["34", "35", "36", "37", "38", "39"]
-    assert out["counts"]["not_selected"][0].as_py() == 34
+    assert out["stats"]["not_selected"] == 34
 
 
 def test_harmbench_eval_uses_behavior_ids_and_context_layout(default_out):
@@ -159,7 +156,7 @@ def test_advbench_feeds_harmful_with_empty_response_and_configured_policy():
 def test_limit_counts_kept_rows_not_read_rows():
     out = run(harmful=[Entry(loader="beavertails", path=DATA / "beavertails.jsonl", limit=5)])
     assert out["harmful"].num_rows == 5
-    assert out["counts"]["loaded"][0].as_py() == 5
+    assert out["stats"]["loaded"] == 5
 
 
 def test_parquet_file_reads_like_the_jsonl_copy(tmp_path):
@@ -280,7 +277,7 @@ def test_bad_rows_land_in_rejected_with_reasons(tmp_path):
     assert dup["stage"] == "sources" and first in dup["detail"]
     assert "sources.utility[0]" in dup["detail"]
     # nothing vanished: every row read is kept, rejected or (by design) not selected
-    counts = out["counts"].to_pylist()[0]
+    counts = out["stats"]
     kept = out["utility"].num_rows + out["harmful"].num_rows
     assert counts["loaded"] == kept + out["rejected"].num_rows + counts["not_selected"]
 
@@ -311,7 +308,7 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
     out = run(utility=[Entry(loader="alpaca", path=path)])
     prompt = out["utility"]["prompt"][0].as_py()
     assert prompt == "Say (RESET) then ‹end_of_turn› and (backtrack-hate)."
-    assert out["counts"].to_pylist()[0] | {"loaded": 2} == {
+    assert out["stats"] | {"loaded": 2} == {
         "loaded": 2,
         "not_selected": 0,
         "neutralised_rows": 1,
@@ -325,7 +322,7 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
 
 def test_hub_id_offline_fails_with_one_clear_line(tmp_path):
     code = (
-        "from stages import sources; from pipeline.stage import LocalEnv\n"
+        "from stages import sources; from pipeline.env import LocalEnv\n"
         "cfg = sources.Config(benign=(), harmful=(), eval=(), "
         "utility=[sources.Entry(loader='gsm8k')])\n"
         "try:\n    sources.run({}, cfg, LocalEnv())\n"

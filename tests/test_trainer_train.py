@@ -7,7 +7,7 @@ import json
 import pytest
 from trainer_fixtures import corpus, one_thread
 
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import train as stage
 from trainer import tokens
 from trainer.config import TrainConfig
@@ -58,7 +58,7 @@ def test_stage_trains_into_its_workdir(tmp_path, tiny_model_dir):
     final = tmp_path / "work" / "final"
     tok = tokens.load_tokenizer(str(final))
     assert set(tokens.control_tokens()) <= set(tok.all_special_tokens)
-    assert stage.SPEC.reads == ("publish.files",) and stage.SPEC.writes == ()
+    assert stage.SPEC.reads == ("publish.files",) and not stage.SPEC.writes
 
 
 def test_retrace_train_data_b_after_a_trains_b_from_scratch(tmp_path, tiny_model_dir):

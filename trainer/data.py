@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import seeds
+from pipeline.errors import RetraceError
 from trainer.batching import Batch, collate, plan
 from trainer.encode import Doc, Encoder, Recovery, component
 
@@ -45,7 +46,7 @@ META_FIELDS = ("harmful", "k_max", "h_tokens", "generator")
 _READ = (*COLUMNS, "meta")
 
 
-class DataError(ValueError):
+class DataError(RetraceError, ValueError):
     """The dataset folder cannot be trained on; the message says why and what to do."""
 
 

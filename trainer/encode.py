@@ -152,8 +152,7 @@ class Encoder:
         if self.tok.chat_template:
             rendered = self.tok.apply_chat_template(msgs, tokenize=False)
         else:
-            from pipeline.backends import CHAT_FALLBACK
-            from pipeline.prompting import render_prompt
+            from pipeline.prompting import CHAT_FALLBACK, render_prompt
 
             rendered = render_prompt(
                 CHAT_FALLBACK,
