@@ -4,9 +4,10 @@ small synthetic corpus, a held-apart probe set (tests/probes/backtrack.yaml, wri
 corpus) gets backtracking after harmful sentences and not after benign ones, and [RESET] after
 harmful answer prefixes and not after benign ones; the untrained twin does neither.
 
-Measured here (2 shared cores under load, one thread): ~585k tokens in 150 s; backtrack 0.36 after
-harmful vs 0.014 after benign, [RESET] 0.52 vs 0.039 (scripts/probe_trainer.py prints the figures,
-with and without the weighting)."""
+Measured here (2 shared cores, one thread): ~585k tokens, the test 106 s (218 s under a load
+average of 16); backtrack 0.36 after harmful vs 0.014 after benign, [RESET] 0.52 vs 0.039. Without
+the weighting [RESET] stays at 0.046 (scripts/probe_trainer.py prints the figures, with and
+without it)."""
 
 from __future__ import annotations
 
