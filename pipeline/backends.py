@@ -19,11 +19,9 @@ from typing import Any, Literal, Protocol
 from pydantic import Field, model_validator
 
 from pipeline import models, seeds
-from pipeline.prompting import render_prompt
+from pipeline.prompting import CHAT_FALLBACK, render_prompt
 from pipeline.stage import ModelSpec
 
-# Turn format for models without a chat template (the embedded base model).
-CHAT_FALLBACK = "chat/gemma.jinja"
 # Tokens that end a turn besides the tokenizer's eos; Gemma's model turn ends with <end_of_turn>.
 _END_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
 

@@ -236,14 +236,9 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if cached.")] = False,
 ) -> None:
     """Train the bundled trainer on this run's published folder, or on --data FOLDER."""
-    if data is None:
-        _pipeline(config, set_).run(["train"], force={"train"} if force else set())
-        return
-    # A folder from elsewhere (the Hub, another run) needs none of this run's stages: train on it
-    # directly, into a folder of its own that resumes like the stage's.
-    from trainer.train import train as run_trainer
-
-    pipe = _pipeline(config, [*(set_ or []), f"train.data={data.resolve()}"])
-    out = pipe.store.root / "train-data"
-    run_trainer(pipe.cfg.train, data.resolve(), out, seed=pipe.run_cfg.seed, log=console.print)
-    print(out / "final")
+    # With --data the train stage reads that folder and needs none of this run's stages; its
+    # files are in the stage's cache key, so another folder trains from scratch.
+    extra = [f"train.data={data.resolve()}"] if data is not None else []
+    pipe = _pipeline(config, [*(set_ or []), *extra])
+    pipe.run(["train"], force={"train"} if force else set())
+    print(pipe.store.files_dir("train") / "final")

@@ -235,7 +235,9 @@ class Pipeline:
     def spec(self, name: str) -> StageSpec:
         if name not in self.stages:
             raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
-        return self.stages[name].SPEC
+        # A stage whose inputs depend on its config (train with train.data) says so in spec_for.
+        spec_for = getattr(self.stages[name], "spec_for", None)
+        return spec_for(self.section(name)) if spec_for else self.stages[name].SPEC
 
     def closure(self, targets: Iterable[str]) -> list[str]:
         """The targets and everything they need, in DAG order."""

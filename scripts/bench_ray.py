@@ -32,8 +32,8 @@ from bench_recipes import synthetic_responses  # noqa: E402
 
 from pipeline import models, records  # noqa: E402
 from pipeline.backends import GeneratorSpec  # noqa: E402
+from pipeline.env import LocalEnv  # noqa: E402
 from pipeline.executor_ray import RayConfig, RayExecutor, RayStage  # noqa: E402
-from pipeline.stage import LocalEnv  # noqa: E402
 from stages import format as fmt  # noqa: E402
 from stages import inject, rewrite, sample  # noqa: E402
 

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import records, seeds, taxonomy
+from pipeline import records, recovery, seeds, taxonomy
 from pipeline.render import RenderError, render_pieces, split
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.text import clean
@@ -329,12 +329,13 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
         if refusal is None:
             rejected.append(records.reject(row, "format", "missing_refusal"))
             continue
-        r = clean(refusal["text"])
+        # Stripped, so the trainer can take the joint off again (recovery.refusal_of).
+        r = clean(refusal["text"]).strip()
         for variant in range(cfg.variants_per_triplet):
             rng = seeds.rng(env.seed, row["id"], "recovery", variant)
-            k, k_max = build.k_draw(rng, len(offsets), cfg.p_zero, cfg.k_cap)
-            prefix, k = build.token_prefix(h, offsets, k)
-            segments, visible = build.recovery(prefix, r, cfg.refusal_separator)
+            segments, visible, k, k_max = recovery.draw(
+                h, offsets, r, rng, cfg.p_zero, cfg.k_cap, cfg.refusal_separator
+            )
             meta = _meta(
                 refusal["meta"],
                 k=k,

@@ -227,7 +227,7 @@ DEPENDENTS = {
     "pipeline/backends.py": {"sample", "inject", "rewrite"},
     "pipeline/scorers.py": {"filter", "inject", "rewrite"},
     "pipeline/render.py": {"format"},
-    "pipeline/prompting.py": {"sample", "inject", "rewrite"},
+    "pipeline/prompting.py": {"sample", "inject", "rewrite", "train"},
     "pipeline/seeds.py": {"sample", "inject", "rewrite", "format", "blend", "train"},
 }
 

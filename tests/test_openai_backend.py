@@ -30,7 +30,7 @@ from pipeline import records, store
 from pipeline.backends import GeneratorSpec, SamplingParams, TransformersGenerator, load_generator
 from pipeline.cli import app
 from pipeline.dag import load_stages
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from pipeline.taxonomy import PROMPTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

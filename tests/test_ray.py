@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from pipeline import config as config_mod
 from pipeline import store
 from pipeline.cli import app
-from pipeline.dag import DATASET_STAGES, load_stages
+from pipeline.dag import load_stages
+from stages import DATASET_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
