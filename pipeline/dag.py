@@ -218,7 +218,7 @@ class Pipeline:
             self._check_contract(name)
 
     def _check_contract(self, name: str) -> None:
-        module, spec = self.stages[name], self.spec(name)
+        module, spec = self.stages[name], self.stages[name].SPEC
         if spec.name != name:
             raise StageError(f"stages.{name}: its SPEC is named {spec.name!r}; name it {name!r}")
         for hook in HOOKS:
@@ -235,9 +235,10 @@ class Pipeline:
     def spec(self, name: str) -> StageSpec:
         if name not in self.stages:
             raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
-        # A stage whose inputs depend on its config (train with train.data) says so in spec_for.
-        spec_for = getattr(self.stages[name], "spec_for", None)
-        return spec_for(self.section(name)) if spec_for else self.stages[name].SPEC
+        module = self.stages[name]
+        if "spec_for" in module.SPEC.hooks:
+            return module.spec_for(self.section(name))
+        return module.SPEC
 
     def closure(self, targets: Iterable[str]) -> list[str]:
         """The targets and everything they need, in DAG order."""

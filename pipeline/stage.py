@@ -32,7 +32,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-HOOKS = ("external_files", "fingerprints")
+# spec_for(cfg) -> StageSpec: a stage whose inputs depend on its config (train with train.data).
+HOOKS = ("external_files", "fingerprints", "spec_for")
 
 
 @dataclass(frozen=True)
