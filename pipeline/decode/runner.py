@@ -150,7 +150,9 @@ class Decoder:
         seed = s.seed if retry == 0 else seeds_mod.derive(s.seed, "retry", retry)
         return NucleusSampler(s.temperature, self.cfg.top_p, self.cfg.top_k, seed)
 
-    def _sample(self, rows: list[Sequence], logits: Any, processors, samplers) -> list[int]:
+    def adjust(self, rows: list[Sequence], logits: Any, processors: Seq[Processor] = ()) -> Any:
+        """The scores the sampler draws from: processors, then the config's control-token
+        offsets (bias, -inf for disabled), then a guard retry's banned first token."""
         import torch
 
         for proc in processors:
@@ -161,12 +163,29 @@ class Decoder:
                 for i, v in self.controls.offsets.items():
                     self._offsets[i] = v
             logits = logits + self._offsets
+        banned = [(i, s.ban) for i, s in enumerate(rows) if s.ban is not None]
+        if banned:
+            logits = logits.clone()
+            for i, token in banned:
+                logits[i, token] = float("-inf")
+        return logits
+
+    def logprobs(self, request: Request) -> Any:
+        """Next-token log-probabilities after a request's prompt and prefill, as the sampler
+        would see them (control-token biases applied, temperature not): teacher-forced."""
+        import torch
+
+        s = self.sequence(0, request)
+        with torch.inference_mode():
+            ids = torch.tensor([s.context], device=self.generator.device)
+            logits = self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
+        return torch.log_softmax(self.adjust([s], logits), dim=-1)[0]
+
+    def _sample(self, rows: list[Sequence], logits: Any, processors, samplers) -> list[int]:
+        logits = self.adjust(rows, logits, processors)
         tokens = []
         for i, s in enumerate(rows):
             row = logits[i : i + 1]
-            if s.ban is not None:
-                row = row.clone()
-                row[0, s.ban] = float("-inf")
             sampler = samplers[id(s)]
             choice = row if sampler is None else sampler(None, row)
             tokens.append(int(choice.argmax(-1)))
