@@ -134,7 +134,7 @@ def test_bias_shifts_the_control_token_log_odds_by_exactly_its_value(model_dir):
 
 
 def test_unknown_bias_name_fails_naming_it(model_dir):
-    with pytest.raises(KeyError, match="BACKTRAK-HATE"):
+    with pytest.raises(ValueError, match="BACKTRAK-HATE"):
         decoder(model_dir, bias={"BACKTRAK-HATE": 1.0})
 
 

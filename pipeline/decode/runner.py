@@ -61,24 +61,7 @@ class Decoder:
         self._offsets: Any = None
 
     def sequence(self, row: int, request: Request) -> Sequence:
-        where = f"request {row}"
-        prompt = self.prompts.prompt(list(request.messages), where)
-        if isinstance(request.prefill, str):
-            prefill = self.prompts.text(request.prefill)
-        else:
-            prefill = list(request.prefill)
-            self.prompts.check(prefill, f"{where} prefill")
-        return Sequence(
-            row,
-            prompt,
-            prefill,
-            self.cfg,
-            self.controls,
-            self.tokenizer,
-            self.prompts.text,
-            self.generator.stop_ids,
-            request.seed,
-        )
+        return build_sequence(self, row, request)
 
     def decode(
         self,
@@ -192,24 +175,10 @@ class Decoder:
         return tokens
 
     def _guard(self, rows: list[Sequence], samplers, on_update) -> None:
-        guard = self.cfg.guard
-        if guard is None:
-            return
-        asks = [(s, s.to_score()) for s in rows]
-        texts = [t for _, ts in asks for t in ts]
-        if not texts:
-            return
-        scores = self.scorer.score(texts)
-        values = [sc[guard.label] if guard.label else max(sc.values()) for sc in scores]
-        at = 0
-        for s, ts in asks:
-            if not ts:
-                continue
-            events = s.scored(values[at : at + len(ts)], guard.threshold)
-            at += len(ts)
+        for s, events in guard_step(rows, self.cfg, self.scorer):
             if any(e.kind == "rollback" for e in events) and s.finishing is None:
                 samplers[id(s)] = self._sampler(s, retry=s.retries)
-            if events and on_update is not None:
+            if on_update is not None:
                 on_update(Update(s.row, "", s.renderer.visible, tuple(events)))
 
     def _crop(self, cache: Any, rows: list[Sequence], width: int) -> int:
@@ -236,11 +205,59 @@ class Decoder:
         return width
 
 
-def load_decoder(generator: TransformersGenerator, cfg: DecodeConfig) -> Decoder:
-    """A decoder for a loaded generator, with the guard's scorer loaded when one is configured."""
+def build_sequence(decoder: Any, row: int, request: Request) -> Sequence:
+    """A request as a Sequence for any decoder (its prompts, cfg, controls, tokenizer)."""
+    where = f"request {row}"
+    prompt = decoder.prompts.prompt(list(request.messages), where)
+    if isinstance(request.prefill, str):
+        prefill = decoder.prompts.text(request.prefill)
+    else:
+        prefill = list(request.prefill)
+        decoder.prompts.check(prefill, f"{where} prefill")
+    return Sequence(
+        row,
+        prompt,
+        prefill,
+        decoder.cfg,
+        decoder.controls,
+        decoder.tokenizer,
+        decoder.prompts.text,
+        decoder.generator.stop_token_ids(),
+        request.seed,
+    )
+
+
+def guard_step(rows: list[Sequence], cfg: DecodeConfig, scorer: Any) -> list[tuple[Sequence, list]]:
+    """Score the sentences the rows completed, in one scorer call; returns each row's events
+    (rollbacks, refusals) where there were any."""
+    guard = cfg.guard
+    if guard is None:
+        return []
+    asks = [(s, s.to_score()) for s in rows]
+    texts = [t for _, ts in asks for t in ts]
+    if not texts:
+        return []
+    scores = scorer.score(texts)
+    values = [sc[guard.label] if guard.label else max(sc.values()) for sc in scores]
+    out, at = [], 0
+    for s, ts in asks:
+        if ts:
+            events = s.scored(values[at : at + len(ts)], guard.threshold)
+            at += len(ts)
+            if events:
+                out.append((s, events))
+    return out
+
+
+def load_decoder(generator: Any, cfg: DecodeConfig) -> Any:
+    """The decoder for a loaded generator's backend (transformers or vllm), with the guard's
+    scorer loaded when one is configured."""
+    from pipeline.decode.vllm_decoder import VllmDecoder
+
     scorer = None
     if cfg.guard is not None:
         from pipeline.scorers import load_scorer
 
         scorer = load_scorer(cfg.guard.scorer)
-    return Decoder(generator, cfg, scorer)
+    decoders = {"transformers": Decoder, "vllm": VllmDecoder}
+    return decoders[generator.spec.backend](generator, cfg, scorer)
