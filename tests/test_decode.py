@@ -241,3 +241,10 @@ def test_batched_equals_alone_with_the_same_seeds(model_dir):
         each = [alone.decode([r], processors=[Script([s])])[0] for r, s in pairs]
         assert [t.to_dict() for t in together] == [e.to_dict() for e in each]
         assert len({t.raw for t in together}) == 3
+
+
+def test_stop_string_cuts_the_visible_text(model_dir):
+    dec = decoder(model_dir, temperature=0, max_new_tokens=40, stop=("\n",))
+    w = dec.prompts.text
+    [out], _ = run(dec, [w("The fox naps.") + w("\n") + w("More text")])
+    assert out.visible == "The fox naps." and out.finish_reason == "stop_string"
