@@ -237,9 +237,12 @@ DecodeConfigOpt = Annotated[
 
 def _decoder(model, config, set_, bias, guard, backend="transformers", batch_size=1):
     """(decoder, run seed) from the CLI options; the decode: section is validated first."""
+    from transformers.utils import logging as hf_logging
+
     from pipeline.backends import GeneratorSpec, load_generator
     from pipeline.decode import load_decoder
 
+    hf_logging.disable_progress_bar()  # the terminal is the chat's; loading says nothing
     overrides = list(set_ or [])
     for item in bias or []:
         name, sep, value = item.partition("=")

@@ -158,6 +158,13 @@ class StreamRenderer:
         self._pending = tail[hold:]
         return self.visible
 
+    def feed_text(self, piece: str) -> str:
+        """Add text known to be plain (decoded from ordinary token ids): never read as a control
+        token, even when it spells one, so only real control ids edit (DESIGN §4)."""
+        self._editor.text(self._pending + piece)
+        self._pending = ""
+        return self.visible
+
     @property
     def visible(self) -> str:
         return self._editor.visible

@@ -248,3 +248,14 @@ def test_stop_string_cuts_the_visible_text(model_dir):
     w = dec.prompts.text
     [out], _ = run(dec, [w("The fox naps.") + w("\n") + w("More text")])
     assert out.visible == "The fox naps." and out.finish_reason == "stop_string"
+
+
+def test_control_strings_spelled_in_ordinary_tokens_edit_nothing(dec):
+    """Only control ids edit: a prefill or an output that spells "[RESET]" in ordinary tokens
+    is shown as text (the renderer alone would read the string as the token)."""
+    spelled = words(dec, " [RESET] I said")
+    assert not set(spelled) & set(dec.controls.tokens)
+    request = Request(USER, prefill="Sure. [RESET]")
+    [out], _ = run(dec, [spelled + [eot(dec)]], [request])
+    assert out.visible == "Sure. [RESET] [RESET] I said"
+    assert out.events == () and render(out.visible) == " I said"

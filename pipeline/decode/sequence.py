@@ -173,7 +173,7 @@ class Sequence:
             text = tokenizer.decode(prefill, skip_special_tokens=False)
             self.context += prefill
             self.texts += [""] * (len(prefill) - 1) + [text]
-            self.renderer.feed(text)
+            self.renderer.feed_text(text)
             self.owners = [None] * len(self.renderer.visible)
 
     # --- what the backend asks ----------------------------------------------------------------
@@ -211,7 +211,7 @@ class Sequence:
         events: list[Event] = []
         name = self.control_tokens.get(token)
         if name is None:
-            self._show(self.last_piece, position)
+            self._show(self.last_piece, position, plain=True)
         else:
             events += self._control(name, position)
         if self.finishing is None:
@@ -258,10 +258,11 @@ class Sequence:
 
     # --- the visible text and who wrote it ---------------------------------------------------
 
-    def _show(self, piece: str, position: int) -> str:
-        """Feed the renderer; returns the visible text the piece took away."""
+    def _show(self, piece: str, position: int, plain: bool = False) -> str:
+        """Feed the renderer (ordinary tokens as plain text, so a control string spelled in
+        ordinary tokens edits nothing); returns the visible text the piece took away."""
         before = self.renderer.visible
-        after = self.renderer.feed(piece)
+        after = self.renderer.feed_text(piece) if plain else self.renderer.feed(piece)
         removed = self._track(before, after, position)
         if self.cfg.stop and self.finishing is None:
             start = max(0, len(before) - max(map(len, self.cfg.stop)))
