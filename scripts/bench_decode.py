@@ -55,6 +55,8 @@ class ForceEdits:
 
     def __call__(self, rows, scores):
         scores = scores.clone()
+        # Edits come only from the plan: the untrained model never emits a control token itself.
+        scores[:, sorted(rows[0].control_tokens)] -= 1e4
         for i, s in enumerate(rows):
             plan = self.plans.setdefault(s.row, [])
             plain = [t for t in s.emitted if t not in s.control_tokens]
@@ -65,7 +67,7 @@ class ForceEdits:
             ):
                 plan += [self.bt, *s.emitted[-self.span :], self.rep]
             if plan:
-                scores[i, plan.pop(0)] += 1e4
+                scores[i, plan.pop(0)] += 2e4
         return scores
 
 
@@ -124,7 +126,7 @@ def main() -> None:
 
     gen = load_generator(GeneratorSpec(model="embedded", batch_size=args.batch_size))
     add_control_tokens(gen.tokenizer)
-    gen.model.resize_token_embeddings(len(gen.tokenizer), mean_resizing=False)
+    gen.model.resize_token_embeddings(len(gen.tokenizer), mean_resizing=True)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     requests = [Request([{"role": "user", "content": p}], seed=i) for i, p in enumerate(prompts)]
     n = args.max_new_tokens
@@ -151,7 +153,8 @@ def main() -> None:
     print(f"{'plain generate':34} {plain_tokens:7d} {t_plain:7.2f} {plain_tokens / t_plain:7.1f}")
     print(f"{'decoder, no edits':34} {dec_tokens:7d} {t_dec:7.2f} {dec_tokens / t_dec:7.1f}")
     print(f"decoder / generate tok/s: {(dec_tokens / t_dec) / (plain_tokens / t_plain):.2f}; "
-          f"same text in {same}/{len(turns)} turns")  # fmt: skip
+          f"same text in {same}/{len(turns)} turns; "
+          f"{sum(len(t.events) for t in turns)} control tokens emitted")  # fmt: skip
     per_token = t_dec / max(dec_tokens, 1)
 
     # --- forced edits, keep vs drop ------------------------------------------------------------
