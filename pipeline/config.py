@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from pipeline.decode.config import DecodeConfig
 from pipeline.errors import RetraceError
 from pipeline.executor_ray import RayConfig
 
@@ -48,7 +49,8 @@ class RunConfig(BaseModel):
 
 
 # Sections that are not stages, each validated by its own frozen model: name -> model.
-SECTIONS: dict[str, type[BaseModel]] = {"run": RunConfig}
+# decode: read by chat, generate and eval.
+SECTIONS: dict[str, type[BaseModel]] = {"run": RunConfig, "decode": DecodeConfig}
 
 
 def config_model(stages: Mapping[str, ModuleType]) -> type[BaseModel]:

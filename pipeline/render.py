@@ -158,9 +158,26 @@ class StreamRenderer:
         self._pending = tail[hold:]
         return self.visible
 
+    def feed_text(self, piece: str) -> str:
+        """Add text known to be plain (decoded from ordinary token ids): never read as a control
+        token, even when it spells one, so only real control ids edit (DESIGN §4)."""
+        self._editor.text(self._pending + piece)
+        self._pending = ""
+        return self.visible
+
     @property
     def visible(self) -> str:
         return self._editor.visible
+
+    @property
+    def cursor(self) -> int:
+        """Where the next plain text goes in `visible`: the end, unless an edit moved it."""
+        return self._editor.cursor
+
+    @property
+    def editing(self) -> bool:
+        """True while an edit is open (a backtrack still waiting for its [REPLACE])."""
+        return self._editor.copy is not None
 
     def finish(self) -> str:
         """End of the turn: flush held-back text and close any open edit; the final visible text."""

@@ -26,7 +26,10 @@ from trainer.train import train
 
 # chat/*: the turn format the trainer renders prompts with when a model has no chat template.
 SPEC = StageSpec(
-    name="train", reads=("publish.files",), prompts=("chat/*",), hooks=("external_files", "spec_for")
+    name="train",
+    reads=("publish.files",),
+    prompts=("chat/*",),
+    hooks=("external_files", "spec_for"),
 )
 
 
