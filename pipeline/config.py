@@ -17,12 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from pipeline.decode.config import DecodeConfig
-from pipeline.errors import RetraceError
 from pipeline.executor_ray import RayConfig
-
-
-class ConfigError(RetraceError):
-    """A config file or override that does not validate; the message lists every bad key."""
+from pipeline.overrides import ConfigError, apply_overrides
 
 
 class RunConfig(BaseModel):
@@ -65,35 +61,6 @@ def config_model(stages: Mapping[str, ModuleType]) -> type[BaseModel]:
     return create_model(
         "RetraceConfig", __config__=ConfigDict(extra="forbid", frozen=True), **fields
     )
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides; values are parsed as YAML (`1.5`, `true`, `[a, b]`)."""
-    for item in overrides:
-        path, sep, value = item.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        node: Any = raw
-        keys = path.split(".")
-        for depth, key in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                node = node[_index(node, key, keys[: depth + 1])]
-            else:
-                node = node.setdefault(key, {})
-            if not isinstance(node, dict | list):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
-        last = keys[-1]
-        if isinstance(node, list):
-            node[_index(node, last, keys)] = yaml.safe_load(value)
-        else:
-            node[last] = yaml.safe_load(value)
-    return raw
-
-
-def _index(node: list, key: str, keys: list[str]) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"--set: {'.'.join(keys)}: no list item {key!r} (it has {len(node)})")
-    return int(key)
 
 
 def validate(

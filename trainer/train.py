@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
     args = ap.parse_args(argv)
-    from pipeline.config import ConfigError, apply_overrides
+    from pipeline.overrides import ConfigError, apply_overrides
 
     raw = yaml.safe_load(args.config.read_text()) if args.config else {}
     # The engine's override parser: `train.lr=1e-4` or just `lr=1e-4`.
