@@ -290,24 +290,8 @@ def _decoder(model, config, set_, bias, guard, backend="transformers", batch_siz
     return load_decoder(load_generator(spec), cfg.decode), cfg.run.seed
 
 
-def _decode_errors(fn):
-    """Bad prompts and control ids in user input are one line too."""
-    from pipeline.decode import PrivilegedTokenError
-    from pipeline.decode.batch import PromptFileError
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (PromptFileError, PrivilegedTokenError, ValueError) as err:
-            _fail(err, code=1)
-
-    return wrapper
-
-
 @app.command()
 @_friendly
-@_decode_errors
 def chat(
     model: ModelOpt = "embedded",
     show: Annotated[str, typer.Option(help="visible, raw or both.")] = "visible",
@@ -329,7 +313,6 @@ def chat(
 
 @app.command()
 @_friendly
-@_decode_errors
 def generate(
     prompts: Annotated[Path, typer.Option(help="JSONL: prompt or messages, id, prefill, seed.")],
     model: ModelOpt = "embedded",

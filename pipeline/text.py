@@ -50,6 +50,20 @@ def sentences(text: str) -> list[str]:
     return [" ".join(text[a:b].split()) for a, b in pairwise(cuts) if text[a:b].strip()]
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) char offsets of each sentence, a line break ending one too (what a streaming
+    scorer checks as text arrives); leading whitespace belongs to no sentence, and an unfinished
+    tail is the last span."""
+    cuts = sorted({*sentence_ends(text), *(m.end() for m in re.finditer("\n", text))})
+    spans, start = [], 0
+    for end in [*cuts, len(text)]:
+        piece = text[start:end]
+        if piece.strip():
+            spans.append((start + len(piece) - len(piece.lstrip()), end))
+        start = end
+    return spans
+
+
 def clean(text: str | None) -> str:
     """`text` (None as "") with control and special token strings neutralised (DESIGN §4)."""
     text = text or ""

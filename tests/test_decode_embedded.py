@@ -10,7 +10,7 @@ from decode_fixtures import Script
 from pipeline import models
 from pipeline.backends import GeneratorSpec, load_generator
 from pipeline.decode import DecodeConfig, GuardConfig, Request, load_decoder
-from pipeline.scorers import sentence_spans
+from pipeline.text import sentence_spans
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ import pytest
 from decode_fixtures import Script, decoder
 
 from pipeline.decode import GuardConfig, Request
-from pipeline.scorers import ScorerSpec, load_scorer, sentence_spans
+from pipeline.scorers import ScorerSpec, load_scorer
+from pipeline.text import sentence_spans
 
 USER = [{"role": "user", "content": "Tell me about foxes."}]
 SAFE = "The quick brown fox jumps over the lazy dog."

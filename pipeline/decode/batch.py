@@ -16,9 +16,10 @@ from typing import Any
 
 from pipeline import seeds
 from pipeline.decode.runner import Request
+from pipeline.errors import RetraceError
 
 
-class PromptFileError(ValueError):
+class PromptFileError(RetraceError, ValueError):
     """A prompts file line that is not a prompt."""
 
 

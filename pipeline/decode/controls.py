@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import taxonomy
+from pipeline.errors import RetraceError
 from trainer.encode import Encoder
 
 
-class PrivilegedTokenError(ValueError):
+class PrivilegedTokenError(RetraceError, ValueError):
     """User-controlled input that holds a control-token id."""
 
 

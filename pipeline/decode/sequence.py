@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline import scorers
 from pipeline.decode.config import DecodeConfig
 from pipeline.decode.controls import Controls, token_kind, token_policy
 from pipeline.render import StreamRenderer
+from pipeline.text import sentence_spans
 
 
 @dataclass(frozen=True)
@@ -348,7 +348,7 @@ class Sequence:
         """Sentences completed since the last check (the unfinished tail too, once the turn is
         ending), for the guard to score; call `scored` with their scores."""
         visible = self.renderer.visible
-        spans = scorers.sentence_spans(visible)
+        spans = sentence_spans(visible)
         if self._dirty < self._checked:  # an edit changed checked text: recheck from there
             self._checked = max((e for _, e in spans if e <= self._dirty), default=0)
         self._dirty = _NEVER
