@@ -31,7 +31,7 @@ from pipeline.stage import LocalEnv, ModelSpec, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, TAXONOMY_FILE
 
 # DAG order (DESIGN §3). `retrace run` stops at publish: push needs a network and a repo id,
-# train a GPU-sized budget; both run when named.
+# train a GPU-sized budget, eval a trained model; each runs when named.
 STAGES = (
     "sources",
     "sample",
@@ -43,6 +43,7 @@ STAGES = (
     "publish",
     "push",
     "train",
+    "eval",
 )
 DATASET_STAGES = STAGES[: STAGES.index("publish") + 1]
 
@@ -90,7 +91,8 @@ class Pipeline:
         self.cfg = cfg
         self.stages = dict(stages)
         self.run_cfg = cfg.run
-        self.store = store.RunStore(Path(cfg.run.runs_dir) / cfg.run.name)
+        folders = {n: self.spec(n).folder for n in self.stages if self.spec(n).folder}
+        self.store = store.RunStore(Path(cfg.run.runs_dir) / cfg.run.name, folders)
         self.resolved = section_dump(cfg)
 
     # --- graph -----------------------------------------------------------------------------
@@ -98,7 +100,8 @@ class Pipeline:
     def spec(self, name: str) -> StageSpec:
         if name not in self.stages:
             raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
-        return self.stages[name].SPEC
+        spec_for = getattr(self.stages[name], "spec_for", None)
+        return spec_for(self.section(name)) if spec_for else self.stages[name].SPEC
 
     def closure(self, targets: list[str]) -> list[str]:
         """The targets and everything they need, in DAG order."""

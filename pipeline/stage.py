@@ -8,7 +8,8 @@ A stage module `stages/<name>.py` defines:
 - `run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, pa.Table]`: one table per
   name in `SPEC.writes`, plus `"rejected"` (schema `records.REJECTED`).
 
-Optional: `external_files(cfg) -> list[Path]` for files outside the run store whose content the
+Optional: `spec_for(cfg) -> StageSpec` for a stage whose inputs or folder depend on its config
+(eval reads `train` only when no model is named), `external_files(cfg) -> list[Path]` for files outside the run store whose content the
 output depends on (the sources stage's local data files), and `fingerprints(cfg) -> list[dict]`
 for models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
 
@@ -36,6 +37,7 @@ class StageSpec:
     chunked: str | None = None  # input name the engine splits into resumable chunks
     prompts: tuple[str, ...] = ()  # globs under prompts/ hashed into the cache key
     cached: bool = True  # False: run every time it is asked for (push)
+    folder: str | None = None  # its folder under the run, if not the stage name (eval/<model>)
 
     @property
     def needs(self) -> tuple[str, ...]:
