@@ -162,6 +162,16 @@ class StreamRenderer:
     def visible(self) -> str:
         return self._editor.visible
 
+    @property
+    def cursor(self) -> int:
+        """Where the next plain text goes in `visible`: the end, unless an edit moved it."""
+        return self._editor.cursor
+
+    @property
+    def editing(self) -> bool:
+        """True while an edit is open (a backtrack still waiting for its [REPLACE])."""
+        return self._editor.copy is not None
+
     def finish(self) -> str:
         """End of the turn: flush held-back text and close any open edit; the final visible text."""
         self._editor.text(self._pending)

@@ -1,0 +1,50 @@
+"""The `decode:` config section: how a model is run the way a deployer serves it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.scorers import ScorerSpec
+
+
+class GuardConfig(BaseModel):
+    """Scorer-guided rollback (the training-free baseline, FORMATS.md "Toxicity scoring during
+    generation"): each completed sentence is scored; one at or over `threshold` is taken back to
+    the end of the last safe sentence and resampled, up to `retries` times, then the turn ends
+    with `refusal`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scorer: ScorerSpec = ScorerSpec()
+    threshold: float = Field(0.5, ge=0, le=1)
+    label: str | None = None  # score one label; None takes the maximum over the scorer's labels
+    retries: int = Field(2, ge=0)  # resamples per turn before it ends with `refusal`
+    temperature: float | None = Field(None, ge=0)  # sampling temperature of a retry; None keeps it
+    ban_first_token: bool = True  # a retry may not start with the flagged attempt's first token
+    refusal: str = "I'm sorry, but I can't continue with that."
+
+
+class DecodeConfig(BaseModel):
+    """Sampling, what edits do to the model's context, per-policy control and budgets.
+
+    `bias` and `disable` name control tokens without brackets (`RESET`, `BACKTRACK`,
+    `BACKTRACK-HATE`) or by policy (`hate`, meaning its backtrack token).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.7, ge=0)  # 0 means greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 means no top-k cut
+    max_new_tokens: int = Field(256, gt=0)  # emitted tokens per turn, taken-back ones included
+    stop: tuple[str, ...] = ()  # visible-text stop strings (the text is cut before them)
+    # keep: taken-back text stays in the model's context (what the corpus trains); drop: once an
+    # edit closes, the KV cache is cropped so the rest is conditioned only on the visible text.
+    context: Literal["keep", "drop"] = "keep"
+    bias: dict[str, float] = {}  # added to a control token's logit (BSAFE opt-in/out, Zhang's knob)
+    disable: tuple[str, ...] = ()  # these control tokens get -inf: never emitted
+    max_edits: int = Field(8, ge=0)  # control tokens that open or apply an edit, per turn
+    max_wasted_tokens: int = Field(512, ge=0)  # emitted tokens that never reach the user, per turn
+    guard: GuardConfig | None = None  # scorer-guided rollback; None: off

@@ -1,0 +1,227 @@
+"""The transformers decoder: token by token over a KV cache, a batch of `Sequence`s at a time.
+
+Each row's real tokens sit right-aligned in one `DynamicCache` (left padding masked out), so an
+edit that drops a row's last d context tokens is a `DynamicCache.crop` when every row drops the
+same amount (always, at batch size 1) and otherwise a crop by the smallest amount plus a shift of
+that row's keys and values d positions to the right (its left padding grows): nothing is ever
+re-encoded but the few tokens of visible text a crop can leave between token boundaries.
+
+Gemma 3's sliding-window layers: transformers' default cache for Gemma 3 keeps only the last
+`sliding_window - 1` keys of those layers and cannot be cropped past them once full (it raises).
+This decoder builds a cache of full layers instead: the sliding window is still applied, by the
+attention mask, so the logits are those of the model, and any crop is exact (tested against a
+fresh forward pass on a model whose window is shorter than the turn). The price is memory: those
+layers hold the whole turn, not just the window.
+
+Per-row randomness: each row samples from its own seeded generator (`NucleusSampler`, one per
+row), so a row decodes the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import seeds as seeds_mod
+from pipeline.backends import NucleusSampler, TransformersGenerator
+from pipeline.decode.config import DecodeConfig
+from pipeline.decode.controls import Controls, PromptEncoder
+from pipeline.decode.sequence import Decoded, Sequence, Update
+
+# A processor sees the rows about to sample and their next-token scores, and returns new scores;
+# it runs before the config's biases (tests force a scripted token sequence with one).
+Processor = Callable[[list[Sequence], Any], Any]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One turn to decode: the conversation, an optional prefill the assistant turn starts with
+    (text, or ids in the model's tokens; shown and editable like emitted text, never counted as
+    emitted), and the turn's seed."""
+
+    messages: tuple[dict[str, str], ...] | list[dict[str, str]]
+    prefill: str | tuple[int, ...] | list[int] = ""
+    seed: int = 0
+
+
+class Decoder:
+    """Decode requests with a loaded transformers generator (CPU or CUDA) and a DecodeConfig."""
+
+    def __init__(self, generator: TransformersGenerator, cfg: DecodeConfig, scorer: Any = None):
+        if cfg.guard is not None and scorer is None:
+            raise ValueError("decode.guard is set but no scorer was given to the decoder")
+        self.generator, self.cfg, self.scorer = generator, cfg, scorer
+        self.model, self.tokenizer = generator.model, generator.tokenizer
+        self.controls = Controls.build(self.tokenizer, dict(cfg.bias), cfg.disable)
+        self.prompts = PromptEncoder(self.tokenizer, self.controls)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._offsets: Any = None
+
+    def sequence(self, row: int, request: Request) -> Sequence:
+        where = f"request {row}"
+        prompt = self.prompts.prompt(list(request.messages), where)
+        if isinstance(request.prefill, str):
+            prefill = self.prompts.text(request.prefill)
+        else:
+            prefill = list(request.prefill)
+            self.prompts.check(prefill, f"{where} prefill")
+        return Sequence(
+            row,
+            prompt,
+            prefill,
+            self.cfg,
+            self.controls,
+            self.tokenizer,
+            self.prompts.text,
+            self.generator.stop_ids,
+            request.seed,
+        )
+
+    def decode(
+        self,
+        requests: Seq[Request],
+        processors: Seq[Processor] = (),
+        on_update: Callable[[Update], None] | None = None,
+    ) -> list[Decoded]:
+        """Decode every request, `generator.spec.batch_size` at a time, in order."""
+        sequences = [self.sequence(i, r) for i, r in enumerate(requests)]
+        size = max(1, self.generator.spec.batch_size)
+        for start in range(0, len(sequences), size):
+            self._run(sequences[start : start + size], processors, on_update)
+        return [s.result for s in sequences]
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _run(self, rows: list[Sequence], processors: Seq[Processor], on_update) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # full layers for every layer type: see the module docstring
+        samplers = {id(s): self._sampler(s) for s in rows}
+        active = list(rows)
+        width = 0  # the cache's length in positions (padding included)
+        with torch.inference_mode():
+            while active:
+                feed = [s.pending if width == 0 else s.pending[:1] for s in active]
+                step = max(map(len, feed))
+                ids = torch.full((len(active), step), self.generator.pad_id, dtype=torch.long)
+                pos = torch.zeros((len(active), step), dtype=torch.long)
+                for i, (s, f) in enumerate(zip(active, feed, strict=True)):
+                    ids[i, step - len(f) :] = torch.tensor(f)
+                    pos[i, step - len(f) :] = torch.arange(s.cached, s.cached + len(f))
+                width += step
+                lengths = torch.tensor([s.cached + len(f) for s, f in zip(active, feed)])
+                mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+                out = self.model(
+                    input_ids=ids.to(self.generator.device),
+                    attention_mask=mask.long().to(self.generator.device),
+                    position_ids=pos.to(self.generator.device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: cache},
+                )
+                for s, f in zip(active, feed, strict=True):
+                    s.fed(len(f))
+                ready = [i for i, s in enumerate(active) if not s.pending]
+                if ready:
+                    logits = out.logits[ready, -1, :].float()
+                    tokens = self._sample([active[i] for i in ready], logits, processors, samplers)
+                    for i, token in zip(ready, tokens, strict=True):
+                        s = active[i]
+                        events = s.accept(token)
+                        if on_update is not None:
+                            on_update(Update(s.row, s.last_piece, s.renderer.visible, tuple(events)))
+                    self._guard([active[i] for i in ready], samplers, on_update)
+                for s in active:
+                    if s.finishing is not None and not s.done:
+                        s.finish()
+                keep = [i for i, s in enumerate(active) if not s.done]
+                if len(keep) < len(active) and keep:
+                    cache.batch_select_indices(torch.tensor(keep, device=self.generator.device))
+                active = [active[i] for i in keep]
+                width = self._crop(cache, active, width)
+
+    def _sampler(self, s: Sequence, retry: int = 0) -> Any:
+        if s.temperature <= 0:
+            return None
+        seed = s.seed if retry == 0 else seeds_mod.derive(s.seed, "retry", retry)
+        return NucleusSampler(s.temperature, self.cfg.top_p, self.cfg.top_k, seed)
+
+    def _sample(self, rows: list[Sequence], logits: Any, processors, samplers) -> list[int]:
+        import torch
+
+        for proc in processors:
+            logits = proc(rows, logits)
+        if self.controls.offsets:
+            if self._offsets is None or self._offsets.shape[-1] != logits.shape[-1]:
+                self._offsets = torch.zeros(logits.shape[-1], device=logits.device)
+                for i, v in self.controls.offsets.items():
+                    self._offsets[i] = v
+            logits = logits + self._offsets
+        tokens = []
+        for i, s in enumerate(rows):
+            row = logits[i : i + 1]
+            if s.ban is not None:
+                row = row.clone()
+                row[0, s.ban] = float("-inf")
+            sampler = samplers[id(s)]
+            choice = row if sampler is None else sampler(None, row)
+            tokens.append(int(choice.argmax(-1)))
+        return tokens
+
+    def _guard(self, rows: list[Sequence], samplers, on_update) -> None:
+        guard = self.cfg.guard
+        if guard is None:
+            return
+        asks = [(s, s.to_score()) for s in rows]
+        texts = [t for _, ts in asks for t in ts]
+        if not texts:
+            return
+        scores = self.scorer.score(texts)
+        values = [sc[guard.label] if guard.label else max(sc.values()) for sc in scores]
+        at = 0
+        for s, ts in asks:
+            if not ts:
+                continue
+            events = s.scored(values[at : at + len(ts)], guard.threshold)
+            at += len(ts)
+            if any(e.kind == "rollback" for e in events) and s.finishing is None:
+                samplers[id(s)] = self._sampler(s, retry=s.retries)
+            if events and on_update is not None:
+                on_update(Update(s.row, "", s.renderer.visible, tuple(events)))
+
+    def _crop(self, cache: Any, rows: list[Sequence], width: int) -> int:
+        """Apply the rows' crops; returns the cache's new width."""
+        import torch
+
+        drops = [s.take_crop() for s in rows]
+        if not rows:
+            return 0
+        least = min(drops)
+        if least:
+            cache.crop(-least)
+            width -= least
+        for i, d in enumerate(drops):
+            if d > least:
+                for layer in cache.layers:
+                    layer.keys[i] = torch.roll(layer.keys[i], d - least, dims=-2)
+                    layer.values[i] = torch.roll(layer.values[i], d - least, dims=-2)
+        pad = min(width - s.cached for s in rows)
+        if pad:  # every row has this much left padding: cut it
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[..., pad:, :], layer.values[..., pad:, :]
+            width -= pad
+        return width
+
+
+def load_decoder(generator: TransformersGenerator, cfg: DecodeConfig) -> Decoder:
+    """A decoder for a loaded generator, with the guard's scorer loaded when one is configured."""
+    scorer = None
+    if cfg.guard is not None:
+        from pipeline.scorers import load_scorer
+
+        scorer = load_scorer(cfg.guard.scorer)
+    return Decoder(generator, cfg, scorer)

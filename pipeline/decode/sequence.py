@@ -1,0 +1,423 @@
+"""One turn being decoded, whatever backend samples it: the result type and the state machine.
+
+A `Sequence` takes sampled token ids one at a time (`accept`). It decodes them incrementally,
+feeds the text to the `StreamRenderer` (so `visible` is always what a user sees), records an
+`Event` per control token, keeps the token budgets, and says what the model must be conditioned
+on next as `context` (prompt ids + assistant ids). A backend feeds `context[cached:]` and reports
+what it fed; when an edit or a rollback changes `context` below what is cached, `crop` says how
+many cached tokens to drop. Which control tokens open or close an edit, and what they take back,
+is the renderer's business: the sequence only reads `visible`, `cursor` and `editing`.
+"""
+
+from __future__ import annotations
+
+import copy
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline import scorers
+from pipeline.decode.config import DecodeConfig
+from pipeline.decode.controls import Controls, token_kind, token_policy
+from pipeline.render import StreamRenderer
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that changed the turn, at the emitted token `position` (0-based)."""
+
+    kind: str  # backtrack | replace | reset | control | rollback | refusal | budget
+    position: int
+    token: str | None = None  # the control token, for control-token events
+    policy: str | None = None  # the policy it names (a replace takes its backtrack's)
+    removed: str = ""  # visible text it took away from the user
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded turn.
+
+    `raw` is every emitted token's text, control tokens inline (a rolled-back attempt stays in it;
+    its events say where). `visible` is what the user sees: the renderer's output, with scorer
+    rollbacks applied. Token counts: `emitted_tokens` counts every sampled token but the closing
+    end of turn; `visible_tokens` those with text in `visible`; `wasted_tokens` the rest, emitted
+    but never shown (taken-back spans, control tokens, copies, rolled-back attempts).
+    """
+
+    raw: str
+    visible: str
+    events: tuple[Event, ...]
+    emitted_tokens: int
+    visible_tokens: int
+    wasted_tokens: int
+    finish_reason: str  # stop | length | stop_string | edit_budget | wasted_budget | refused
+    prompt_tokens: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["events"] = [e.to_dict() for e in self.events]
+        return out
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a streaming caller (the chat UI) is told after each emitted token of a row."""
+
+    row: int
+    piece: str  # the token's decoded text ("" while a multi-byte character is incomplete)
+    visible: str
+    events: tuple[Event, ...]  # events of this token (control tokens, rollbacks, budget)
+
+
+_NEVER = 1 << 62
+_LONGEST = 64  # more than any control token's length: how far back held-back text can start
+
+
+@dataclass
+class _Snapshot:
+    renderer: StreamRenderer
+    owners: list[int | None]
+    context: list[int]
+    texts: list[str]
+    emitted: int
+    checked: int
+
+
+@dataclass
+class _Detokenizer:
+    """Incremental decoding that never splits a multi-byte character (as TGI's and vLLM's):
+    a token's text is the growth of a short window's decoding, held back while it ends in an
+    incomplete character."""
+
+    tokenizer: Any
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0
+    read: int = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+
+class Sequence:
+    """The state of one turn (see the module docstring)."""
+
+    def __init__(
+        self,
+        row: int,
+        prompt: list[int],
+        prefill: list[int],
+        cfg: DecodeConfig,
+        controls: Controls,
+        tokenizer: Any,
+        encode_text: Callable[[str], list[int]],
+        stop_ids: list[int],
+        seed: int,
+    ) -> None:
+        self.row, self.cfg, self.seed = row, cfg, seed
+        self.controls, self.control_tokens = controls, controls.tokens
+        self._encode_text, self.stop_ids = encode_text, set(stop_ids)
+        self.prompt_len = len(prompt)
+        self.context = list(prompt)  # what the model is (to be) conditioned on
+        self.texts = [""] * len(prompt)  # each context token's text (assistant part only)
+        self.cached = 0  # how many of `context` the backend holds in its KV cache
+        self.crop = 0  # cached tokens the backend must drop before it feeds again
+        self.emitted: list[int] = []
+        self.raw = ""
+        self._starts: list[int] = []  # raw offset of each emitted token's text
+        self._detok = _Detokenizer(tokenizer)
+        self.renderer = StreamRenderer()
+        self.owners: list[int | None] = []  # emitted token of each visible char (None: prefill)
+        self.events: list[Event] = []
+        self.edits = 0
+        self.finishing: str | None = None  # why the turn is ending, once it is
+        self.result: Decoded | None = None
+        self.retries = 0
+        self.temperature = cfg.temperature
+        self.ban: int | None = None  # a token the next sample may not be (guard retry)
+        self._checked = 0  # visible chars whose sentences the guard passed
+        self._dirty = _NEVER  # leftmost visible char an edit changed since the last check
+        self._pending_scores: list[tuple[int, int]] = []
+        self._stop_token: int | None = None
+        # The guard's most recent safe state, and the state before the current token (a sentence
+        # is known to be complete only once the whitespace after it arrives).
+        self._safe = self._before = self._snapshot() if cfg.guard else None
+        if prefill:
+            text = tokenizer.decode(prefill, skip_special_tokens=False)
+            self.context += prefill
+            self.texts += [""] * (len(prefill) - 1) + [text]
+            self.renderer.feed(text)
+            self.owners = [None] * len(self.renderer.visible)
+
+    # --- what the backend asks ----------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @property
+    def pending(self) -> list[int]:
+        return self.context[self.cached :]
+
+    def fed(self, n: int) -> None:
+        """The backend put the next `n` pending tokens into its cache."""
+        self.cached += n
+
+    def take_crop(self) -> int:
+        n, self.crop = self.crop, 0
+        return n
+
+    # --- one sampled token -------------------------------------------------------------------
+
+    def accept(self, token: int) -> list[Event]:
+        """Take a sampled token; returns the events it caused."""
+        self.ban, self.last_piece = None, ""
+        if self.cfg.guard is not None:
+            self._before = self._snapshot()
+        if token in self.stop_ids:
+            self._stop_token, self.finishing = token, "stop"
+            return []
+        position = len(self.emitted)
+        self._emit(token)
+        self.context.append(token)
+        self.texts.append(self.last_piece)
+        events: list[Event] = []
+        name = self.control_tokens.get(token)
+        if name is None:
+            self._show(self.last_piece, position)
+        else:
+            events += self._control(name, position)
+        if self.finishing is None:
+            events += self._budgets(position)
+        if self.finishing is None and len(self.emitted) >= self.cfg.max_new_tokens:
+            self.finishing = "length"
+        self.events += events
+        return events
+
+    def _emit(self, token: int) -> None:
+        self._starts.append(len(self.raw))
+        self.emitted.append(token)
+        self.last_piece = self._detok.push(token)
+        self.raw += self.last_piece
+
+    def _control(self, name: str, position: int) -> list[Event]:
+        was_editing = self.renderer.editing
+        closes = was_editing
+        if not closes:
+            self.edits += 1
+            if self.edits > self.cfg.max_edits:
+                # Not applied: the turn ends before an edit it has no budget for.
+                self.finishing = "edit_budget"
+                detail = f"max_edits {self.cfg.max_edits} reached"
+                return [Event("budget", position, name, detail=detail)]
+        removed = self._show(self.last_piece, position)
+        kind = token_kind(name)
+        policy = token_policy(name)
+        if kind == "replace":
+            policy = next((e.policy for e in reversed(self.events) if e.kind == "backtrack"), None)
+        events = [Event(kind, position, name, policy, removed)]
+        if self.cfg.context == "drop" and not self.renderer.editing:
+            self._drop_to_visible()
+        return events
+
+    def _budgets(self, position: int) -> list[Event]:
+        wasted = len(self.emitted) - self._visible_count()
+        if wasted > self.cfg.max_wasted_tokens:
+            self.finishing = "wasted_budget"
+            detail = f"max_wasted_tokens {self.cfg.max_wasted_tokens} reached"
+            return [Event("budget", position, detail=detail)]
+        return []
+
+    # --- the visible text and who wrote it ---------------------------------------------------
+
+    def _show(self, piece: str, position: int) -> str:
+        """Feed the renderer; returns the visible text the piece took away."""
+        before = self.renderer.visible
+        after = self.renderer.feed(piece)
+        removed = self._track(before, after, position)
+        if self.cfg.stop and self.finishing is None:
+            start = max(0, len(before) - max(map(len, self.cfg.stop)))
+            if any(s in after[start:] for s in self.cfg.stop):
+                self.finishing = "stop_string"
+        return removed
+
+    def _track(self, before: str, after: str, position: int) -> str:
+        if after.startswith(before):
+            a, b = len(before), 0
+        else:
+            a = next((i for i, (x, y) in enumerate(zip(before, after)) if x != y), None)
+            a = min(len(before), len(after)) if a is None else a
+            b = 0
+            while b < min(len(before), len(after)) - a and before[-1 - b] == after[-1 - b]:
+                b += 1
+        inserted = after[a : len(after) - b]
+        if a < len(before):
+            self._dirty = min(self._dirty, a)
+        self.owners = (
+            self.owners[:a] + self._owners_of(inserted, position) + self.owners[len(before) - b :]
+        )
+        return before[a : len(before) - b]
+
+    def _owners_of(self, inserted: str, position: int) -> list[int | None]:
+        """Inserted visible text is raw text the renderer released; it ends at most one held-back
+        control-token prefix before the raw end. Each char is owned by the token that wrote it."""
+        if not inserted:
+            return []
+        n = len(self.raw)
+        for hold in range(0, min(n - len(inserted), _LONGEST) + 1):
+            end = n - hold
+            if self.raw.startswith(inserted, end - len(inserted)):
+                start = end - len(inserted)
+                return [bisect_right(self._starts, start + j) - 1 for j in range(len(inserted))]
+        return [position] * len(inserted)
+
+    def _visible_count(self) -> int:
+        return len({o for o in self.owners if o is not None})
+
+    # --- context: drop and rollback ---------------------------------------------------------
+
+    def _drop_to_visible(self) -> None:
+        """Condition the rest only on what the user sees before the cursor: keep the longest run
+        of assistant tokens whose text is a prefix of it, and encode the remainder (a partial
+        token's worth of text, usually nothing)."""
+        target = self.renderer.visible[: self.renderer.cursor]
+        keep, used = self.prompt_len, 0
+        for i in range(self.prompt_len, len(self.context)):
+            t = self.texts[i]
+            if not target.startswith(t, used):
+                break
+            used += len(t)
+            keep = i + 1
+        while keep > self.prompt_len and not self.texts[keep - 1]:
+            keep -= 1  # never end on a token whose text is still held (half a character)
+        used = sum(len(t) for t in self.texts[self.prompt_len : keep])
+        rest = target[used:]
+        ids = self._encode_text(rest)
+        texts = [""] * (len(ids) - 1) + [rest] if ids else []
+        self._retarget(self.context[:keep] + ids, self.texts[:keep] + texts)
+
+    def _retarget(self, context: list[int], texts: list[str]) -> None:
+        same = 0
+        for x, y in zip(self.context, context):
+            if x != y:
+                break
+            same += 1
+        # The next token is predicted from the logits of the last context token, so at least
+        # that one is fed again.
+        same = min(same, len(context) - 1)
+        if same < self.cached:
+            self.crop += self.cached - same
+            self.cached = same
+        self.context, self.texts = list(context), list(texts)
+
+    # --- scorer-guided rollback (guard) ---------------------------------------------------------
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(
+            copy.deepcopy(self.renderer),
+            list(self.owners),
+            list(self.context),
+            list(self.texts),
+            len(self.emitted),
+            self._checked,
+        )
+
+    def to_score(self) -> list[str]:
+        """Sentences completed since the last check (the unfinished tail too, once the turn is
+        ending), for the guard to score; call `scored` with their scores."""
+        visible = self.renderer.visible
+        spans = scorers.sentence_spans(visible)
+        if self._dirty < self._checked:  # an edit changed checked text: recheck from there
+            self._checked = max((e for _, e in spans if e <= self._dirty), default=0)
+        self._dirty = _NEVER
+        ending = self.finishing is not None
+        self._pending_scores = [
+            (s, e)
+            for s, e in spans
+            if e > self._checked and (ending or e < len(visible) or visible.endswith("\n"))
+        ]
+        return [visible[s:e] for s, e in self._pending_scores]
+
+    def scored(self, values: list[float], threshold: float) -> list[Event]:
+        spans, self._pending_scores = self._pending_scores, []
+        for (s, e), value in zip(spans, values, strict=True):
+            if value >= threshold:
+                return self._rollback(self.renderer.visible[s:e], value)
+            self._checked = e
+        if spans and self.finishing is None:
+            exact = self._before is not None and len(self._before.renderer.visible) == self._checked
+            self._safe = self._before if exact else self._snapshot()
+            self._safe.checked = self._checked
+        return []
+
+    def _rollback(self, sentence: str, value: float) -> list[Event]:
+        guard = self.cfg.guard
+        assert guard is not None
+        position = len(self.emitted) - 1
+        if self._stop_token is not None:  # the end of turn it sampled is undone: it was wasted
+            self._emit(self._stop_token)
+            self._stop_token = None
+        before = self.renderer.visible
+        snap = self._safe
+        self.renderer = copy.deepcopy(snap.renderer)
+        self.owners, self._checked, self._dirty = list(snap.owners), snap.checked, _NEVER
+        self._retarget(snap.context, snap.texts)
+        removed = before[len(self.renderer.visible) :]
+        detail = f"score {value:.3f}: {sentence}"
+        if self.finishing == "length" or self.retries >= guard.retries:
+            self.finishing = "refused" if self.finishing != "length" else "length"
+            events = [Event("rollback", position, removed=removed, detail=detail)]
+            if self.finishing == "refused":
+                events.append(Event("refusal", position, detail=guard.refusal))
+            self.events += events
+            return events
+        self.finishing = None
+        self.retries += 1
+        if guard.temperature is not None:
+            self.temperature = guard.temperature
+        if guard.ban_first_token and snap.emitted < len(self.emitted):
+            self.ban = self.emitted[snap.emitted]
+        event = Event("rollback", position, removed=removed, detail=f"retry {self.retries}, {detail}")
+        self.events.append(event)
+        return [event]
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def finish(self) -> Decoded:
+        before = self.renderer.visible
+        visible = self.renderer.finish()
+        self._track(before, visible, len(self.emitted) - 1)
+        if self.cfg.stop:
+            cut = min((i for i in (visible.find(s) for s in self.cfg.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                visible, self.owners = visible[:cut], self.owners[:cut]
+        if self.finishing == "refused" and self.cfg.guard is not None:
+            joint = " " if visible and not visible[-1].isspace() else ""
+            visible += joint + self.cfg.guard.refusal
+        shown = self._visible_count()
+        self.result = Decoded(
+            raw=self.raw,
+            visible=visible,
+            events=tuple(self.events),
+            emitted_tokens=len(self.emitted),
+            visible_tokens=shown,
+            wasted_tokens=len(self.emitted) - shown,
+            finish_reason=self.finishing or "length",
+            prompt_tokens=self.prompt_len,
+            seed=self.seed,
+        )
+        return self.result

@@ -1,0 +1,75 @@
+"""Scripted models for decoder tests: the tiny Gemma with retrace's control tokens added, and a
+logits processor that forces a given token sequence.
+
+`control_model(dir)` writes the tiny random Gemma 3 of tiny_gemma.py with the control tokens added
+as the trainer adds them (`trainer.tokens.add_control_tokens`, mean-resized embeddings) and, by
+default, a sliding window of 4 on its first layer and full attention on its second, so a turn of a
+few dozen tokens runs past the window (the fixture's own window, 64, never would here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiny_gemma import build_tokenizer
+
+from pipeline.backends import GeneratorSpec, load_generator
+from pipeline.decode import DecodeConfig, Decoder
+from trainer.tokens import add_control_tokens
+
+FORCE = 1e4  # added to a scripted token's logit: it wins unless a bias sets it to -inf
+
+
+def control_model(out_dir: Path, sliding_window: int = 4, seed: int = 0) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(out_dir)
+    add_control_tokens(tok)
+    tok.save_pretrained(out_dir)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=32,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def decoder(model_dir: Path, batch_size: int = 4, **cfg) -> Decoder:
+    gen = load_generator(GeneratorSpec(model=str(model_dir), batch_size=batch_size))
+    return Decoder(gen, DecodeConfig(**cfg), cfg.get("scorer"))
+
+
+class Script:
+    """Forces row r to emit `scripts[r]` in order (by its emitted count, taken-back tokens
+    included); past its end a row samples freely. `seen` records (emitted, context, scores)."""
+
+    def __init__(self, scripts: list[list[int]]) -> None:
+        self.scripts = scripts
+        self.seen: list[tuple[int, list[int], list[int], object]] = []
+
+    def __call__(self, rows, scores):
+        scores = scores.clone()
+        for i, s in enumerate(rows):
+            self.seen.append((s.row, list(s.emitted), list(s.context), scores[i].clone()))
+            script = self.scripts[s.row]
+            if len(s.emitted) < len(script):
+                scores[i, script[len(s.emitted)]] += FORCE
+        return scores
