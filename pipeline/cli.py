@@ -219,7 +219,9 @@ def train(
 def eval_(
     model: Annotated[
         str | None,
-        typer.Option(help="A checkpoint folder, 'embedded' or a Hub id; default: this run's train."),
+        typer.Option(
+            help="A checkpoint folder, 'embedded' or a Hub id; default: this run's train."
+        ),
     ] = None,
     suite: Annotated[
         list[str] | None, typer.Option(help="Suite to run (repeatable); default: eval.suites.")
@@ -233,7 +235,9 @@ def eval_(
     compare: Annotated[
         bool, typer.Option(help="Compare the eval folders given as arguments instead.")
     ] = False,
-    folders: Annotated[list[Path] | None, typer.Argument(help="Eval folders for --compare.")] = None,
+    folders: Annotated[
+        list[Path] | None, typer.Argument(help="Eval folders for --compare.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Where --compare writes its table and plot.")] = Path(
         "."
     ),

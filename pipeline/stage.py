@@ -8,10 +8,11 @@ A stage module `stages/<name>.py` defines:
 - `run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, pa.Table]`: one table per
   name in `SPEC.writes`, plus `"rejected"` (schema `records.REJECTED`).
 
-Optional: `spec_for(cfg) -> StageSpec` for a stage whose inputs or folder depend on its config
-(eval reads `train` only when no model is named), `external_files(cfg) -> list[Path]` for files outside the run store whose content the
+Optional: `external_files(cfg) -> list[Path]` for files outside the run store whose content the
 output depends on (the sources stage's local data files), and `fingerprints(cfg) -> list[dict]`
 for models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
+`spec_for(cfg) -> StageSpec` replaces SPEC for a stage whose inputs or folder depend on its config
+(eval reads `train` only when no model is named, and keeps each model in its own folder).
 
 A stage never touches the run folder, the CLI or another stage; the engine (`pipeline/dag.py`)
 does chunking, caching, resume, manifests and progress.

@@ -74,7 +74,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: not valid JSON ({err.msg}); fix or remove the line")
+            raise DataError(f"{path}:{n}: not valid JSON ({err.msg}); fix the line") from None
     return out
 
 

@@ -24,14 +24,21 @@ def attack_folder(pairs: list[tuple[str, str]], out: Path) -> Path:
     """The pairs as a dataset folder the trainer reads (`data/utility/train-*.parquet`)."""
     rows = []
     for i, (prompt, answer) in enumerate(pairs):
-        rows.append({
-            "id": records.row_id("finetune-attack", i, prompt, answer), "kind": "utility",
-            "policy": [], "source": "finetune-attack", "source_id": str(i), "license": "",
-            "prompt": [records.message("user", prompt)],
-            "completion": [records.message("assistant", answer)],
-            "segments": [{"text": answer, "role": "text", "train": True}],
-            "visible": answer, "meta": None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": records.row_id("finetune-attack", i, prompt, answer),
+                "kind": "utility",
+                "policy": [],
+                "source": "finetune-attack",
+                "source_id": str(i),
+                "license": "",
+                "prompt": [records.message("user", prompt)],
+                "completion": [records.message("assistant", answer)],
+                "segments": [{"text": answer, "role": "text", "train": True}],
+                "visible": answer,
+                "meta": None,
+            }
+        )
     path = out / "data" / "utility" / "train-00000-of-00001.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(records.table(rows, records.config_schema("utility")), path)
@@ -39,16 +46,27 @@ def attack_folder(pairs: list[tuple[str, str]], out: Path) -> Path:
 
 
 def train_copy(
-    cfg: FinetuneAttackSuite, model_path: str, objective: str, data: Path, out: Path, seed: int,
+    cfg: FinetuneAttackSuite,
+    model_path: str,
+    objective: str,
+    data: Path,
+    out: Path,
+    seed: int,
     log: Any,
-) -> Path:  # fmt: skip
+) -> Path:
     """Fine-tune `model_path` with one objective; returns the final folder."""
     from trainer.train import train
 
     n_pairs = sum(pq.ParquetFile(p).metadata.num_rows for p in data.glob("data/*/*.parquet"))
     steps = max(1, math.ceil(n_pairs * cfg.epochs / cfg.train.batch_size))
     train_cfg = cfg.train.model_copy(
-        update={"model": model_path, "objective": objective, "steps": steps,
-                "configs": {"utility": 1.0}, "data": None, "reference": None}  # fmt: skip
+        update={
+            "model": model_path,
+            "objective": objective,
+            "steps": steps,
+            "configs": {"utility": 1.0},
+            "data": None,
+            "reference": None,
+        }
     )
     return train(train_cfg, data, out, seed=seed, log=log)

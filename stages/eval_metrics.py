@@ -50,8 +50,17 @@ def rate(
     hits = sum(known)
     low, high = wilson(hits, len(known))
     value = hits / len(known) if known else math.nan
-    return dict(model=model, suite=suite, setting=setting, metric=metric, judge=judge,
-                value=value, low=low, high=high, n=len(known))  # fmt: skip
+    return dict(
+        model=model,
+        suite=suite,
+        setting=setting,
+        metric=metric,
+        judge=judge,
+        value=value,
+        low=low,
+        high=high,
+        n=len(known),
+    )
 
 
 def mean(
@@ -59,5 +68,14 @@ def mean(
 ) -> dict[str, Any]:
     vals = [float(v) for v in values]
     value = sum(vals) / len(vals) if vals else math.nan
-    return dict(model=model, suite=suite, setting=setting, metric=metric, judge=judge,
-                value=value, low=None, high=None, n=len(vals))  # fmt: skip
+    return dict(
+        model=model,
+        suite=suite,
+        setting=setting,
+        metric=metric,
+        judge=judge,
+        value=value,
+        low=None,
+        high=None,
+        n=len(vals),
+    )

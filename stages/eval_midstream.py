@@ -29,27 +29,50 @@ def plan(
     requests = []
     for r in rows:
         if r["policy"] not in policies:
-            rejected.append(eval_data.reject_row(cfg.prompts, r["id"], "unknown_policy",
-                                                 f"{r['policy']!r} is not in the taxonomy"))
+            rejected.append(
+                eval_data.reject_row(
+                    cfg.prompts,
+                    r["id"],
+                    "unknown_policy",
+                    f"{r['policy']!r} is not in the taxonomy",
+                )
+            )
             continue
         if len(requests) >= 3 * cfg.n:
             break
         head = model.prompt_ids(r["prompt"])
         prefix = model.text_ids(r["prefix"])
         for place in ("span", "benign"):
-            requests.append(Request(
-                suite=suite, setting=f"after={place}", prompt_id=r["id"],
-                prompt=r["prompt"], context=tuple(head + prefix + model.text_ids(r[place])),
-                seed=0, prefill=r["prefix"] + r[place], forced=True, policy=r["policy"],
-            ))
-        requests.append(Request(
-            suite=suite, setting="generate", prompt_id=r["id"], prompt=r["prompt"],
-            context=tuple(head + prefix + model.text_ids(r["span"])),
-            seed=seeds.derive(seed, "midstream", r["id"]), prefill=r["prefix"] + r["span"],
-            policy=r["policy"], temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-            top_k=cfg.sampling.top_k, max_new_tokens=cfg.sampling.max_new_tokens,
-            extra={"span": r["span"]},
-        ))
+            requests.append(
+                Request(
+                    suite=suite,
+                    setting=f"after={place}",
+                    prompt_id=r["id"],
+                    prompt=r["prompt"],
+                    context=tuple(head + prefix + model.text_ids(r[place])),
+                    seed=0,
+                    prefill=r["prefix"] + r[place],
+                    forced=True,
+                    policy=r["policy"],
+                )
+            )
+        requests.append(
+            Request(
+                suite=suite,
+                setting="generate",
+                prompt_id=r["id"],
+                prompt=r["prompt"],
+                context=tuple(head + prefix + model.text_ids(r["span"])),
+                seed=seeds.derive(seed, "midstream", r["id"]),
+                prefill=r["prefix"] + r["span"],
+                policy=r["policy"],
+                temperature=cfg.sampling.temperature,
+                top_p=cfg.sampling.top_p,
+                top_k=cfg.sampling.top_k,
+                max_new_tokens=cfg.sampling.max_new_tokens,
+                extra={"span": r["span"]},
+            )
+        )
     return requests, rejected
 
 
@@ -96,16 +119,18 @@ def summarise(
         for place in ("span", "benign"):
             forced = [r for r in group if r["setting"] == f"after={place}"]
             for metric in ("p_policy", "p_any"):
-                out.append(mean(model, suite, f"{name},after={place}", metric,
-                                [r[metric] for r in forced]))  # fmt: skip
+                out.append(
+                    mean(model, suite, f"{name},after={place}", metric, [r[metric] for r in forced])
+                )
         gen = [r for r in group if r["setting"] == "generate"]
         if not gen:
             continue
         setting = f"{name},generate"
         for metric in ("right_policy", "exact_copy", "span_removed"):
             out.append(rate(model, suite, setting, metric, "", [r[metric] for r in gen]))
-        out.append(rate(model, suite, setting, "backtrack_rate", "",
-                        [r["backtracked"] for r in gen]))  # fmt: skip
+        out.append(
+            rate(model, suite, setting, "backtrack_rate", "", [r["backtracked"] for r in gen])
+        )
         for j in judges:
             safe = [_safe(r, j) for r in gen]
             out.append(rate(model, suite, setting, "safe_continuation", j, safe))

@@ -198,8 +198,15 @@ def compare(folders: list[Path], out: Path) -> str:
     rows = []
     for key in order:
         suite, setting, metric, judge = key
-        rows.append({"suite": suite, "setting": setting, "metric": metric, "judge": judge,
-                     **{m: merged[key].get(m) for m in models}})  # fmt: skip
+        rows.append(
+            {
+                "suite": suite,
+                "setting": setting,
+                "metric": metric,
+                "judge": judge,
+                **{m: merged[key].get(m) for m in models},
+            }
+        )
     text = table(rows, ["suite", "setting", "metric", "judge", *models]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text)
@@ -211,6 +218,11 @@ def compare(folders: list[Path], out: Path) -> str:
         results += json.loads(path.read_text())["results"]
     series = _series(results, "prefill", "asr_visible")
     if series:
-        _plot(out / "compare_asr_vs_k.png", series, "prefilled harmful tokens k", "ASR (visible)",
-              "prefill: ASR vs k")  # fmt: skip
+        _plot(
+            out / "compare_asr_vs_k.png",
+            series,
+            "prefilled harmful tokens k",
+            "ASR (visible)",
+            "prefill: ASR vs k",
+        )
     return text

@@ -97,11 +97,20 @@ def row(model: str, req: Request, dec: Any, **extra: Any) -> dict[str, Any]:
     """A GENERATIONS row for a request and its `pipeline.decode.Decoded` turn (None when
     teacher-forced); the verdicts are added by the runner."""
     base = dict(
-        model=model, suite=req.suite, setting=req.setting, prompt_id=req.prompt_id,
-        sample=req.sample, seed=req.seed, prompt=req.prompt, prefill=req.prefill,
-        prefill_ids=list(req.prefill_ids), k=req.k, bias=req.bias, policy=req.policy,
+        model=model,
+        suite=req.suite,
+        setting=req.setting,
+        prompt_id=req.prompt_id,
+        sample=req.sample,
+        seed=req.seed,
+        prompt=req.prompt,
+        prefill=req.prefill,
+        prefill_ids=list(req.prefill_ids),
+        k=req.k,
+        bias=req.bias,
+        policy=req.policy,
         category=req.category,
-    )  # fmt: skip
+    )
     if dec is not None:
         controls = render.control_tokens(dec.raw)
         backtracks = [t for t in controls if t != _replace()]

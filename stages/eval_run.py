@@ -14,10 +14,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import records, store
-from stages import eval_midstream, eval_utility
-from stages.eval_model import EvalModel
 from pipeline.decode import DecodeConfig, Decoded, Decoder
 from pipeline.decode import Request as DecodeRequest
+from stages import eval_midstream, eval_utility
+from stages.eval_model import EvalModel
 from stages.eval_rows import GENERATIONS, Request, judge_texts, row
 
 # Suites whose generations the harm judges score (utility is scored by exact match; benign by
@@ -53,7 +53,7 @@ def run_requests(
             done = _chunk(model, chunk, judges, decode_cfg, env, batch_size, processors)
             store.atomic_write_table(path, records.table(done, GENERATIONS))
             rows += done
-            bar.advance(len(chunk), tokens=sum(r["emitted_tokens"] or 0 for r in done))
+            bar.advance(len(chunk), tokens=sum(r.get("emitted_tokens") or 0 for r in done))
     return rows
 
 
@@ -79,15 +79,18 @@ def _chunk(
         if req.suite == "utility":
             r.update(eval_utility.score(req.setting, r["visible"], req.extra["gold"]))
         if req.suite == "midstream":
-            r.update(eval_midstream.generation_checks(r["raw"], req.extra["span"], req.policy,
-                                                      r["visible"]))  # fmt: skip
+            r.update(
+                eval_midstream.generation_checks(
+                    r["raw"], req.extra["span"], req.policy, r["visible"]
+                )
+            )
         out.append(r)
     _judge(out, judges)
     return out
 
 
 def _judge(rows: list[dict[str, Any]], judges: list[Any]) -> None:
-    todo = [r for r in rows if r["raw"] is not None and r["suite"] in JUDGED]
+    todo = [r for r in rows if r.get("raw") is not None and r["suite"] in JUDGED]
     for r in rows:
         r["verdicts_raw"], r["verdicts_visible"] = [], []
     if not todo:
@@ -115,14 +118,22 @@ def decode(
     scorer = env.scorer(decode_cfg.guard.scorer) if decode_cfg.guard is not None else None
     out: list[Decoded | None] = [None] * len(requests)
     for (temperature, top_p, top_k, max_new, bias), idx in groups.items():
-        cfg = decode_cfg.model_copy(update={
-            "temperature": temperature, "top_p": top_p, "top_k": top_k,
-            "max_new_tokens": max_new, "bias": _biased(model, decode_cfg, bias),
-        })  # fmt: skip
+        cfg = decode_cfg.model_copy(
+            update={
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "max_new_tokens": max_new,
+                "bias": _biased(model, decode_cfg, bias),
+            }
+        )
         decoder = Decoder(model.generator, cfg, scorer)
         turns = [
-            DecodeRequest([{"role": "user", "content": requests[i].prompt}],
-                          prefill=requests[i].prefill_ids, seed=requests[i].seed)  # fmt: skip
+            DecodeRequest(
+                [{"role": "user", "content": requests[i].prompt}],
+                prefill=requests[i].prefill_ids,
+                seed=requests[i].seed,
+            )
             for i in idx
         ]
         for i, turn in zip(idx, decoder.decode(turns, processors), strict=True):

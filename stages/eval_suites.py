@@ -26,8 +26,9 @@ from stages.eval_rows import Request
 
 
 def _sampling(s: Sampling) -> dict[str, Any]:
-    return dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                max_new_tokens=s.max_new_tokens)  # fmt: skip
+    return dict(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens
+    )
 
 
 def harmful(files: tuple[eval_data.PromptFile, ...], n: int) -> tuple[list, list]:
@@ -50,18 +51,29 @@ def plan_prefill(
         for k in cfg.ks:
             if k > len(answer_ids):
                 detail = f"prompt {p.id}: answer has {len(answer_ids)} tokens, k={k}"
-                rejected.append(eval_data.reject_row(cfg.prompts[0], p.id, "prefill_too_short",
-                                                  detail))  # fmt: skip
+                rejected.append(
+                    eval_data.reject_row(cfg.prompts[0], p.id, "prefill_too_short", detail)
+                )
                 continue
             prefill_ids = tuple(answer_ids[:k])
             prefill = model.tokenizer.decode(list(prefill_ids), skip_special_tokens=False)
             for s in range(cfg.samples):
-                requests.append(Request(
-                    suite=suite, setting=f"k={k}", prompt_id=p.id, prompt=p.prompt,
-                    context=tuple(model.prompt_ids(p.prompt, list(prefill_ids))),
-                    seed=seeds.derive(seed, suite, k, p.id, s), sample=s, prefill=prefill,
-                    prefill_ids=prefill_ids, k=k, category=p.category, **_sampling(cfg.sampling),
-                ))  # fmt: skip
+                requests.append(
+                    Request(
+                        suite=suite,
+                        setting=f"k={k}",
+                        prompt_id=p.id,
+                        prompt=p.prompt,
+                        context=tuple(model.prompt_ids(p.prompt, list(prefill_ids))),
+                        seed=seeds.derive(seed, suite, k, p.id, s),
+                        sample=s,
+                        prefill=prefill,
+                        prefill_ids=prefill_ids,
+                        k=k,
+                        category=p.category,
+                        **_sampling(cfg.sampling),
+                    )
+                )
     return requests, rejected
 
 
@@ -73,12 +85,20 @@ def plan_benign(
     for r in rows[: cfg.n]:
         for bias in cfg.biases:
             for s in range(cfg.samples):
-                requests.append(Request(
-                    suite=suite, setting=f"bias={bias:g}", prompt_id=r["id"], prompt=r["prompt"],
-                    context=tuple(model.prompt_ids(r["prompt"])),
-                    seed=seeds.derive(seed, suite, r["id"], s), sample=s, bias=bias,
-                    category=r.get("type"), **_sampling(cfg.sampling),
-                ))  # fmt: skip
+                requests.append(
+                    Request(
+                        suite=suite,
+                        setting=f"bias={bias:g}",
+                        prompt_id=r["id"],
+                        prompt=r["prompt"],
+                        context=tuple(model.prompt_ids(r["prompt"])),
+                        seed=seeds.derive(seed, suite, r["id"], s),
+                        sample=s,
+                        bias=bias,
+                        category=r.get("type"),
+                        **_sampling(cfg.sampling),
+                    )
+                )
     return requests, rejected
 
 
@@ -91,12 +111,21 @@ def plan_decoding(
     for p in prompts:
         for t, top_p, top_k in grid:
             setting = f"T={t:g},top_p={top_p:g},top_k={top_k}"
-            requests.append(Request(
-                suite=suite, setting=setting, prompt_id=p.id, prompt=p.prompt,
-                context=tuple(model.prompt_ids(p.prompt)), seed=seeds.derive(seed, setting, p.id),
-                temperature=t, top_p=top_p, top_k=top_k, max_new_tokens=cfg.max_new_tokens,
-                category=p.category,
-            ))  # fmt: skip
+            requests.append(
+                Request(
+                    suite=suite,
+                    setting=setting,
+                    prompt_id=p.id,
+                    prompt=p.prompt,
+                    context=tuple(model.prompt_ids(p.prompt)),
+                    seed=seeds.derive(seed, setting, p.id),
+                    temperature=t,
+                    top_p=top_p,
+                    top_k=top_k,
+                    max_new_tokens=cfg.max_new_tokens,
+                    category=p.category,
+                )
+            )
     return requests, rejected
 
 
@@ -153,9 +182,7 @@ def summarise_benign(model: str, rows: list[dict], judges: list[str], suite: str
     return out
 
 
-def summarise_decoding(
-    model: str, rows: list[dict], judges: list[str], suite: str = "decoding"
-):
+def summarise_decoding(model: str, rows: list[dict], judges: list[str], suite: str = "decoding"):
     out = []
     for setting, group in _by(rows, "setting").items():
         out += attack_rates(model, suite, setting, group, judges)

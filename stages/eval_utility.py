@@ -66,8 +66,9 @@ def plan(
 ) -> tuple[list[Request], list[dict]]:
     requests, rejected = [], []
     s = cfg.sampling
-    sampling = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                    max_new_tokens=s.max_new_tokens)  # fmt: skip
+    sampling = dict(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens
+    )
     gsm, bad = eval_data.column_rows(cfg.gsm8k, ("question", "answer"))
     rejected += bad
     for r in gsm:
@@ -78,11 +79,18 @@ def plan(
         if sum(q.setting == "gsm8k" for q in requests) >= cfg.n:
             break
         user = render_prompt("eval/gsm8k.jinja", question=r["question"])
-        requests.append(Request(
-            suite=suite, setting="gsm8k", prompt_id=r["id"], prompt=user,
-            context=tuple(model.prompt_ids(user)), seed=seeds.derive(seed, "gsm8k", r["id"]),
-            extra={"gold": gold}, **sampling,
-        ))  # fmt: skip
+        requests.append(
+            Request(
+                suite=suite,
+                setting="gsm8k",
+                prompt_id=r["id"],
+                prompt=user,
+                context=tuple(model.prompt_ids(user)),
+                seed=seeds.derive(seed, "gsm8k", r["id"]),
+                extra={"gold": gold},
+                **sampling,
+            )
+        )
     maths, bad = eval_data.column_rows(cfg.math, ("problem", "solution"))
     rejected += bad
     for r in maths:
@@ -93,11 +101,19 @@ def plan(
         if sum(q.setting == "math" for q in requests) >= cfg.n:
             break
         user = render_prompt("eval/math.jinja", problem=r["problem"])
-        requests.append(Request(
-            suite=suite, setting="math", prompt_id=r["id"], prompt=user,
-            context=tuple(model.prompt_ids(user)), seed=seeds.derive(seed, "math", r["id"]),
-            category=r.get("type"), extra={"gold": gold}, **sampling,
-        ))  # fmt: skip
+        requests.append(
+            Request(
+                suite=suite,
+                setting="math",
+                prompt_id=r["id"],
+                prompt=user,
+                context=tuple(model.prompt_ids(user)),
+                seed=seeds.derive(seed, "math", r["id"]),
+                category=r.get("type"),
+                extra={"gold": gold},
+                **sampling,
+            )
+        )
     return requests, rejected
 
 

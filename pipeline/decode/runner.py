@@ -20,7 +20,8 @@ row), so a row decodes the same alone or in any batch.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
