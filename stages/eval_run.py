@@ -50,10 +50,14 @@ def run_requests(
                 rows += pq.read_table(path).to_pylist()
                 bar.advance(len(chunk))
                 continue
-            done = _chunk(model, chunk, judges, decode_cfg, env, batch_size, processors)
-            store.atomic_write_table(path, records.table(done, GENERATIONS))
-            rows += done
-            bar.advance(len(chunk), tokens=sum(r.get("emitted_tokens") or 0 for r in done))
+            done = records.table(
+                _chunk(model, chunk, judges, decode_cfg, env, batch_size, processors), GENERATIONS
+            )
+            store.atomic_write_table(path, done)
+            rows += done.to_pylist()  # the same shape a resumed attempt reads back
+            bar.advance(
+                len(chunk), tokens=sum(t or 0 for t in done.column("emitted_tokens").to_pylist())
+            )
     return rows
 
 
