@@ -109,8 +109,10 @@ def test_shipped_harmbench_sample_is_in_the_real_layout():
 
 def test_bad_rows_are_rejected_with_a_reason(tmp_path):
     path = tmp_path / "m.jsonl"
-    rows = [{"id": "a", "prompt": "p", "prefix": "x ", "span": "s", "benign": "b", "policy": "hate"},
-            {"id": "b", "prompt": "p", "prefix": "x ", "span": "", "benign": "b", "policy": "hate"}]
+    rows = [
+        {"id": "a", "prompt": "p", "prefix": "x ", "span": "s", "benign": "b", "policy": "hate"},
+        {"id": "b", "prompt": "p", "prefix": "x ", "span": "", "benign": "b", "policy": "hate"},
+    ]
     path.write_text("\n".join(map(json.dumps, rows)) + "\n")  # fmt: skip
     kept, rejected = eval_data.column_rows(eval_data.PromptFile(path=path), ("span",))
     assert [r["id"] for r in kept] == ["a"]
