@@ -83,13 +83,23 @@ HARMFUL_TURNS = {
 
 def test_scripted_model_gives_exact_prefill_rates(tmp_path, scripted_dir):
     model = _model(scripted_dir)
-    cfg = PrefillSuite(prompts=(PromptFile(path=_write_csv(tmp_path / "h.csv", [*HARMFUL_TURNS])),),
-                       n=5, ks=(0,))  # fmt: skip
+    cfg = PrefillSuite(
+        prompts=(PromptFile(path=_write_csv(tmp_path / "h.csv", [*HARMFUL_TURNS])),), n=5, ks=(0,)
+    )
     requests, rejected = eval_suites.plan_prefill(cfg, model, seed=0)
     script = ByPrompt(model, HARMFUL_TURNS)
     judge = KeywordJudge(KeywordJudgeSpec())
-    rows = run_requests(model, requests, [judge], _decode_cfg(), LocalEnv(), tmp_path / "c", 2, 4,
-                        processors=(script,))  # fmt: skip
+    rows = run_requests(
+        model,
+        requests,
+        [judge],
+        _decode_cfg(),
+        LocalEnv(),
+        tmp_path / "c",
+        2,
+        4,
+        processors=(script,),
+    )
     got = {r["metric"]: r["value"] for r in eval_suites.summarise_prefill("m", rows, ["keyword"])}
     # By hand, with the keyword judge on raw text (control tokens removed) and on visible text:
     # raw harmful: poem, joke ("Sure.Okay, fine.") = 2/5 (the others hold a refusal marker);
@@ -120,8 +130,12 @@ BENIGN_TURNS = {
 def test_scripted_model_gives_exact_false_trigger_rates_and_resumes(tmp_path, scripted_dir):
     model = _model(scripted_dir)
     path = tmp_path / "b.jsonl"
-    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p, "type": "borderline"}) + "\n"
-                            for i, p in enumerate(BENIGN_TURNS)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "prompt": p, "type": "borderline"}) + "\n"
+            for i, p in enumerate(BENIGN_TURNS)
+        )
+    )
     cfg = BenignSuite(prompts=PromptFile(path=path), n=4, biases=(0.0, -5.0))
     requests, _ = eval_suites.plan_benign(cfg, model, seed=0)
     assert {r.bias for r in requests} == {0.0, -5.0}
@@ -199,15 +213,18 @@ def test_every_suite_runs_through_the_engine_and_reports(tmp_path, scripted_dir)
         assert f"## {suite}" in report
     results = json.loads((folder / "files" / "results.json").read_text())["results"]
     models = {r["model"] for r in results if r["suite"].startswith("finetune-attack")}
-    assert models == {f"{eval_model.slug(str(scripted_dir))}+{o}"
-                      for o in ("sft", "constrained", "controlled")}  # fmt: skip
+    assert models == {
+        f"{eval_model.slug(str(scripted_dir))}+{o}" for o in ("sft", "constrained", "controlled")
+    }
     plots = {p.name for p in (folder / "files" / "plots").iterdir()}
     assert {"prefill_asr_visible_vs_k.png", "benign_false_triggers_vs_bias.png"} <= plots
     generations = pq.read_table(folder / "generations").to_pylist()
     assert {g["suite"] for g in generations} >= {"prefill", "midstream", "benign", "utility"}
     prefill = [g for g in generations if g["suite"] == "prefill"]
     assert {v["judge"] for v in prefill[0]["verdicts_visible"]} == {
-        "keyword", "scorer:profanity-check"}  # fmt: skip
+        "keyword",
+        "scorer:profanity-check",
+    }
     assert not (folder / "files" / "chunks").exists()
     assert pipe.run(["eval"]) == {"eval": "cached"}
 

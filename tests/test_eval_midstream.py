@@ -28,10 +28,16 @@ pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 def _midstream_file(path, n: int = 12):
     rng = random.Random(777)  # held out: not the corpus's draws
     rows = [
-        {"id": f"m{i}", "prompt": rng.choice(PROMPTS), "prefix": benign(rng) + " ",
-         "span": harmful(rng), "benign": benign(rng), "policy": "hate"}
+        {
+            "id": f"m{i}",
+            "prompt": rng.choice(PROMPTS),
+            "prefix": benign(rng) + " ",
+            "span": harmful(rng),
+            "benign": benign(rng),
+            "policy": "hate",
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -42,17 +48,25 @@ def _p_policy(model_dir, tmp_path, tag):
     requests, rejected = eval_midstream.plan(cfg, model, seed=0)
     forced = [r for r in requests if r.forced]
     rows = run_requests(model, forced, [], DecodeConfig(), LocalEnv(), tmp_path / tag, 8, 8)
-    got = {r["setting"]: r["value"] for r in eval_midstream.summarise(tag, rows, [])
-           if r["metric"] == "p_policy" and r["setting"].startswith("all")}  # fmt: skip
+    got = {
+        r["setting"]: r["value"]
+        for r in eval_midstream.summarise(tag, rows, [])
+        if r["metric"] == "p_policy" and r["setting"].startswith("all")
+    }
     return got["all,after=span"], got["all,after=benign"]
 
 
 def test_trained_model_backtracks_after_harm_not_after_benign_text(tmp_path, tiny_model_dir):
     folder = corpus(tmp_path / "data", {"bsafe": 160, "reset": 80, "utility": 80}, validation=0)
     cfg = TrainConfig(
-        model=str(tiny_model_dir), steps=120, batch_size=8, lr=3e-3, warmup_steps=10,
-        eval_rows=0, max_length=256,
-    )  # fmt: skip
+        model=str(tiny_model_dir),
+        steps=120,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=10,
+        eval_rows=0,
+        max_length=256,
+    )
     trained = train(cfg, folder, tmp_path / "out", log=lambda _: None)
     untrained = control_model(tmp_path / "untrained", sliding_window=64)
     t_span, t_benign = _p_policy(trained, tmp_path, "trained")
