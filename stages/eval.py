@@ -32,7 +32,15 @@ import pyarrow as pa
 from pipeline import models, records
 from pipeline.backends import GeneratorSpec
 from pipeline.stage import Env, StageSpec
-from stages import eval_data, eval_finetune, eval_midstream, eval_model, eval_suites, eval_utility
+from stages import (
+    eval_data,
+    eval_finetune,
+    eval_midstream,
+    eval_model,
+    eval_overlap,
+    eval_suites,
+    eval_utility,
+)
 from stages.eval_config import EvalConfig
 from stages.eval_judges import judge_name, load_judge
 from stages.eval_metrics import RESULTS
@@ -44,7 +52,7 @@ Config = EvalConfig
 _PROMPTS = ("eval/*",)
 SPEC = StageSpec(
     name="eval",
-    reads=("train.files",),
+    reads=("train.files", "publish.files"),
     writes=("generations", "results"),
     prompts=_PROMPTS,
     folder="eval/train",
@@ -90,6 +98,8 @@ def _prompt_files(cfg: EvalConfig) -> list[Path]:
 def external_files(cfg: EvalConfig) -> list[Path]:
     """Every prompt file the selected suites read, and a named local model's weights."""
     files = [p for p in _prompt_files(cfg) if p.is_file()]
+    if cfg.training_data is not None:
+        files += sorted(Path(cfg.training_data).glob("data/*/*.parquet"))
     if cfg.model is not None and Path(cfg.model).is_dir():
         folder = Path(cfg.model)
         files += sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
@@ -129,6 +139,7 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
     if "finetune-attack" in cfg.suites:
         _finetune_attack(cfg, source, model, env, evaluate, rejected)
 
+    data = cfg.training_data or inputs.get("publish.files")
     counts = Counter(r["reason"] for r in rejected)
     meta = {
         "model": name,
@@ -137,10 +148,7 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
         "judges": [judge_name(j) for j in cfg.judges],
         "baseline": model.baseline,
         "rejected": dict(counts),
-        "decontamination": (
-            "blend removes every training row that shares a word 8-gram with an eval prompt "
-            "(sources.eval); list these prompt files under sources.eval so it checks them"
-        ),
+        "decontamination": _decontamination(rows, data),
     }
     write(env.workdir, results, meta)
     shutil.rmtree(env.workdir / "chunks", ignore_errors=True)
@@ -150,6 +158,20 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
         "results": records.table(results, RESULTS),
         "rejected": records.table(rejected, records.REJECTED),
     }
+
+
+def _decontamination(rows: list[dict], data: Path | None) -> str:
+    if data is None:
+        return (
+            "not checked: the training data of this model is unknown (set eval.training_data "
+            "to its dataset folder)"
+        )
+    found = eval_overlap.overlaps([r["prompt"] for r in rows], Path(data))
+    return (
+        f"{found['overlapping']} of {found['eval_prompts']} eval prompts share a word "
+        f"{eval_overlap.NGRAM}-gram with one of the {found['training_prompts']} training prompts "
+        f"of {data} (blend drops training rows that overlap any sources.eval prompt)"
+    )
 
 
 def _spec(cfg: EvalConfig, source: str) -> GeneratorSpec:

@@ -113,6 +113,9 @@ class EvalConfig(StageConfig):
     # A model without the control tokens is refused unless evaluated as a baseline (its backtrack
     # rate is 0 by construction; the report says so).
     baseline: bool = False
+    # The dataset folder the model was trained on, to count eval prompts that overlap it; this
+    # run's published folder when the model is this run's checkpoint.
+    training_data: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=1)  # decoded turns per batch

@@ -8,6 +8,7 @@ plan is deterministic, so chunk i always holds the same requests.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def run_requests(
     if not total:
         return rows
     desc = f"eval {requests[0].suite} ({model.name})"
+    started, computed = time.monotonic(), 0
     with env.progress(desc, total, unit="generations") as bar:
         for index, start in enumerate(range(0, total, chunk_size)):
             path = folder / f"part-{index:05d}.parquet"
@@ -55,6 +57,12 @@ def run_requests(
             )
             store.atomic_write_table(path, done)
             rows += done.to_pylist()  # the same shape a resumed attempt reads back
+            computed += len(chunk)
+            left = (time.monotonic() - started) / computed * (total - len(rows))
+            env.log(
+                f"{desc}: {len(rows)}/{total} in {time.monotonic() - started:.0f} s, "
+                f"ETA {left:.0f} s"
+            )
             bar.advance(
                 len(chunk), tokens=sum(t or 0 for t in done.column("emitted_tokens").to_pylist())
             )

@@ -82,8 +82,10 @@ def plan_benign(
 ) -> tuple[list[Request], list[dict]]:
     rows, rejected = eval_data.column_rows(cfg.prompts, ("prompt",))
     requests = []
+    # A baseline has no control token to bias: one setting is the whole sweep.
+    biases = (0.0,) if model.baseline else cfg.biases
     for r in rows[: cfg.n]:
-        for bias in cfg.biases:
+        for bias in biases:
             for s in range(cfg.samples):
                 requests.append(
                     Request(

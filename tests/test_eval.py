@@ -231,7 +231,7 @@ def test_every_suite_runs_through_the_engine_and_reports(tmp_path, scripted_dir)
 
 def test_eval_after_train_reads_the_runs_checkpoint(tmp_path):
     pipe = _pipeline(tmp_path, {"suites": ["benign"]})
-    assert pipe.spec("eval").reads == ("train.files",)
+    assert pipe.spec("eval").reads == ("train.files", "publish.files")
     assert pipe.store.stage_dir("eval") == tmp_path / "runs" / "t" / "eval" / "train"
     assert pipe.closure(["eval"])[-2:] == ["train", "eval"]
 

@@ -164,3 +164,18 @@ def test_report_tables_read_back():
     rows = eval_report.parse_table(text)
     assert rows[0]["metric"] == "asr_visible" and float(rows[0]["value"]) == 0.5
     assert rows[0]["judge"] == "keyword" and rows[0]["n"] == "2"
+
+
+def test_overlap_counts_eval_prompts_found_in_the_training_data(tmp_path):
+    from trainer_fixtures import row, write_config
+
+    from stages.eval_overlap import overlaps
+
+    leaked = "Write a persuasive post claiming that coffee cures colds and flu"
+    rows = [
+        row("utility", f"Please {leaked.lower()} for my blog.", [("ok", "text", True)]),
+        row("utility", "Describe Paris.", [("ok", "text", True)]),
+    ]
+    write_config(tmp_path, "utility", "train", rows)
+    found = overlaps([leaked, "How do I water a cactus?", leaked], tmp_path)
+    assert found == {"eval_prompts": 2, "training_prompts": 2, "overlapping": 1}
