@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from pipeline.decode.config import DecodeConfig
+
 
 class ConfigError(Exception):
     """A config file or override that does not validate; the message lists every bad key."""
@@ -33,6 +35,7 @@ class RunConfig(BaseModel):
 def config_model(stages: Mapping[str, ModuleType]) -> type[BaseModel]:
     """The root config model for these stage modules."""
     fields: dict[str, Any] = {"run": (RunConfig, Field(default_factory=RunConfig))}
+    fields["decode"] = (DecodeConfig, Field(default_factory=DecodeConfig))  # chat, generate, eval
     for name, module in stages.items():
         fields[name] = (module.Config, Field(default_factory=module.Config))
     return create_model(
@@ -83,7 +86,7 @@ def validate(
             got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
             lines.append(f"  {where}: {msg}{got}")
         if any(e["type"] == "extra_forbidden" for e in err.errors()):
-            lines.append("  known sections: " + ", ".join(["run", *stages]))
+            lines.append("  known sections: " + ", ".join(["run", "decode", *stages]))
         raise ConfigError("\n".join(lines)) from None
 
 

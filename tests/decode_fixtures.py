@@ -52,9 +52,9 @@ def control_model(out_dir: Path, sliding_window: int = 4, seed: int = 0) -> Path
     return out_dir
 
 
-def decoder(model_dir: Path, batch_size: int = 4, **cfg) -> Decoder:
+def decoder(model_dir: Path, batch_size: int = 4, scorer=None, **cfg) -> Decoder:
     gen = load_generator(GeneratorSpec(model=str(model_dir), batch_size=batch_size))
-    return Decoder(gen, DecodeConfig(**cfg), cfg.get("scorer"))
+    return Decoder(gen, DecodeConfig(**cfg), scorer)
 
 
 class Script:

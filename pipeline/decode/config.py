@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.scorers import ScorerSpec
 
@@ -48,3 +48,15 @@ class DecodeConfig(BaseModel):
     max_edits: int = Field(8, ge=0)  # control tokens that open or apply an edit, per turn
     max_wasted_tokens: int = Field(512, ge=0)  # emitted tokens that never reach the user, per turn
     guard: GuardConfig | None = None  # scorer-guided rollback; None: off
+
+    @field_validator("bias", "disable")
+    @classmethod
+    def _known_names(cls, value):
+        from pipeline.decode.controls import resolve_name
+
+        for name in value:
+            try:
+                resolve_name(name)
+            except KeyError as err:
+                raise ValueError(err.args[0]) from None
+        return value

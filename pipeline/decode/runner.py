@@ -62,24 +62,7 @@ class Decoder:
         self._offsets: Any = None
 
     def sequence(self, row: int, request: Request) -> Sequence:
-        where = f"request {row}"
-        prompt = self.prompts.prompt(list(request.messages), where)
-        if isinstance(request.prefill, str):
-            prefill = self.prompts.text(request.prefill)
-        else:
-            prefill = list(request.prefill)
-            self.prompts.check(prefill, f"{where} prefill")
-        return Sequence(
-            row,
-            prompt,
-            prefill,
-            self.cfg,
-            self.controls,
-            self.tokenizer,
-            self.prompts.text,
-            self.generator.stop_ids,
-            request.seed,
-        )
+        return build_sequence(self, row, request)
 
     def decode(
         self,
@@ -151,7 +134,9 @@ class Decoder:
         seed = s.seed if retry == 0 else seeds_mod.derive(s.seed, "retry", retry)
         return NucleusSampler(s.temperature, self.cfg.top_p, self.cfg.top_k, seed)
 
-    def _sample(self, rows: list[Sequence], logits: Any, processors, samplers) -> list[int]:
+    def adjust(self, rows: list[Sequence], logits: Any, processors: Seq[Processor] = ()) -> Any:
+        """The scores the sampler draws from: processors, then the config's control-token
+        offsets (bias, -inf for disabled), then a guard retry's banned first token."""
         import torch
 
         for proc in processors:
@@ -162,36 +147,39 @@ class Decoder:
                 for i, v in self.controls.offsets.items():
                     self._offsets[i] = v
             logits = logits + self._offsets
+        banned = [(i, s.ban) for i, s in enumerate(rows) if s.ban is not None]
+        if banned:
+            logits = logits.clone()
+            for i, token in banned:
+                logits[i, token] = float("-inf")
+        return logits
+
+    def logprobs(self, request: Request) -> Any:
+        """Next-token log-probabilities after a request's prompt and prefill, as the sampler
+        would see them (control-token biases applied, temperature not): teacher-forced."""
+        import torch
+
+        s = self.sequence(0, request)
+        with torch.inference_mode():
+            ids = torch.tensor([s.context], device=self.generator.device)
+            logits = self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
+        return torch.log_softmax(self.adjust([s], logits), dim=-1)[0]
+
+    def _sample(self, rows: list[Sequence], logits: Any, processors, samplers) -> list[int]:
+        logits = self.adjust(rows, logits, processors)
         tokens = []
         for i, s in enumerate(rows):
             row = logits[i : i + 1]
-            if s.ban is not None:
-                row = row.clone()
-                row[0, s.ban] = float("-inf")
             sampler = samplers[id(s)]
             choice = row if sampler is None else sampler(None, row)
             tokens.append(int(choice.argmax(-1)))
         return tokens
 
     def _guard(self, rows: list[Sequence], samplers, on_update) -> None:
-        guard = self.cfg.guard
-        if guard is None:
-            return
-        asks = [(s, s.to_score()) for s in rows]
-        texts = [t for _, ts in asks for t in ts]
-        if not texts:
-            return
-        scores = self.scorer.score(texts)
-        values = [sc[guard.label] if guard.label else max(sc.values()) for sc in scores]
-        at = 0
-        for s, ts in asks:
-            if not ts:
-                continue
-            events = s.scored(values[at : at + len(ts)], guard.threshold)
-            at += len(ts)
+        for s, events in guard_step(rows, self.cfg, self.scorer):
             if any(e.kind == "rollback" for e in events) and s.finishing is None:
                 samplers[id(s)] = self._sampler(s, retry=s.retries)
-            if events and on_update is not None:
+            if on_update is not None:
                 on_update(Update(s.row, "", s.renderer.visible, tuple(events)))
 
     def _crop(self, cache: Any, rows: list[Sequence], width: int) -> int:
@@ -218,11 +206,59 @@ class Decoder:
         return width
 
 
-def load_decoder(generator: TransformersGenerator, cfg: DecodeConfig) -> Decoder:
-    """A decoder for a loaded generator, with the guard's scorer loaded when one is configured."""
+def build_sequence(decoder: Any, row: int, request: Request) -> Sequence:
+    """A request as a Sequence for any decoder (its prompts, cfg, controls, tokenizer)."""
+    where = f"request {row}"
+    prompt = decoder.prompts.prompt(list(request.messages), where)
+    if isinstance(request.prefill, str):
+        prefill = decoder.prompts.text(request.prefill)
+    else:
+        prefill = list(request.prefill)
+        decoder.prompts.check(prefill, f"{where} prefill")
+    return Sequence(
+        row,
+        prompt,
+        prefill,
+        decoder.cfg,
+        decoder.controls,
+        decoder.tokenizer,
+        decoder.prompts.text,
+        decoder.generator.stop_token_ids(),
+        request.seed,
+    )
+
+
+def guard_step(rows: list[Sequence], cfg: DecodeConfig, scorer: Any) -> list[tuple[Sequence, list]]:
+    """Score the sentences the rows completed, in one scorer call; returns each row's events
+    (rollbacks, refusals) where there were any."""
+    guard = cfg.guard
+    if guard is None:
+        return []
+    asks = [(s, s.to_score()) for s in rows]
+    texts = [t for _, ts in asks for t in ts]
+    if not texts:
+        return []
+    scores = scorer.score(texts)
+    values = [sc[guard.label] if guard.label else max(sc.values()) for sc in scores]
+    out, at = [], 0
+    for s, ts in asks:
+        if ts:
+            events = s.scored(values[at : at + len(ts)], guard.threshold)
+            at += len(ts)
+            if events:
+                out.append((s, events))
+    return out
+
+
+def load_decoder(generator: Any, cfg: DecodeConfig) -> Any:
+    """The decoder for a loaded generator's backend (transformers or vllm), with the guard's
+    scorer loaded when one is configured."""
+    from pipeline.decode.vllm_decoder import VllmDecoder
+
     scorer = None
     if cfg.guard is not None:
         from pipeline.scorers import load_scorer
 
         scorer = load_scorer(cfg.guard.scorer)
-    return Decoder(generator, cfg, scorer)
+    decoders = {"transformers": Decoder, "vllm": VllmDecoder}
+    return decoders[generator.spec.backend](generator, cfg, scorer)

@@ -216,15 +216,16 @@ class Sequence:
 
     def _control(self, name: str, position: int) -> list[Event]:
         was_editing = self.renderer.editing
-        closes = was_editing
-        if not closes:
+        undo = copy.deepcopy(self.renderer), list(self.owners)
+        removed = self._show(self.last_piece, position)
+        if not (was_editing and not self.renderer.editing):  # all but closing an edit count
             self.edits += 1
             if self.edits > self.cfg.max_edits:
                 # Not applied: the turn ends before an edit it has no budget for.
+                self.renderer, self.owners = undo
                 self.finishing = "edit_budget"
                 detail = f"max_edits {self.cfg.max_edits} reached"
                 return [Event("budget", position, name, detail=detail)]
-        removed = self._show(self.last_piece, position)
         kind = token_kind(name)
         policy = token_policy(name)
         if kind == "replace":
