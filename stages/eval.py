@@ -175,8 +175,16 @@ def _decontamination(rows: list[dict], data: Path | None) -> str:
 
 
 def _spec(cfg: EvalConfig, source: str) -> GeneratorSpec:
-    return GeneratorSpec(model=source, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
-                         batch_size=cfg.batch_size)  # fmt: skip
+    return GeneratorSpec(
+        backend=cfg.backend,
+        model=source,
+        revision=cfg.revision,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+    )
 
 
 def _finetune_attack(cfg, source, model, env, evaluate, rejected) -> None:

@@ -116,9 +116,12 @@ class EvalConfig(StageConfig):
     # The dataset folder the model was trained on, to count eval prompts that overlap it; this
     # run's published folder when the model is this run's checkpoint.
     training_data: Path | None = None
+    backend: Literal["transformers", "vllm"] = "transformers"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(8, ge=1)  # decoded turns per batch
+    batch_size: int = Field(8, ge=1)  # decoded turns per batch (transformers)
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)  # vllm: leave room for the judges
+    max_model_len: int | None = None  # vllm
     # How the model is served (context keep/drop, per-policy bias and disable, budgets, guard for
     # scorer-guided rollback). Each suite sets the sampling (temperature, top_p, top_k,
     # max_new_tokens) itself, and the benign sweep adds its bias on top of `decode.bias`.

@@ -29,9 +29,21 @@ class EvalModel:
     generator: Any  # a loaded pipeline.backends generator (the decoder runs on it)
     baseline: bool  # evaluated without control tokens: backtracking is 0 by construction
 
-    @property
+    @cached_property
     def model(self) -> Any:
-        return self.generator.model
+        """The transformers model, for teacher-forced probabilities; with the vLLM backend the
+        weights are loaded a second time, with transformers, on the same device."""
+        if hasattr(self.generator, "model"):
+            return self.generator.model
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        spec = self.generator.spec
+        path = models.resolve_model_path(spec.model, spec.revision)
+        net = AutoModelForCausalLM.from_pretrained(
+            path, revision=spec.revision, dtype=torch.bfloat16 if self.device == "cuda" else None
+        ).to(self.device)
+        return net.eval()
 
     @property
     def tokenizer(self) -> Any:
@@ -39,7 +51,7 @@ class EvalModel:
 
     @property
     def device(self) -> str:
-        return self.generator.device
+        return getattr(self.generator, "device", "cuda")  # vLLM runs on CUDA only
 
     @cached_property
     def encoder(self) -> Encoder:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline import records, store
 from pipeline.decode import DecodeConfig, Decoded, Decoder
 from pipeline.decode import Request as DecodeRequest
+from pipeline.decode.vllm_decoder import VllmDecoder
 from stages import eval_midstream, eval_utility
 from stages.eval_model import EvalModel
 from stages.eval_rows import GENERATIONS, Request, judge_texts, row
@@ -139,7 +140,7 @@ def decode(
                 "bias": _biased(model, decode_cfg, bias),
             }
         )
-        decoder = Decoder(model.generator, cfg, scorer)
+        decoder = _decoder(model.generator, cfg, scorer)
         turns = [
             DecodeRequest(
                 [{"role": "user", "content": requests[i].prompt}],
@@ -148,9 +149,17 @@ def decode(
             )
             for i in idx
         ]
-        for i, turn in zip(idx, decoder.decode(turns, processors), strict=True):
+        decoded = decoder.decode(turns, processors) if processors else decoder.decode(turns)
+        for i, turn in zip(idx, decoded, strict=True):
             out[i] = turn
     return out
+
+
+def _decoder(generator: Any, cfg: DecodeConfig, scorer: Any) -> Any:
+    """pipeline.decode's decoder for the generator's backend, with the engine's cached scorer
+    (load_decoder would load the guard's scorer again for every setting)."""
+    decoders = {"transformers": Decoder, "vllm": VllmDecoder}
+    return decoders[generator.spec.backend](generator, cfg, scorer)
 
 
 def _biased(model: EvalModel, decode_cfg: DecodeConfig, bias: float) -> dict[str, float]:
