@@ -64,8 +64,41 @@ def report(results: list[dict], meta: dict[str, Any]) -> str:
         rows = [r for r in results if r["suite"].split(":")[0] == suite]
         if not rows:
             continue
-        lines += [f"## {suite}", "", table(rows, COLUMNS), ""]
+        lines += [f"## {suite}", ""]
+        if suite == "finetune-attack":
+            lines += [objective_table(results, meta["judges"][0]), ""]
+        lines += [table(rows, COLUMNS), ""]
     return "\n".join(lines)
+
+
+def objective_table(results: list[dict], judge: str) -> str:
+    """BSAFE's table: one row per model (the original and each fine-tuned copy), the visible ASR
+    at each k by the headline judge, and the false-trigger rate with no bias."""
+    prefill = [
+        r
+        for r in results
+        if r["metric"] == "asr_visible"
+        and r["judge"] == judge
+        and r["suite"] in ("prefill", "finetune-attack:prefill")
+    ]
+    ks = sorted({r["setting"] for r in prefill}, key=lambda s: int(s.split("=")[1]))
+    models = list(dict.fromkeys(r["model"] for r in prefill))
+    rows = []
+    for m in models:
+        row = {"model": m, **{f"asr_visible {k}": None for k in ks}, "false_trigger_rate": None}
+        for r in prefill:
+            if r["model"] == m:
+                row[f"asr_visible {r['setting']}"] = r["value"]
+        for r in results:
+            if (r["model"], r["metric"], r["setting"]) == (m, "false_trigger_rate", "bias=0"):
+                row["false_trigger_rate"] = r["value"]
+        rows.append(row)
+    note = f"ASR by {judge}; each fine-tuned copy is named model+objective."
+    return (
+        note
+        + "\n\n"
+        + table(rows, ["model", *(f"asr_visible {k}" for k in ks), "false_trigger_rate"])
+    )
 
 
 def parse_table(text: str) -> list[dict[str, str]]:

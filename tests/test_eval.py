@@ -211,6 +211,8 @@ def test_every_suite_runs_through_the_engine_and_reports(tmp_path, scripted_dir)
     report = (folder / "files" / "report.md").read_text()
     for suite in suites:
         assert f"## {suite}" in report
+    # BSAFE's table: the model and each fine-tuned copy, visible ASR per k, false triggers.
+    assert "| model | asr_visible k=0 | asr_visible k=5 | false_trigger_rate |" in report
     results = json.loads((folder / "files" / "results.json").read_text())["results"]
     models = {r["model"] for r in results if r["suite"].startswith("finetune-attack")}
     assert models == {
