@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt
 from pipeline.scorers import ScorerSpec, load_scorer
+from stages.eval_model import left_padded
 
 # Refusal markers from Zou et al. (GCG, 2023) and Qi et al.'s keyword judge, lower-cased.
 REFUSAL_MARKERS = (
@@ -221,7 +222,9 @@ class GuardJudge:
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=self.device)
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask.to(self.device)).logits
+                logits = self.model(
+                    input_ids=ids, **left_padded(mask, self.device), use_cache=False
+                ).logits
             pair = logits[:, -1, list(self.ids)].float().softmax(-1)[:, 0].tolist()
             out.extend(Verdict(p >= self.spec.threshold, p) for p in pair)
         return out

@@ -91,9 +91,18 @@ class EvalModel:
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in batch], device=self.device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in batch])
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask.to(self.device)).logits
+                logits = self.model(
+                    input_ids=ids, **left_padded(mask, self.device), use_cache=False
+                ).logits
             out.append(logits[:, -1].float().softmax(-1).cpu())
         return torch.cat(out)
+
+
+def left_padded(mask: Any, device: str) -> dict[str, Any]:
+    """Attention mask and position ids for a left-padded batch: each row's positions start at 0
+    at its first real token, so a padded row scores exactly as it would alone."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 def slug(model: str | None) -> str:
