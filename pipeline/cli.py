@@ -9,6 +9,9 @@
     retrace train [--config F] [--set train.k=v] [--data FOLDER]
     retrace eval [--model CKPT|embedded|HUB_ID] [--suite S] [--baseline] [--decode k=v]
     retrace eval --compare DIR DIR...
+    retrace chat [--model CKPT|embedded|HUB_ID] [--show visible|raw|both] [--bias RESET=-5]
+                 [--guard profanity-check] [--set decode.k=v]
+    retrace generate --prompts FILE [--model ...] [--out FILE] [--bias ...] [--guard ...]
 
 Errors print one line (or one line per bad config key) on stderr and exit non-zero; set
 RETRACE_DEBUG=1 for the traceback.
@@ -265,3 +268,120 @@ def eval_(
     pipe.run(["eval"], force={"eval"} if force else set())
     report = pipe.store.files_dir("eval") / "report.md"
     print(report)
+
+
+# --- decoding: chat and generate (pipeline/decode, pipeline/chat.py) --------------------------
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="A checkpoint folder, 'embedded' or a Hub id.")
+]
+BiasOpt = Annotated[
+    list[str] | None,
+    typer.Option("--bias", help="Control-token logit bias, NAME=VALUE (RESET=-5, hate=2)."),
+]
+GuardOpt = Annotated[
+    str | None,
+    typer.Option("--guard", help="Scorer-guided rollback with this scorer (profanity-check)."),
+]
+BackendOpt = Annotated[str, typer.Option(help="transformers or vllm.")]
+BatchOpt = Annotated[int, typer.Option(help="Turns decoded together.")]
+DecodeConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (its decode: section).")
+]
+
+
+def _decoder(model, config, set_, bias, guard, backend="transformers", batch_size=1):
+    """(decoder, run seed) from the CLI options; the decode: section is validated first."""
+    from pipeline.backends import GeneratorSpec, load_generator
+    from pipeline.decode import load_decoder
+
+    overrides = list(set_ or [])
+    for item in bias or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise config_mod.ConfigError(f"--bias {item!r}: expected NAME=VALUE, e.g. RESET=-5")
+        overrides.append(f"decode.bias.{name}={value}")
+    if guard:
+        overrides.append(f"decode.guard.scorer.kind={guard}")
+    cfg = config_mod.load(config, load_stages(), overrides)
+    spec = GeneratorSpec.model_validate(
+        {"backend": backend, "model": model, "batch_size": batch_size}
+    )
+    return load_decoder(load_generator(spec), cfg.decode), cfg.run.seed
+
+
+def _decode_errors(fn):
+    """Bad prompts and control ids in user input are one line too."""
+    from pipeline.decode import PrivilegedTokenError
+    from pipeline.decode.batch import PromptFileError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PromptFileError, PrivilegedTokenError, ValueError) as err:
+            _fail(err, code=1)
+
+    return wrapper
+
+
+@app.command()
+@_friendly
+@_decode_errors
+def chat(
+    model: ModelOpt = "embedded",
+    show: Annotated[str, typer.Option(help="visible, raw or both.")] = "visible",
+    bias: BiasOpt = None,
+    guard: GuardOpt = None,
+    config: DecodeConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Chat with a model in the terminal; edits stay on screen struck through."""
+    from rich.console import Console
+
+    from pipeline.chat import chat as run_chat
+
+    if show not in ("visible", "raw", "both"):
+        raise config_mod.ConfigError(f"--show {show!r}: expected visible, raw or both")
+    decoder, seed = _decoder(model, config, set_, bias, guard)
+    run_chat(decoder, Console(), show=show, seed=seed)  # type: ignore[arg-type]
+
+
+@app.command()
+@_friendly
+@_decode_errors
+def generate(
+    prompts: Annotated[Path, typer.Option(help="JSONL: prompt or messages, id, prefill, seed.")],
+    model: ModelOpt = "embedded",
+    out: Annotated[Path | None, typer.Option(help="Output JSONL (default: stdout).")] = None,
+    bias: BiasOpt = None,
+    guard: GuardOpt = None,
+    backend: BackendOpt = "transformers",
+    batch_size: BatchOpt = 8,
+    config: DecodeConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Decode a file of prompts; one JSONL row per turn (raw, visible, events, tokens)."""
+    import json
+    import sys
+
+    from pipeline.decode.batch import generate_rows, read_requests
+    from pipeline.progress import bar
+
+    if not prompts.is_file():
+        raise FileNotFoundError(f"--prompts {prompts} does not exist; give a JSONL file")
+    decoder, seed = _decoder(model, config, set_, bias, guard, backend, batch_size)
+    requests = read_requests(prompts, seed)
+    tmp = out.with_name(out.name + ".tmp") if out else None
+    sink = tmp.open("w") if tmp else sys.stdout
+    try:
+        with bar("generate", len(requests)) as progress:
+            for row in generate_rows(decoder, requests, batch_size):
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                progress.advance(1, tokens=row["emitted_tokens"])
+    finally:
+        if tmp:
+            sink.close()
+    if tmp and out:
+        tmp.replace(out)  # complete files only (DESIGN §3)
+        console.print(f"wrote {len(requests)} turns to {out}")

@@ -18,3 +18,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def fluent_model_dir(tmp_path_factory) -> Path:
     """The tiny model trained for a few seconds to write sentences and stop (see tiny_gemma.py)."""
     return build_fluent_tiny_gemma(tmp_path_factory.mktemp("fluent-gemma"))
+
+
+@pytest.fixture(scope="session")
+def control_model_dir(tmp_path_factory) -> Path:
+    """The tiny Gemma with retrace's control tokens and a sliding window of 4 (decode_fixtures)."""
+    from decode_fixtures import control_model
+
+    return control_model(tmp_path_factory.mktemp("control-gemma"))

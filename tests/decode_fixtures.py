@@ -73,3 +73,34 @@ class Script:
             if len(s.emitted) < len(script):
                 scores[i, script[len(s.emitted)]] += FORCE
         return scores
+
+
+def memorised_model(out_dir: Path, user: str, turn: str, steps: int = 40) -> Path:
+    """The control model trained until it answers `user` with exactly `turn` (control tokens
+    written inline, as in a corpus row) and <end_of_turn>: a backtracking model small enough to
+    drive the real CLI, greedy decoding giving a known turn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.decode.controls import Controls, PromptEncoder
+
+    out_dir = control_model(out_dir, sliding_window=64)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    prompt = PromptEncoder(tok, Controls.build(tok, {}, ())).prompt(
+        [{"role": "user", "content": user}], "memorised"
+    )
+    target = tok(turn + "<end_of_turn>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + target])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir)
+    return out_dir

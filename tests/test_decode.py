@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_fixtures import Script, control_model, decoder
+from decode_fixtures import Script, decoder
 
 from pipeline.decode import PrivilegedTokenError, Request
 from pipeline.render import render
@@ -18,8 +18,8 @@ USER = [{"role": "user", "content": "Tell me about foxes."}]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return control_model(tmp_path_factory.mktemp("control-gemma"))
+def model_dir(control_model_dir):
+    return control_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +225,11 @@ def test_batched_equals_alone_with_the_same_seeds(model_dir):
         sampling = dict(temperature=1.0, top_p=0.9, max_new_tokens=24, context=context)
         batched = decoder(model_dir, batch_size=3, **sampling)
         alone = decoder(model_dir, batch_size=1, **sampling)
-        w, c = (lambda s: words(batched, s)), (lambda n: ctl(batched, n))
+        w, c = batched.prompts.text, batched.controls.ids
         scripts = [
-            w("The fox bites") + [c("[BACKTRACK-HATE]")] + w(" bites") + [c("[REPLACE]")],
+            w("The fox bites") + [c["[BACKTRACK-HATE]"]] + w(" bites") + [c["[REPLACE]"]],
             [],
-            w("Sure") + [c("[RESET]")],
+            w("Sure") + [c["[RESET]"]],
         ]
         requests = [
             Request(USER, seed=11),
@@ -237,6 +237,7 @@ def test_batched_equals_alone_with_the_same_seeds(model_dir):
             Request(USER, prefill="Photosynthesis is", seed=33),
         ]
         together = batched.decode(requests, processors=[Script(scripts)])
-        each = [alone.decode([r], processors=[Script([s])])[0] for r, s in zip(requests, scripts)]
+        pairs = zip(requests, scripts, strict=True)
+        each = [alone.decode([r], processors=[Script([s])])[0] for r, s in pairs]
         assert [t.to_dict() for t in together] == [e.to_dict() for e in each]
         assert len({t.raw for t in together}) == 3

@@ -5,7 +5,7 @@ out into the refusal; it works on top of the model's own edits."""
 from __future__ import annotations
 
 import pytest
-from decode_fixtures import Script, control_model, decoder
+from decode_fixtures import Script, decoder
 
 from pipeline.decode import GuardConfig, Request
 from pipeline.scorers import ScorerSpec, load_scorer, sentence_spans
@@ -17,8 +17,8 @@ THRESHOLD = 0.8
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return control_model(tmp_path_factory.mktemp("control-gemma"))
+def model_dir(control_model_dir):
+    return control_model_dir
 
 
 @pytest.fixture(scope="module")

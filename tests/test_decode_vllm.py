@@ -9,7 +9,6 @@ import types
 from dataclasses import dataclass
 
 import pytest
-from decode_fixtures import control_model
 
 from pipeline.backends import GeneratorSpec, load_generator
 from pipeline.decode import DecodeConfig, Request, load_decoder
@@ -60,8 +59,8 @@ def scripted_vllm(tokenizer, rounds):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return control_model(tmp_path_factory.mktemp("control-gemma"))
+def model_dir(control_model_dir):
+    return control_model_dir
 
 
 def test_drop_edit_stops_at_the_control_token_and_resubmits_the_cropped_prefix(

@@ -97,7 +97,9 @@ class Decoder:
                     ids[i, step - len(f) :] = torch.tensor(f)
                     pos[i, step - len(f) :] = torch.arange(s.cached, s.cached + len(f))
                 width += step
-                lengths = torch.tensor([s.cached + len(f) for s, f in zip(active, feed)])
+                lengths = torch.tensor([s.cached for s in active]) + torch.tensor(
+                    [len(f) for f in feed]
+                )
                 mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]
                 out = self.model(
                     input_ids=ids.to(self.generator.device),
@@ -117,7 +119,8 @@ class Decoder:
                         s = active[i]
                         events = s.accept(token)
                         if on_update is not None:
-                            on_update(Update(s.row, s.last_piece, s.renderer.visible, tuple(events)))
+                            update = Update(s.row, s.last_piece, s.renderer.visible, tuple(events))
+                            on_update(update)
                     self._guard([active[i] for i in ready], samplers, on_update)
                 for s in active:
                     if s.finishing is not None and not s.done:

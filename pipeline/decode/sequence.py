@@ -79,6 +79,19 @@ _NEVER = 1 << 62
 _LONGEST = 64  # more than any control token's length: how far back held-back text can start
 
 
+def diff(before: str, after: str) -> tuple[int, int]:
+    """(common prefix, common suffix) lengths of two texts, not overlapping: `after` is `before`
+    with before[a:len(before)-b] replaced by after[a:len(after)-b]."""
+    if after.startswith(before):
+        return len(before), 0
+    a = next((i for i, (x, y) in enumerate(zip(before, after, strict=False)) if x != y), None)
+    a = min(len(before), len(after)) if a is None else a
+    b = 0
+    while b < min(len(before), len(after)) - a and before[-1 - b] == after[-1 - b]:
+        b += 1
+    return a, b
+
+
 @dataclass
 class _Snapshot:
     renderer: StreamRenderer
@@ -257,14 +270,7 @@ class Sequence:
         return removed
 
     def _track(self, before: str, after: str, position: int) -> str:
-        if after.startswith(before):
-            a, b = len(before), 0
-        else:
-            a = next((i for i, (x, y) in enumerate(zip(before, after)) if x != y), None)
-            a = min(len(before), len(after)) if a is None else a
-            b = 0
-            while b < min(len(before), len(after)) - a and before[-1 - b] == after[-1 - b]:
-                b += 1
+        a, b = diff(before, after)
         inserted = after[a : len(after) - b]
         if a < len(before):
             self._dirty = min(self._dirty, a)
@@ -313,7 +319,7 @@ class Sequence:
 
     def _retarget(self, context: list[int], texts: list[str]) -> None:
         same = 0
-        for x, y in zip(self.context, context):
+        for x, y in zip(self.context, context, strict=False):
             if x != y:
                 break
             same += 1
@@ -392,7 +398,8 @@ class Sequence:
             self.temperature = guard.temperature
         if guard.ban_first_token and snap.emitted < len(self.emitted):
             self.ban = self.emitted[snap.emitted]
-        event = Event("rollback", position, removed=removed, detail=f"retry {self.retries}, {detail}")
+        detail = f"retry {self.retries}, {detail}"
+        event = Event("rollback", position, removed=removed, detail=detail)
         self.events.append(event)
         return [event]
 

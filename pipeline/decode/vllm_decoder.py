@@ -17,7 +17,8 @@ tests check this mapping through a stand-in `vllm` module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from pipeline import seeds as seeds_mod
