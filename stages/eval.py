@@ -147,6 +147,7 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
         "suites": list(cfg.suites),
         "judges": [judge_name(j) for j in cfg.judges],
         "baseline": model.baseline,
+        "decode": _describe(cfg.decode),
         "rejected": dict(counts),
         "decontamination": _decontamination(rows, data),
     }
@@ -158,6 +159,15 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
         "results": records.table(results, RESULTS),
         "rejected": records.table(rejected, records.REJECTED),
     }
+
+
+def _describe(d: Any) -> str:
+    guard = "off"
+    if d.guard is not None:
+        g = d.guard
+        guard = f"{g.scorer.kind} at {g.threshold:g}, {g.retries} retries (scorer-guided rollback)"
+    bias = ", ".join(f"{k} {v:+g}" for k, v in d.bias.items()) or "none"
+    return f"context {d.context}; bias {bias}; disabled {list(d.disable) or 'none'}; guard {guard}"
 
 
 def _decontamination(rows: list[dict], data: Path | None) -> str:

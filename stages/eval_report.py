@@ -54,6 +54,7 @@ def report(results: list[dict], meta: dict[str, Any]) -> str:
             "- **baseline**: this model has no control tokens, so its backtrack, reset and false-"
             "trigger rates are 0 by construction, not by measurement"
         )
+    lines.append(f"- decoding: {meta['decode']}")
     lines.append(f"- decontamination: {meta['decontamination']}")
     lines.append("- intervals: 95% Wilson score intervals for rates; none for means")
     if meta.get("rejected"):
@@ -209,47 +210,39 @@ def _policy_plot(path: Path, rows: list[dict]) -> Path:
 # --- compare ----------------------------------------------------------------------------------
 
 
+def _load(folder: Path) -> dict[str, Any]:
+    for path in (Path(folder) / "results.json", Path(folder) / "files" / "results.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(
+        f"{folder}: no results.json; pass eval output folders (runs/<run>/eval/<model>)"
+    )
+
+
 def compare(folders: list[Path], out: Path) -> str:
-    """One table (rows: suite/setting/metric/judge; a column per model) and one ASR-vs-k plot."""
-    models, merged, order = [], {}, []
-    for folder in folders:
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            path = Path(folder) / "files" / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{folder}: no results.json; pass eval output folders (runs/<run>/eval/<model>)"
-            )
-        data = json.loads(path.read_text())
-        models.append(data["model"])
+    """One table (rows: suite/setting/metric/judge and, for fine-tuned copies, the objective; a
+    column per evaluated folder) and one ASR-vs-k plot. A folder is labelled by its model, or by
+    run/model where two folders evaluated the same model (plain vs guarded decoding, say)."""
+    loaded = [(Path(folder), _load(folder)) for folder in folders]
+    names = [d["model"] for _, d in loaded]
+    labels = [
+        f"{f.resolve().parents[1].name}/{d['model']}" if names.count(d["model"]) > 1 else d["model"]
+        for f, d in loaded
+    ]
+    merged: dict[tuple, dict[str, Any]] = {}
+    relabelled = []
+    for label, (_, data) in zip(labels, loaded, strict=True):
         for r in data["results"]:
-            key = (r["suite"], r["setting"], r["metric"], r["judge"])
-            if key not in merged:
-                merged[key] = {}
-                order.append(key)
-            merged[key][data["model"]] = r["value"]
-    rows = []
-    for key in order:
-        suite, setting, metric, judge = key
-        rows.append(
-            {
-                "suite": suite,
-                "setting": setting,
-                "metric": metric,
-                "judge": judge,
-                **{m: merged[key].get(m) for m in models},
-            }
-        )
-    text = table(rows, ["suite", "setting", "metric", "judge", *models]) + "\n"
+            variant = r["model"][len(data["model"]) + 1 :] if r["model"] != data["model"] else ""
+            key = (r["suite"], variant, r["setting"], r["metric"], r["judge"])
+            merged.setdefault(key, {})[label] = r["value"]
+            relabelled.append({**r, "model": label if not variant else f"{label}+{variant}"})
+    columns = ["suite", "objective", "setting", "metric", "judge"]
+    rows = [{**dict(zip(columns, key, strict=True)), **values} for key, values in merged.items()]
+    text = table(rows, [*columns, *labels]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text)
-    results = []
-    for folder in folders:
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            path = Path(folder) / "files" / "results.json"
-        results += json.loads(path.read_text())["results"]
-    series = _series(results, "prefill", "asr_visible")
+    series = _series(relabelled, "prefill", "asr_visible")
     if series:
         _plot(
             out / "compare_asr_vs_k.png",

@@ -158,6 +158,7 @@ def test_report_tables_read_back():
         "baseline": True,
         "rejected": {},
         "decontamination": "d",
+        "decode": "context keep",
     }
     text = eval_report.report(results, meta)
     assert "0 by construction" in text and "`keyword`: weak" in text
