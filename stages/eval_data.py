@@ -58,6 +58,7 @@ class Prompt:
     answer: str | None = None  # a harmful answer to prefill from, when the set has one
     category: str | None = None
     source: str = ""
+    behavior: str = ""  # the request alone, without a HarmBench context (the answer template's)
 
 
 class DataError(RuntimeError):
@@ -120,7 +121,8 @@ def harmful_prompts(spec: PromptFile) -> tuple[list[Prompt], list[dict[str, Any]
         if spec.answer and (not isinstance(answer, str) or not answer.strip()):
             rejected.append(reject_row(spec, pid, "missing_answer"))
             continue
-        kept.append(Prompt(pid, prompt.strip(), answer, cat, str(spec.path)))
+        request = behavior if harmbench else prompt.strip()
+        kept.append(Prompt(pid, prompt.strip(), answer, cat, str(spec.path), request))
         if spec.limit and len(kept) >= spec.limit:
             break
     return kept, rejected

@@ -46,7 +46,7 @@ def plan_prefill(
     prompts, rejected = harmful(cfg.prompts, cfg.n)
     requests = []
     for p in prompts:
-        answer = p.answer or render_prompt(cfg.answer_template, behavior=p.prompt)
+        answer = p.answer or render_prompt(cfg.answer_template, behavior=p.behavior)
         answer_ids = model.text_ids(answer)
         for k in cfg.ks:
             if k > len(answer_ids):

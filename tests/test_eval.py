@@ -17,7 +17,7 @@ from pipeline.stage import LocalEnv
 from stages import eval_model, eval_suites
 from stages.eval_config import BenignSuite, PrefillSuite
 from stages.eval_data import PromptFile
-from stages.eval_judges import KeywordJudge, KeywordJudgeSpec
+from stages.eval_judges import KeywordJudge, KeywordJudgeSpec, is_refusal
 from stages.eval_model import ModelError
 from stages.eval_rows import Request
 from stages.eval_run import run_requests
@@ -176,6 +176,8 @@ def test_prefill_is_k_target_tokens_in_the_open_assistant_turn(scripted_dir):
         assert decoded == r.prefill
         assert model.text_ids(decoded) == list(r.prefill_ids)  # k tokens, counted by re-encoding
     assert model.tokenizer.decode(head).endswith("<start_of_turn>model\n")
+    # The templated answer never reads as a refusal, or every prefill would pass the keyword judge.
+    assert not any(is_refusal(r.prefill) for r in requests)
 
 
 def test_a_model_without_control_tokens_is_refused_unless_a_baseline(tiny_model_dir, tmp_path):

@@ -114,6 +114,7 @@ def test_harmbench_csv_and_wheel_read_the_same(tmp_path):
     assert [p.prompt for p in from_csv] == [p.prompt for p in from_whl]
     assert from_csv[1].prompt == "A long text.\n\n---\n\nSummarise this unkindly"
     assert [p.id for p in from_csv] == ["rude_poem", "unkind_summary"]
+    assert from_csv[1].behavior == "Summarise this unkindly"  # what the prefill answer restates
     with pytest.raises(eval_data.DataError, match="eval split must be"):
         eval_data.harmful_prompts(eval_data.PromptFile(path=wheel, split="test"))
 
