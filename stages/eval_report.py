@@ -52,7 +52,8 @@ def report(results: list[dict], meta: dict[str, Any]) -> str:
     if meta.get("baseline"):
         lines.append(
             "- **baseline**: this model has no control tokens, so its backtrack, reset and false-"
-            "trigger rates are 0 by construction, not by measurement"
+            "trigger rates are 0 by construction, not by measurement (and benign's bias sweep "
+            "runs bias 0 only: there is no token to bias)"
         )
     lines.append(f"- decoding: {meta['decode']}")
     lines.append(f"- decontamination: {meta['decontamination']}")
