@@ -42,16 +42,18 @@ def plan(
             break
         head = model.prompt_ids(r["prompt"])
         prefix = model.text_ids(r["prefix"])
-        for place in ("span", "benign"):
+        placed = {place: tuple(prefix + model.text_ids(r[place])) for place in ("span", "benign")}
+        for place, ids in placed.items():
             requests.append(
                 Request(
                     suite=suite,
                     setting=f"after={place}",
                     prompt_id=r["id"],
                     prompt=r["prompt"],
-                    context=tuple(head + prefix + model.text_ids(r[place])),
+                    context=tuple(head) + ids,
                     seed=0,
                     prefill=r["prefix"] + r[place],
+                    prefill_ids=ids,
                     forced=True,
                     policy=r["policy"],
                 )
@@ -62,9 +64,10 @@ def plan(
                 setting="generate",
                 prompt_id=r["id"],
                 prompt=r["prompt"],
-                context=tuple(head + prefix + model.text_ids(r["span"])),
+                context=tuple(head) + placed["span"],
                 seed=seeds.derive(seed, "midstream", r["id"]),
                 prefill=r["prefix"] + r["span"],
+                prefill_ids=placed["span"],
                 policy=r["policy"],
                 temperature=cfg.sampling.temperature,
                 top_p=cfg.sampling.top_p,
