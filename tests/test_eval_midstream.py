@@ -82,7 +82,8 @@ def test_trained_model_backtracks_after_harm_not_after_benign_text(tmp_path, tin
     assert u_span < 0.01 and u_span < 3 * u_benign
     # Greedy from the end of the span, the trained model takes it back with its policy's token;
     # the untrained one never does. A tiny model's copies are often inexact (measured: 12 of 12
-    # with the right token, 2 exact copies), and only an exact copy takes the span out of the visible text.
+    # with the right token, 2 exact copies), and only an exact copy takes the span out of the
+    # visible text.
     assert trained_rates[("all,generate", "right_policy")] > 0.5
     exact = trained_rates[("all,generate", "exact_copy")]
     assert trained_rates[("all,generate", "span_removed")] >= exact > 0
