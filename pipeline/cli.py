@@ -7,6 +7,8 @@
     retrace models prepare [--force]
     retrace push --repo-id ID [--private] [--revision R] [--dry-run]
     retrace train [--config F] [--set train.k=v] [--data FOLDER]
+    retrace eval [--model CKPT|embedded|HUB_ID] [--suite S] [--baseline] [--decode k=v]
+    retrace eval --compare DIR DIR...
     retrace chat [--model CKPT|embedded|HUB_ID] [--show visible|raw|both] [--bias RESET=-5]
                  [--guard profanity-check] [--set decode.k=v]
     retrace generate --prompts FILE [--model ...] [--out FILE] [--bias ...] [--guard ...]
@@ -245,6 +247,59 @@ def train(
     pipe = _pipeline(config, [*(set_ or []), *extra])
     pipe.run(["train"], force={"train"} if force else set())
     print(pipe.store.files_dir("train") / "final")
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A checkpoint folder, 'embedded' or a Hub id; default: this run's train."
+        ),
+    ] = None,
+    suite: Annotated[
+        list[str] | None, typer.Option(help="Suite to run (repeatable); default: eval.suites.")
+    ] = None,
+    baseline: Annotated[
+        bool, typer.Option(help="Allow a model without control tokens (backtracking 0 by design).")
+    ] = False,
+    decode: Annotated[
+        list[str] | None, typer.Option(help="Decoder override key=value, as eval.decode.key.")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option(help="Compare the eval folders given as arguments instead.")
+    ] = False,
+    folders: Annotated[
+        list[Path] | None, typer.Argument(help="Eval folders for --compare.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where --compare writes its table and plot.")] = Path(
+        "."
+    ),
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Evaluate again even if cached.")] = False,
+) -> None:
+    """Evaluate a model (attacks, false triggers, utility) into runs/<run>/eval/<model>/."""
+    if compare:
+        from stages.eval_report import compare as compare_folders
+
+        if not folders or len(folders) < 2:
+            raise StageError("eval --compare needs two or more eval folders, e.g. runs/x/eval/*")
+        print(compare_folders(folders, out), end="")
+        return
+    overrides = list(set_ or [])
+    if model is not None:
+        overrides.append(f"eval.model={model}")
+    if suite:
+        overrides.append(f"eval.suites=[{', '.join(suite)}]")
+    if baseline:
+        overrides.append("eval.baseline=true")
+    overrides += [f"eval.decode.{item}" for item in decode or []]
+    pipe = _pipeline(config, overrides)
+    pipe.run(["eval"], force={"eval"} if force else set())
+    report = pipe.store.files_dir("eval") / "report.md"
+    print(report)
 
 
 # --- decoding: chat and generate (pipeline/decode, pipeline/chat.py) --------------------------

@@ -211,7 +211,8 @@ class Pipeline:
         self.cfg = cfg
         self.stages = dict(stages)
         self.run_cfg = cfg.run
-        self.store = store.RunStore(Path(cfg.run.runs_dir) / cfg.run.name)
+        folders = {n: self.spec(n).folder for n in self.stages if self.spec(n).folder}
+        self.store = store.RunStore(Path(cfg.run.runs_dir) / cfg.run.name, folders)
         self.resolved = section_dump(cfg)
         self.executor = EXECUTORS[cfg.run.executor](cfg.run)
         for name in self.stages:

@@ -15,6 +15,9 @@ Hooks, named in `SPEC.hooks` (the engine fails on a name the module does not def
 `external_files(cfg) -> list[Path]` for files outside the run store whose content the output
 depends on (the sources stage's local data files), and `fingerprints(cfg) -> list[dict]` for
 models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
+`spec_for(cfg) -> StageSpec` replaces SPEC for a stage whose inputs or folder depend on its config
+(train with `train.data` reads no run stage; eval reads `train` only when no model is named, and
+keeps each model in its own folder).
 
 A stage never touches the run folder, the CLI or another stage; the engine (`pipeline/dag.py`)
 does chunking, caching, resume, manifests and progress. This module is only the interface: it
@@ -50,6 +53,7 @@ class StageSpec:
     prompts: tuple[str, ...] = ()  # globs under prompts/ hashed into the cache key
     hooks: tuple[str, ...] = ()  # optional functions of the module, out of HOOKS
     cached: bool = True  # False: run every time it is asked for (push)
+    folder: str | None = None  # its folder under the run, if not the stage name (eval/<model>)
 
     def __post_init__(self) -> None:
         if not isinstance(self.writes, Mapping):

@@ -119,11 +119,12 @@ def count_rows(folder: Path) -> int:
 class RunStore:
     """One run's folder. Only the engine uses this; stages never see it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, folders: dict[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.folders = dict(folders or {})  # stage -> folder under root, where not its name
 
     def stage_dir(self, stage: str) -> Path:
-        return self.root / stage
+        return self.root / self.folders.get(stage, stage)
 
     def table_dir(self, stage: str, table: str) -> Path:
         return self.stage_dir(stage) / table
