@@ -8,10 +8,10 @@ padded generate on a 2-core CPU (FORMATS.md), so this loop keeps its own KV cach
 
 Layout: one `DynamicCache` whose layers hold `[rows, kv heads, width, head dim]`. Each row's
 tokens are right-aligned and the columns to their left are masked padding, so every decode step
-feeds one token per row, as generate does after its prefill. A request is prefilled alone (no
-padding; the start it shares with the previous prompt is reused) and its keys and values are
-padded on the left into the batch; when rows leave, columns no remaining row uses are cut. Samples
-of one prompt share its prefill.
+feeds one token per row, as generate does after its prefill. Requests join sorted by prompt. Each
+is prefilled alone (no padding; the start it shares with the previous prompt is reused, and
+samples of one prompt share its prefill), and its keys and values are padded on the left into the
+batch; when rows leave, columns no remaining row uses are cut.
 
 Rows never see each other: a row's logits depend only on its own tokens (up to float rounding of
 batched kernels), and `pick` gets the request index of every row so it can draw each row from
@@ -64,10 +64,11 @@ def run(
 ) -> tuple[list[list[int]], Stats]:
     """Generated token ids for each request (`requests[r]` is its prompt's index), in order.
 
-    Requests join the batch in order, `batch_size` at most at a time."""
+    Requests join the batch `batch_size` at most at a time, sorted by prompt, so prompts that
+    start alike (a stage's template) follow each other and share their prefill."""
     stats = Stats(calls=1, requests=len(requests))
     out: list[list[int]] = [[] for _ in requests]
-    queue = deque(range(len(requests)))
+    queue = deque(sorted(range(len(requests)), key=lambda r: (prompts[requests[r]], r)))
     waiting = Counter(requests)  # requests per prompt not yet started, to free shared prefills
     prefills: dict[int, tuple[list[tuple[Any, Any]], Any]] = {}
     previous: tuple[list[int], list[tuple[Any, Any]]] | None = None

@@ -216,7 +216,8 @@ def main() -> None:
     med = statistics.median
     print(
         f"\nembedded {gen.model_id}, {len(texts)} sample prompts (few-shot), "
-        f"<= {params.max_new_tokens} new tokens, T={params.temperature} top_p={params.top_p} stop={params.stop!r}, "
+        f"<= {params.max_new_tokens} new tokens, T={params.temperature} top_p={params.top_p} "
+        f"stop={params.stop!r}, "
         f"{torch.get_num_threads()} thread(s), median of {args.rounds} interleaved rounds"
     )
     print("batch  backend tok/s  generate tok/s  speed-up  wasted backend  wasted generate  same")

@@ -148,9 +148,13 @@ def test_finished_rows_leave_the_batch_and_rows_match_plain_generate(fluent_mode
 
 
 def test_waiting_requests_take_the_slots_of_finished_ones(gen, monkeypatch):
-    """Batch 2, requests that need 1, 5, 2 and 2 tokens: the first ends at its prefill and never
-    joins; the third leaves after one step and the fourth takes its slot."""
-    script = {11: [9], 12: [9, 9, 9, 9, 9], 13: [9, 9], 14: [9, 9]}
+    """Batch 2, four samples of one prompt that need 1, 5, 2 and 2 tokens: the first ends at the
+    prefill and never joins; the third leaves after one step and the fourth takes its slot."""
+    lengths = [1, 5, 2, 2]
+    script = {
+        request_seed(11, j): [9] * (n - 1) + [gen.tokenizer.eos_token_id]
+        for j, n in enumerate(lengths)
+    }
 
     def draw(self, scores, generators):
         return torch.tensor([script[g.initial_seed()].pop(0) for g in generators])
@@ -159,12 +163,10 @@ def test_waiting_requests_take_the_slots_of_finished_ones(gen, monkeypatch):
     two = copy.copy(gen)
     two.spec = gen.spec.model_copy(update={"batch_size": 2})
     two.stats = type(gen.stats)()
-    lengths = {11: 1, 12: 5, 13: 2, 14: 2}
-    for seed, n in lengths.items():
-        script[seed] = script[seed][: n - 1] + [gen.tokenizer.eos_token_id]
-    out = two.generate(["a", "b", "c", "d"], SamplingParams(max_new_tokens=9), [11, 12, 13, 14])
-    assert [g[0].completion_tokens for g in out] == [1, 5, 2, 2]
+    (out,) = two.generate(["a"], SamplingParams(max_new_tokens=9, n=4), [11])
+    assert [g.completion_tokens for g in out] == lengths
     assert two.stats.steps == 4 and two.stats.row_steps == two.stats.tokens == 10
+    assert two.stats.prefill_tokens == len(gen.encode_prompt("a"))  # the samples share it
 
 
 def test_seeds_must_match_prompts(gen):
