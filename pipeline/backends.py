@@ -145,6 +145,9 @@ class TransformersGenerator(_TokenizerMixin):
             path, revision=spec.revision, dtype=getattr(torch, dtype)
         ).to(device)
         self.model.eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
         self.stop_ids = set(self.stop_token_ids())
         self.stats = batching.Stats()  # summed over calls, for benchmarks
 
@@ -225,8 +228,13 @@ class NucleusSampler:
 
     CANDIDATES = (1024, 16384)
 
-    def __init__(self, temperature: float, top_p: float, top_k: int) -> None:
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+    def __init__(
+        self, temperature: float, top_p: float, top_k: int, seed: int | list[int] | None = None
+    ) -> None:
+        """`seed` is only for use as a logits processor (`__call__`): the seed of the one stream
+        it draws every row from, or one seed per row."""
+        self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
+        self.streams: list[Any] | None = None
 
     def draw(self, scores: Any, generators: list[Any]) -> Any:
         """One token id per row of `scores` ([rows, vocab]); row k draws from generators[k]."""
@@ -256,21 +264,16 @@ class NucleusSampler:
         choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
         return (choice if index is None else index.gather(-1, choice))[:, 0]
 
-    def processor(self, generators: list[Any]) -> Any:
-        """This sampler as a logits processor for `model.generate` over a fixed batch (row k draws
-        from generators[k]), to compare the backend with plain generate: it returns rows that are
-        0 at the drawn token and -inf elsewhere, so generate's greedy argmax emits it."""
-        return _OneHotProcessor(self, generators)
-
-
-class _OneHotProcessor:
-    def __init__(self, sampler: NucleusSampler, generators: list[Any]) -> None:
-        self.sampler, self.generators = sampler, generators
-
     def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """As a logits processor (for `model.generate`, or a decoder drawing row by row): rows
+        that are 0 at the drawn token and -inf elsewhere, so a greedy argmax emits it."""
         import torch
 
-        token = self.sampler.draw(scores, self.generators)
+        if self.streams is None:
+            seeds = self.seed if isinstance(self.seed, list) else [self.seed or 0]
+            self.streams = [torch.Generator(device=scores.device).manual_seed(s) for s in seeds]
+        streams = self.streams if len(self.streams) > 1 else self.streams * len(scores)
+        token = self.draw(scores, streams)
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 

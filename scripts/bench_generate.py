@@ -3,8 +3,8 @@
 
 In interleaved rounds (the order flips every round), prints for each batch size
 - the backend's generated tok/s and plain padded `model.generate`'s on the same formatted sample
-  prompts, the same sampler with the same per-request seeds (NucleusSampler.processor) and the same
-  stop strings, and how many of the two outputs agree;
+  prompts, the same sampler with the same per-request seeds (NucleusSampler as a logits
+  processor) and the same stop strings, and how many of the two outputs agree;
 - the share of wasted row-steps of each: row-steps that produced no kept token (generate keeps
   computing a row until the longest row of its batch stops);
 and, per round, the sample and rewrite stages' generated tokens per second (every generated token,
@@ -64,25 +64,21 @@ def backend_run(gen, texts, request_seeds, params) -> tuple[int, int, list[str]]
 def plain_run(gen, texts, request_seeds, params, size, stop) -> tuple[int, int, list[str]]:
     """Padded `model.generate` over batches of `size`, each row drawn from its own stream as the
     backend draws it; generated tokens, row-steps and texts."""
-    sampler = NucleusSampler(params.temperature, params.top_p, params.top_k)
     tokens = row_steps = 0
     kept = []
     for start in range(0, len(texts), size):
         encoded = [gen.encode_prompt(t) for t in texts[start : start + size]]
-        width = max(map(len, encoded))
-        pad = gen.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded])
+        width, pad = max(map(len, encoded)), gen.pad_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=gen.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded])
-        streams = [
-            torch.Generator().manual_seed(request_seed(s, 0))
-            for s in request_seeds[start : start + size]
-        ]
+        row_seeds = [request_seed(s, 0) for s in request_seeds[start : start + size]]
+        sampler = NucleusSampler(params.temperature, params.top_p, params.top_k, seed=row_seeds)
         with torch.inference_mode():
             out = gen.model.generate(
                 input_ids=ids,
-                attention_mask=mask,
+                attention_mask=mask.to(gen.device),
                 do_sample=False,
-                logits_processor=LogitsProcessorList([sampler.processor(streams)]),
+                logits_processor=LogitsProcessorList([sampler]),
                 stopping_criteria=StoppingCriteriaList([stop]),
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=sorted(gen.stop_ids),

@@ -98,14 +98,14 @@ def plain_generate(gen, prompts, params, seeds):
     from the same per-request stream as the backend's."""
     requests = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
     encoded = [gen.encode_prompt(prompts[i]) for i, _ in requests]
-    width, pad = max(map(len, encoded)), gen.tokenizer.pad_token_id
-    streams = [torch.Generator().manual_seed(request_seed(seeds[i], j)) for i, j in requests]
-    sampler = NucleusSampler(params.temperature, params.top_p, params.top_k)
+    width, pad = max(map(len, encoded)), gen.pad_id
+    row_seeds = [request_seed(seeds[i], j) for i, j in requests]
+    sampler = NucleusSampler(params.temperature, params.top_p, params.top_k, seed=row_seeds)
     out = gen.model.generate(
         input_ids=torch.tensor([[pad] * (width - len(x)) + x for x in encoded]),
         attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded]),
         do_sample=False,
-        logits_processor=LogitsProcessorList([sampler.processor(streams)]),
+        logits_processor=LogitsProcessorList([sampler]),
         max_new_tokens=params.max_new_tokens,
         eos_token_id=sorted(gen.stop_ids),
         pad_token_id=pad,
@@ -355,7 +355,11 @@ def test_sampler_rows_draw_from_their_own_streams():
     alone = [sampler.draw(scores[:1], [torch.Generator().manual_seed(s)]) for s in (1, 2, 3)]
     together = sampler.draw(scores, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
     assert together.tolist() == [int(t) for t in alone]
-    # As a logits processor for model.generate: 0 at the drawn token, -inf elsewhere.
-    rows = sampler.processor([torch.Generator().manual_seed(s) for s in (1, 2, 3)])(None, scores)
+    # As a logits processor for model.generate: 0 at the drawn token, -inf elsewhere; with one
+    # seed per row it draws as the backend does, with one seed every row from one stream.
+    rows = NucleusSampler(1.0, 0.9, 0, seed=[1, 2, 3])(None, scores)
     assert rows.argmax(-1).tolist() == together.tolist()
     assert (torch.isinf(rows).sum(-1) == 49).all()
+    one = NucleusSampler(1.0, 0.9, 0, seed=1)
+    stream = torch.Generator().manual_seed(1)
+    assert one(None, scores).argmax(-1).tolist() == sampler.draw(scores, [stream] * 3).tolist()
