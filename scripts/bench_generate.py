@@ -199,6 +199,7 @@ def main() -> None:
                 )
             same = sum(x == y for x, y in zip(outs["backend"], outs["generate"], strict=True))
             agree[b] = f"{same}/{len(texts)}"
+            print(f"  round {rnd + 1} batch {b}: {agree[b]} texts the same", flush=True)
         if not args.skip_stages:
             s, r, calls, jobs = stage_rates(env, gens[8] if 8 in gens else gen, tables)
             stage["sample"].append(s)
