@@ -1,10 +1,11 @@
 """Generator backends behind one interface: `generate(prompts, params, seeds)`.
 
-- `transformers`: CPU or CUDA, left-padded batches of `spec.batch_size` requests, bf16 on CUDA.
-  Sampling (NucleusSampler) draws from one private generator per batch, seeded by a hash of the
-  batch's request seeds and sample indices, so results are reproducible for the same prompts in
-  the same batch composition (same config, seed, chunking and batch size), not per row: the same
-  row in another batch samples differently. Each Generation records the batch seed that drew it.
+- `transformers`: CPU or CUDA, bf16 on CUDA, continuously batched (pipeline/batching.py): up to
+  `spec.batch_size` requests run at once, a finished one leaves at once and the next takes its
+  slot. Each request (prompt, sample index) samples from its own generator seeded by
+  `request_seed(seed, index)` (NucleusSampler), so a row's text depends on its prompt, seed and
+  settings, never on which rows shared its batch or the batch size (up to float rounding of
+  batched kernels, which can flip a draw that lands on a probability boundary).
 - `vllm`: offline `LLM.generate` with one `SamplingParams` per request, so each row's seed is its
   own (n samples per request share it, as vLLM draws them from one seeded stream).
 
@@ -34,7 +35,7 @@ class GeneratorSpec(ModelSpec):
     revision: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # bf16 on CUDA, fp32 on CPU
-    # 8 measured ~2.5x the batch-1 rate on a 2-core CPU (scripts/bench_sample.py); raise on GPUs.
+    # Rows decoded at once; on a 2-core CPU 8 runs ~2.5x the batch-1 rate (bench_generate.py).
     batch_size: int = 8
     tensor_parallel_size: int = 1  # vllm only
     gpu_memory_utilization: float = 0.9  # vllm only
@@ -141,6 +142,8 @@ class TransformersGenerator(_TokenizerMixin):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from pipeline import batching  # imports torch: only once a transformers generator is built
+
         self.spec = spec
         self.model_id = models.model_id(spec.model, spec.revision)
         path = models.resolve_model_path(spec.model, spec.revision)
@@ -159,85 +162,65 @@ class TransformersGenerator(_TokenizerMixin):
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.stop_ids = self.stop_token_ids()
-        self._stops: dict[tuple[str, ...], Any] = {}
-
-    def _stop_criteria(self, stop: tuple[str, ...]) -> Any:
-        """Built once per stop tuple: building it reads the whole vocabulary (~1 s for Gemma's
-        262k tokens on a 2-core CPU), which `stop_strings=` would repeat every batch."""
-        from transformers import StopStringCriteria
-
-        if stop not in self._stops:
-            self._stops[stop] = StopStringCriteria(self.tokenizer, list(stop))
-        return self._stops[stop]
+        self.stop_ids = set(self.stop_token_ids())
+        self.stats = batching.Stats()  # summed over calls, for benchmarks
 
     def generate(
         self, prompts: list[str], params: SamplingParams, seeds: list[int]
     ) -> list[list[Generation]]:
+        import torch
+
+        from pipeline import batching
+
         if len(seeds) != len(prompts):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds")
-        # One request per (prompt, sample index), in order, batched `batch_size` at a time.
+        # One request per (prompt, sample index), in order, each with its own random stream.
         requests = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        request_seeds = [request_seed(seeds[i], j) for i, j in requests]
         encoded = [self.encode_prompt(p) for p in prompts]
+        sampler = NucleusSampler(params.temperature, params.top_p, params.top_k)
+        streams: dict[int, Any] = {}  # request -> its generator, while the request runs
+
+        def pick(logits: Any, rows: list[int]) -> list[int]:
+            if params.temperature <= 0:
+                return logits.argmax(-1).tolist()
+            for r in rows:
+                if r not in streams:
+                    streams[r] = torch.Generator(device=logits.device).manual_seed(request_seeds[r])
+            return sampler.draw(logits, [streams[r] for r in rows]).tolist()
+
+        def done(r: int, tokens: list[int]) -> bool:
+            finished = (
+                tokens[-1] in self.stop_ids
+                or len(tokens) >= params.max_new_tokens
+                or (bool(params.stop) and _cut_at_stop(self._decode(tokens), params.stop)[1])
+            )
+            if finished:
+                streams.pop(r, None)
+            return finished
+
+        tokens, stats = batching.run(
+            self.model, encoded, [i for i, _ in requests], self.spec.batch_size, pick, done
+        )
+        self.stats.add(stats)
         out: list[list[Generation]] = [[] for _ in prompts]
-        size = max(1, self.spec.batch_size)
-        for start in range(0, len(requests), size):
-            batch = requests[start : start + size]
-            batch_seed = seeds_of_batch([(seeds[i], j) for i, j in batch])
-            texts = self._generate_batch([encoded[i] for i, _ in batch], params, batch_seed)
-            for (i, _), gen in zip(batch, texts, strict=True):
-                out[i].append(gen)
+        for (i, _), seed, row in zip(requests, request_seeds, tokens, strict=True):
+            out[i].append(self._to_generation(row, len(encoded[i]), params, seed))
         return out
 
-    def _generate_batch(
-        self, batch: list[list[int]], params: SamplingParams, seed: int
-    ) -> list[Generation]:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in batch])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
-        sampling: dict[str, Any] = {"do_sample": False}  # temperature 0: plain greedy
-        if params.temperature > 0:
-            # Our sampler draws the token and hands generate a one-hot score row, so generate's
-            # own greedy argmax picks it (see NucleusSampler for why not do_sample=True).
-            sampler = NucleusSampler(params.temperature, params.top_p, params.top_k, seed)
-            sampling["logits_processor"] = LogitsProcessorList([sampler])
-        if params.stop:
-            sampling["stopping_criteria"] = StoppingCriteriaList([self._stop_criteria(params.stop)])
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=params.max_new_tokens,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.pad_id,
-                **sampling,
-            )
-        gens = []
-        for ids, row in zip(batch, output[:, width:].tolist(), strict=True):
-            gens.append(self._to_generation(row, len(ids), params, seed))
-        return gens
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     def _to_generation(
-        self, row: list[int], prompt_tokens: int, params: SamplingParams, seed: int
+        self, tokens: list[int], prompt_tokens: int, params: SamplingParams, seed: int
     ) -> Generation:
-        # The row ends at its first stop token (kept in the count, as vLLM counts it), at a stop
-        # string (generate pads the rest of the row) or at max_new_tokens.
-        end = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
-        tokens = row if end is None else row[: end + 1]
-        if end is None and params.stop:
-            while tokens and tokens[-1] == self.pad_id:
-                tokens = tokens[:-1]
-        text = self.tokenizer.decode(
-            tokens if end is None else row[:end], skip_special_tokens=False
-        )
-        text, stopped = _cut_at_stop(text, params.stop)
-        finished = end is not None or stopped
+        # A row ends at a stop token (counted, as vLLM counts it, but not in the text), at a stop
+        # string (the text is cut before it) or at max_new_tokens.
+        end = tokens[-1] in self.stop_ids
+        text, stopped = _cut_at_stop(self._decode(tokens[:-1] if end else tokens), params.stop)
         return Generation(
             text=text,
-            finish_reason="stop" if finished else "length",
+            finish_reason="stop" if end or stopped else "length",
             prompt_tokens=prompt_tokens,
             completion_tokens=len(tokens),
             seed=seed,
@@ -245,7 +228,7 @@ class TransformersGenerator(_TokenizerMixin):
 
 
 class NucleusSampler:
-    """Temperature, top-k and top-p sampling as a logits processor with its own seeded generator.
+    """Temperature, top-k and top-p sampling, each row drawn from its own seeded generator.
 
     Why not transformers' do_sample=True: its top-p warper sorts the whole vocabulary (262k
     entries for Gemma) and multinomial draws over all of it, every step: ~0.4 s per step at batch
@@ -254,21 +237,23 @@ class NucleusSampler:
     logits, so this takes topk of those (~16 ms), widens to 16,384 and then the whole vocabulary
     only for rows whose candidates hold less than top_p of the mass, and draws by inverse CDF. It
     keeps exactly the tokens transformers' TopPLogitsWarper keeps (the most likely ones whose
-    preceding mass is under top_p; top_k first, top_p within it) and returns a row that is 0 at
-    the drawn token and -inf elsewhere, so generate's greedy argmax emits it.
+    preceding mass is under top_p; top_k first, top_p within it).
     """
 
     CANDIDATES = (1024, 16384)
 
-    def __init__(self, temperature: float, top_p: float, top_k: int, seed: int) -> None:
+    def __init__(
+        self, temperature: float, top_p: float, top_k: int, seed: int | list[int] | None = None
+    ) -> None:
+        """`seed` is only for use as a logits processor (`__call__`): the seed of the one stream
+        it draws every row from, or one seed per row."""
         self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
-        self.generator: Any = None
+        self.streams: list[Any] | None = None
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def draw(self, scores: Any, generators: list[Any]) -> Any:
+        """One token id per row of `scores` ([rows, vocab]); row k draws from generators[k]."""
         import torch
 
-        if self.generator is None:
-            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         logits = scores.float() / self.temperature
         vocab = logits.shape[-1]
         if self.top_k > 0:
@@ -287,18 +272,29 @@ class NucleusSampler:
         if self.top_p < 1:
             probs = probs * ((probs.cumsum(-1) - probs) < self.top_p)
         cdf = probs.cumsum(-1)
-        u = torch.rand(
-            (cdf.shape[0], 1), generator=self.generator, device=cdf.device, dtype=cdf.dtype
+        u = torch.stack(
+            [torch.rand((1,), generator=g, device=cdf.device, dtype=cdf.dtype) for g in generators]
         )
         choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
-        token = choice if index is None else index.gather(-1, choice)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, token, 0.0)
+        return (choice if index is None else index.gather(-1, choice))[:, 0]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """As a logits processor (for `model.generate`, or a decoder drawing row by row): rows
+        that are 0 at the drawn token and -inf elsewhere, so a greedy argmax emits it."""
+        import torch
+
+        if self.streams is None:
+            seeds = self.seed if isinstance(self.seed, list) else [self.seed or 0]
+            self.streams = [torch.Generator(device=scores.device).manual_seed(s) for s in seeds]
+        streams = self.streams if len(self.streams) > 1 else self.streams * len(scores)
+        token = self.draw(scores, streams)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 
-def seeds_of_batch(members: list[tuple[int, int]]) -> int:
-    """The seed of a transformers batch: a hash of its (request seed, sample index) members."""
-    return seeds.derive(*(f"{s}:{j}" for s, j in members))
+def request_seed(seed: int, sample_index: int) -> int:
+    """The seed of one request's random stream: the prompt's own seed for its first sample, so a
+    row's meta.seed is the seed the stage passed in, and a derived one for further samples."""
+    return seed if sample_index == 0 else seeds.derive(seed, sample_index)
 
 
 class VllmGenerator(_TokenizerMixin):

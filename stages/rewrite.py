@@ -164,12 +164,16 @@ def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[di
 
 def _generate(
     jobs: list[_Job], cfg: Config, env: Any
-) -> tuple[dict[str, tuple[str, dict[str, Any]]], Counter[str]]:
-    """Generated texts that pass every check, by job key, with their meta; and why the last
-    attempt of each job that never passed failed."""
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], Counter[str], dict[str, int]]:
+    """Generated texts that pass every check, by job key, with their meta; why the last attempt
+    of each job that never passed failed; and what was generated (`_stats`).
+
+    One generate call per round: the first holds every job, each retry round every job still
+    failing, so a continuously batched backend keeps its batch full across rows."""
     failed: dict[str, str] = {}
+    calls: list[tuple[int, int]] = []  # (requests, generated tokens) per generate call
     if cfg.generator is None or not jobs:
-        return {}, Counter()
+        return {}, Counter(), _stats(calls)
     generator = env.generator(cfg.generator)
     params = SamplingParams(
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
@@ -188,6 +192,7 @@ def _generate(
             ]
             job_seeds = [seeds.derive(env.seed, j.key, attempt) for j in pending]
             outputs = generator.generate(prompts, params, job_seeds)
+            calls.append((len(prompts), sum(gens[0].completion_tokens for gens in outputs)))
             cleaned = [
                 _clean(j, gens[0], p, cfg)
                 for j, gens, p in zip(pending, outputs, prompts, strict=True)
@@ -215,7 +220,19 @@ def _generate(
                     retry.append(job)
                     failed[job.key] = why or "unsafe"
             pending = retry
-    return accepted, Counter(failed[j.key] for j in pending)
+    return accepted, Counter(failed[j.key] for j in pending), _stats(calls)
+
+
+def _stats(calls: list[tuple[int, int]]) -> dict[str, int]:
+    """Flat counts for the manifest: calls, requests (the first call's is the batch every job
+    starts in; the rest are retries) and generated tokens, retried attempts included."""
+    return {
+        "generate_calls": len(calls),
+        "generate_requests": sum(n for n, _ in calls),
+        "first_call_requests": calls[0][0] if calls else 0,
+        "retry_requests": sum(n for n, _ in calls[1:]),
+        "generated_tokens": sum(t for _, t in calls),
+    }
 
 
 def _score(texts: list[str], cfg: Config, env: Any) -> dict[str, dict[str, float]]:
@@ -235,10 +252,15 @@ def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
 
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
     jobs, rejected = _jobs(inputs, cfg)
-    accepted, why = _generate(jobs, cfg, env)
+    accepted, why, stats = _generate(jobs, cfg, env)
     missing = [j for j in jobs if j.key not in accepted]
     fallback = {j.key: _fallback(j, env) for j in missing}
     fallback_scores = _score([text for text, _ in fallback.values()], cfg, env)
+    if cfg.generator is not None and jobs:
+        # The manifest gets these once the engine takes a stage's "stats" (issue 16); until
+        # then they are logged.
+        counts = ", ".join(f"{name} {n}" for name, n in stats.items())
+        env.log(f"rewrite: {counts}, fallback_texts {len(missing)}")
     if missing and cfg.generator is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in why.most_common())
         env.log(f"rewrite: {len(missing)} of {len(jobs)} texts from prompts/fallbacks/ ({reasons})")

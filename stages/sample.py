@@ -6,12 +6,12 @@ paper does (Gemma2 27B at T=1.5, FORMATS.md). Each prompt becomes a conversation
 turns (for base models such as the embedded Gemma 3 270M), then the prompt through the user
 template, formatted by the generator's chat template or Gemma's turn format.
 
-Every row's randomness comes from `seeds.derive(run seed, prompt id)`, never from chunk position,
-so a resumed run writes the same rows as an uninterrupted one. On the transformers backend
-sampling is seeded per batch (see pipeline/backends.py): the same config and seed give the same
-samples. Response text is neutralised (DESIGN §4): a control or special token string the model
-wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a
-server backend's request failed for good; the detail is the server's reason).
+Every row's randomness comes from `seeds.derive(run seed, prompt id)` (and its sample index),
+never from chunk position or batch, so a resumed run writes the same rows as an uninterrupted one
+(see pipeline/backends.py for the float-rounding caveat of batched kernels). Response text is
+neutralised (DESIGN §4): a control or special token string the model wrote cannot reach a record.
+Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a server backend's request failed
+for good; the detail is the server's reason).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ SPEC = StageSpec(
     chunked="sources.benign",
     prompts=("sample/*", "chat/*"),
 )
+
+
+CALL_BATCHES = 16
 
 
 class Config(StageConfig):
@@ -112,8 +115,10 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             ready.append((row, text))
 
     samples = []
-    # One generate call per batch of requests (n per prompt), so progress moves as batches finish.
-    step = max(1, generator.spec.batch_size // max(1, cfg.n))
+    # Requests (n per prompt) go to the generator CALL_BATCHES batches at a time: a continuously
+    # batched backend refills finished rows only from the requests of one call, and its last
+    # batch drains as it ends, while progress moves once per call.
+    step = max(1, CALL_BATCHES * generator.spec.batch_size // max(1, cfg.n))
     with env.progress("sample", total=len(ready) * cfg.n, unit="samples") as progress:
         for start in range(0, len(ready), step):
             batch = ready[start : start + step]

@@ -224,11 +224,11 @@ def test_rejected_share_over_bound_fails_with_one_clear_message(tmp_path):
 # Which stages import each shared module, directly or through another: editing it must make
 # exactly these stale (sample/inject/rewrite generate; filter/inject/rewrite score; format renders).
 DEPENDENTS = {
-    "pipeline/backends.py": {"sample", "inject", "rewrite"},
-    "pipeline/scorers.py": {"filter", "inject", "rewrite"},
-    "pipeline/render.py": {"format"},
-    "pipeline/prompting.py": {"sample", "inject", "rewrite", "train"},
-    "pipeline/seeds.py": {"sample", "inject", "rewrite", "format", "blend", "train"},
+    "pipeline/backends.py": {"sample", "inject", "rewrite", "eval"},
+    "pipeline/scorers.py": {"filter", "inject", "rewrite", "eval"},
+    "pipeline/render.py": {"format", "eval"},
+    "pipeline/prompting.py": {"sample", "inject", "rewrite", "train", "eval"},
+    "pipeline/seeds.py": {"sample", "inject", "rewrite", "format", "blend", "train", "eval"},
 }
 
 

@@ -29,7 +29,7 @@ def small_config(tmp_path: Path, model: Path) -> Path:
     cfg["run"].update(name="small", runs_dir=str(tmp_path / "runs"), chunk_size=4)
     cfg["sources"]["benign"][0]["limit"] = 10
     cfg["sources"]["harmful"][0]["limit"] = 4
-    cfg["sample"].update(generator=generator, n=1, max_new_tokens=40)
+    cfg["sample"].update(generator=generator, n=2, max_new_tokens=40)
     cfg["filter"].update(
         min_words=1,
         drop_unfinished=False,
@@ -37,6 +37,8 @@ def small_config(tmp_path: Path, model: Path) -> Path:
         max_non_printable_share=1.0,
         near_duplicate_threshold=0.95,
     )
+    # Most of its rough answers have no sentence boundary to inject at.
+    cfg["inject"].update(max_rejected_share=0.9)
     cfg["rewrite"].update(generator=generator, max_new_tokens=12)
     cfg["format"].update(target_tokenizer=str(model))
     path = tmp_path / "small.yaml"

@@ -233,22 +233,18 @@ def test_killed_sample_resumes_without_recomputing_or_duplicating(
     assert fresh.store.read("sample", "samples").sort_by("id").equals(resumed.sort_by("id"))
 
 
-@pytest.mark.parametrize("n,calls", [(1, [4, 1]), (3, [3, 3, 3, 3, 3])])
-def test_each_generate_call_is_one_batch(tiny_model_dir, n, calls):
-    """batch_size 4: requests (prompts x n) per generate call never exceed one batch."""
+@pytest.mark.parametrize("n,calls", [(1, [32, 32, 6]), (3, [30, 30, 9])])
+def test_generate_calls_hold_sixteen_batches_of_requests(n, calls):
+    """batch_size 2: each call gets the requests (prompts x n) of 16 batches, whole prompts, so a
+    continuously batched backend can refill finished rows from a long queue."""
+    cfg = sample.Config(n=n, fewshot=None, generator=GeneratorSpec(batch_size=2))
     seen = []
 
-    class Counting(LocalEnv):
-        def generator(self, spec):
-            gen = super().generator(spec)
-            original = type(gen).generate
+    class Counting(FixedGenerator):
+        def generate(self, prompts, params, seeds):
+            seen.append(len(prompts) * params.n)
+            return super().generate(prompts, params, seeds)
 
-            def generate(prompts, params, seeds):
-                seen.append(len(prompts) * params.n)
-                return original(gen, prompts, params, seeds)
-
-            gen.generate = generate
-            return gen
-
-    out = run_sample(tiny_cfg(tiny_model_dir, n=n), prompt_rows()[:5], env=Counting())
-    assert seen == calls and out["samples"].num_rows == 5 * n
+    rows = prompt_rows([f"topic {i}" for i in range(70 // n)])
+    out = run_sample(cfg, rows, env=StandInEnv(Counting(cfg.generator, "Fine.")))
+    assert seen == calls and out["samples"].num_rows == sum(calls)
