@@ -250,17 +250,13 @@ def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
     return text, {"seed": seed, "template": f"fallback:{FALLBACKS[job.table]}", "fallback": True}
 
 
-def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     jobs, rejected = _jobs(inputs, cfg)
     accepted, why, stats = _generate(jobs, cfg, env)
     missing = [j for j in jobs if j.key not in accepted]
     fallback = {j.key: _fallback(j, env) for j in missing}
     fallback_scores = _score([text for text, _ in fallback.values()], cfg, env)
-    if cfg.generator is not None and jobs:
-        # The manifest gets these once the engine takes a stage's "stats" (issue 16); until
-        # then they are logged.
-        counts = ", ".join(f"{name} {n}" for name, n in stats.items())
-        env.log(f"rewrite: {counts}, fallback_texts {len(missing)}")
+    stats = {**stats, "fallback_texts": len(missing)}  # the manifest's stats: calls, retries
     if missing and cfg.generator is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in why.most_common())
         env.log(f"rewrite: {len(missing)} of {len(jobs)} texts from prompts/fallbacks/ ({reasons})")
@@ -278,4 +274,5 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         "refusals": records.table(out["refusals"], records.REFUSALS),
         "safe_responses": records.table(out["safe_responses"], records.SAFE_RESPONSES),
         "rejected": records.table(rejected, records.REJECTED),
+        "stats": stats,
     }

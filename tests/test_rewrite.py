@@ -101,23 +101,23 @@ def test_unsafe_or_unusable_text_is_retried_then_falls_back():
 
 
 def test_generation_counts_cover_every_call_and_retry():
-    """One generate call per round (all five jobs, then the four still failing), counted."""
-    logged = []
-
-    class Logging(StandInEnv):
-        def log(self, message):
-            logged.append(message)
+    """One generate call per round (all five jobs, then the four still failing), counted in the
+    stage's stats (the manifest's `stats`)."""
 
     def answer(prompt: str, seed: int) -> str:
         return "Tea is also grown in India." if "Continue the text" in prompt else "You idiot."
 
     gen = StandInGenerator(answer)
-    _run(gen, rewrite.Config(retries=2), env=Logging(gen))
+    out = _run(gen, rewrite.Config(retries=2))
     assert [len(c) for c in gen.calls] == [5, 4, 4]
-    assert logged[0] == (
-        "rewrite: generate_calls 3, generate_requests 13, first_call_requests 5, "
-        "retry_requests 8, generated_tokens 65, fallback_texts 4"
-    )
+    assert out["stats"] == {
+        "generate_calls": 3,
+        "generate_requests": 13,
+        "first_call_requests": 5,
+        "retry_requests": 8,
+        "generated_tokens": 65,
+        "fallback_texts": 4,
+    }
 
 
 def test_a_retry_with_a_fresh_seed_can_succeed():
