@@ -23,7 +23,7 @@ MESSAGES = pa.list_(MESSAGE)
 SEGMENT_ROLES = ("text", "harmful", "control", "copy", "replacement", "refusal", "safe")
 SEGMENT = pa.struct([("text", pa.string()), ("role", pa.string()), ("train", pa.bool_())])
 
-SFT_KINDS = ("bsafe", "reset", "recovery", "utility")
+SFT_KINDS = ("bsafe", "rlbf", "reset", "recovery", "utility")
 CONFIGS = (*SFT_KINDS, "preference", "mixture")
 
 SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
@@ -49,7 +49,7 @@ META = pa.struct(
         ("k_max", pa.int64()),  # recovery: min(100, h_tokens), the bound k was drawn under
         ("h_tokens", pa.int64()),  # recovery: tokens of h, end of sequence not counted
         ("harmful", pa.string()),  # recovery: the whole h, so the trainer can redraw k
-        ("tokenizer", pa.string()),  # recovery: the target tokenizer's id
+        ("tokenizer", pa.string()),  # recovery, rlbf: the target tokenizer's id (k, X count it)
     ]
 )
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 from pipeline import records
 from pipeline.taxonomy import neutralise
 
-SFT_KINDS = ("bsafe", "reset", "recovery")
+SFT_KINDS = ("bsafe", "rlbf", "reset", "recovery")
 
 
 class BlendError(RuntimeError):

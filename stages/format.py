@@ -28,8 +28,9 @@ no one input's chunks cover every row; the stage is CPU-only and fast (scripts/b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from typing import Any
 
 import pyarrow as pa
@@ -50,7 +51,7 @@ SPEC = StageSpec(
         "sources.harmful",
         "filter.responses",
     ),
-    writes=("bsafe", "reset", "recovery", "preference"),
+    writes=("bsafe", "rlbf", "reset", "recovery", "preference"),
 )
 
 
@@ -61,6 +62,10 @@ class Config(StageConfig):
     train_copy: bool = (
         True  # train on the repeated span (the model must point at what it takes back)
     )
+    # rlbf (Sel et al. 2026), from the same violations; X counts target_tokenizer tokens
+    rlbf: bool = True
+    rlbf_train_prefix: bool = False  # RLBF: p ⊕ part1 ⊕ v is input, only what follows is target
+    rlbf_max_x: int = Field(128, ge=1)  # a span of more tokens gives no rlbf row (span_too_long)
     # reset: prefix(y-) is j words of y-'s n, j ~ U{ceil(lo·n)..floor(hi·n)} (Zhang et al. leave
     # the distribution open; FORMATS.md)
     reset_prefix: tuple[float, float] = (0.0, 1.0)
@@ -81,6 +86,12 @@ class Config(StageConfig):
         lo, hi = self.reset_prefix
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"reset_prefix must be 0 <= lo <= hi <= 1, got {self.reset_prefix}")
+        top = taxonomy.load().backtrack_by_max
+        if self.rlbf_max_x > top:
+            raise ValueError(
+                f"rlbf_max_x {self.rlbf_max_x} exceeds the {top} [BACKTRACK_BY_<n>] tokens of "
+                f"{taxonomy.TAXONOMY_FILE.name} (backtrack_by_max)"
+            )
         return self
 
 
@@ -152,15 +163,17 @@ def _sft(kind, policy, origin, prompt, segments, expected, meta, *key) -> dict[s
     }
 
 
-def _check(content: str, expected: str, planted: list[str]) -> tuple[str, str] | None:
+def _check(
+    content: str, expected: str, planted: list[str], tokenizer: Any = None
+) -> tuple[str, str] | None:
     """Why a turn is wrong, or None: its control tokens must be exactly `planted`, in order, and
-    it must render strictly to `expected`."""
+    it must render strictly to `expected` (with the target tokenizer for RLBF take-backs)."""
     pieces = split(content)
     found = pieces[1::2]
     if found != planted:
         return "control_token_in_text", f"control tokens {found} where the recipe put {planted}"
     try:
-        shown = render_pieces(pieces, strict=True)
+        shown = render_pieces(pieces, strict=True, tokenizer=tokenizer)
     except RenderError as err:
         return "render_mismatch", str(err)
     if shown != expected:
@@ -168,10 +181,12 @@ def _check(content: str, expected: str, planted: list[str]) -> tuple[str, str] |
     return None
 
 
-def _check_sft(row: dict[str, Any], spans: tuple[str, ...] = ()) -> tuple[str, str] | None:
+def _check_sft(
+    row: dict[str, Any], spans: tuple[str, ...] = (), tokenizer: Any = None
+) -> tuple[str, str] | None:
     segments = row["segments"]
     planted = [s["text"] for s in segments if s["role"] == "control"]
-    problem = _check(row["completion"][0]["content"], row["visible"], planted)
+    problem = _check(row["completion"][0]["content"], row["visible"], planted, tokenizer)
     if problem:
         return problem
     if build.untrained_space(segments):
@@ -191,58 +206,116 @@ def _clean(text: str | None) -> str:
 # --- the recipes -----------------------------------------------------------------------------
 
 
-def _bsafe(inputs, cfg: Config, out, rejected) -> None:
-    tax = taxonomy.load()
+@dataclass(frozen=True)
+class _Injected:
+    """One inject.violations row, neutralised: what its bsafe and rlbf rows are built from."""
+
+    row: dict[str, Any]
+    text: str  # the clean benign response
+    ats: list[int]  # each violation's insertion point in `text`
+    spans: list[str]
+    prompt: str
+    origin: dict[str, Any]
+    meta: dict[str, Any]  # the response's meta with the spans' offsets and scores
+
+
+def _violations(inputs, cfg: Config, out, rejected) -> None:
+    """bsafe and rlbf rows: one inject.violations row gives one of each."""
     responses = {r["id"]: r for r in inputs["filter.responses"].to_pylist()}
     replacements = {
         (r["violation_id"], r["index"]): r for r in inputs["rewrite.replacements"].to_pylist()
     }
-    for row in inputs["inject.violations"].to_pylist():
+    rows = inputs["inject.violations"].to_pylist()
+    tokenizer = _tokenizer(cfg.target_tokenizer, cfg.target_revision) if cfg.rlbf and rows else None
+    for row in rows:
         response = responses.get(row["response_id"])
         if response is None:
             rejected.append(records.reject(row, "format", "missing_response", row["response_id"]))
             continue
         violations = row["violations"]
-        reps = [replacements.get((row["id"], i)) for i in range(len(violations))]
-        if any(r is None for r in reps):
-            rejected.append(records.reject(row, "format", "missing_replacement"))
-            continue
         if any(row["injected"][v["start"] : v["end"]] != v["span"] for v in violations):
             rejected.append(records.reject(row, "format", "offset_mismatch"))
             continue
-        # Pieces are neutralised one by one (the check below catches a control token that only
-        # appears where two pieces meet), so the insertion points move with them.
-        cuts = [0, *(v["at"] for v in violations), len(row["response"])]
-        pieces = [_clean(row["response"][a:b]) for a, b in pairwise(cuts)]
-        edits, at = [], 0
-        for v, rep, piece in zip(violations, reps, pieces[:-1], strict=True):
-            at += len(piece)
-            token = tax.backtrack_token(v["policy"], cfg.per_policy_tokens)
-            edits.append((at, _clean(v["span"]), token, _clean(rep["replacement"])))
-        segments, visible = build.bsafe("".join(pieces), edits, cfg.train_prefix, cfg.train_copy)
-        origin = {
+        injected = _prepare(row, response)
+        reps = [replacements.get((row["id"], i)) for i in range(len(violations))]
+        if any(r is None for r in reps):
+            rejected.append(records.reject(row, "format", "missing_replacement"))
+        else:
+            _bsafe(injected, reps, cfg, out["bsafe"], rejected)
+        if tokenizer is not None:
+            _rlbf(injected, cfg, tokenizer, out["rlbf"], rejected)
+
+
+def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
+    violations = row["violations"]
+    # Pieces are neutralised one by one (the checks catch a control token that only appears
+    # where two pieces meet), so the insertion points move with them.
+    cuts = [0, *(v["at"] for v in violations), len(row["response"])]
+    pieces = [_clean(row["response"][a:b]) for a, b in pairwise(cuts)]
+    licenses = [response["license"], *(v["license"] for v in violations)]
+    meta = _meta(
+        response["meta"],
+        offsets=row["meta"]["offsets"] if row["meta"] else None,
+        scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
+        + _labelled("span", [v["scores"] for v in violations]),
+    )
+    return _Injected(
+        row=row,
+        text="".join(pieces),
+        ats=list(accumulate(len(p) for p in pieces[:-1])),
+        spans=[_clean(v["span"]) for v in violations],
+        prompt=_clean(response["prompt"]),
+        origin={
             "source": response["source"],
             "source_id": response["source_id"],
-            "license": " AND ".join(
-                dict.fromkeys(
-                    x for x in [response["license"], *(v["license"] for v in violations)] if x
-                )
-            ),
-        }
-        rep_meta = [r["meta"] or {} for r in reps]
-        meta = _meta(
-            response["meta"],
-            template=",".join(sorted({m.get("template") or "" for m in rep_meta} - {""})) or None,
-            fallback=any(m.get("fallback") for m in rep_meta),
-            offsets=row["meta"]["offsets"] if row["meta"] else None,
-            scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
-            + _labelled("span", [v["scores"] for v in violations])
-            + _labelled("replacement", [m.get("scores") or [] for m in rep_meta]),
-        )
-        sft = _sft(
-            "bsafe", row["policy"], origin, _clean(response["prompt"]), segments, visible, meta
-        )
-        _keep(sft, _check_sft(sft, tuple(e[1] for e in edits)), out["bsafe"], rejected)
+            "license": " AND ".join(dict.fromkeys(x for x in licenses if x)),
+        },
+        meta=meta,
+    )
+
+
+def _bsafe(inj: _Injected, reps: list[dict[str, Any]], cfg: Config, kept, rejected) -> None:
+    tax = taxonomy.load()
+    policies = [v["policy"] for v in inj.row["violations"]]
+    edits = [
+        (at, span, tax.backtrack_token(policy, cfg.per_policy_tokens), _clean(r["replacement"]))
+        for at, span, policy, r in zip(inj.ats, inj.spans, policies, reps, strict=True)
+    ]
+    segments, visible = build.bsafe(inj.text, edits, cfg.train_prefix, cfg.train_copy)
+    rep_meta = [r["meta"] or {} for r in reps]
+    templates = sorted({m.get("template") or "" for m in rep_meta} - {""})
+    meta = {
+        **inj.meta,
+        "template": ",".join(templates) or None,
+        "fallback": any(m.get("fallback") for m in rep_meta),
+        "scores": inj.meta["scores"]
+        + _labelled("replacement", [m.get("scores") or [] for m in rep_meta]),
+    }
+    sft = _sft("bsafe", inj.row["policy"], inj.origin, inj.prompt, segments, visible, meta)
+    _keep(sft, _check_sft(sft, tuple(inj.spans)), kept, rejected)
+
+
+def _rlbf(inj: _Injected, cfg: Config, tokenizer: Any, kept, rejected) -> None:
+    """X is the harmful segment's target-tokenizer tokens: exactly the tokens the trainer puts
+    before the category token (it tokenises segment by segment). The render check then proves
+    the renderer's take-back over the whole visible text cuts at the span's start."""
+    from pipeline.models import model_id
+
+    tax = taxonomy.load()
+    xs = [len(o) for o in token_offsets(tokenizer, [" " + span for span in inj.spans])]
+    if max(xs) > cfg.rlbf_max_x:
+        detail = f"a span is {max(xs)} target tokens; format.rlbf_max_x is {cfg.rlbf_max_x}"
+        rejected.append(records.reject(inj.row, "format", "span_too_long", detail))
+        return
+    policies = [v["policy"] for v in inj.row["violations"]]
+    edits = [
+        (at, span, tax.category(policy), tax.backtrack_by(x))
+        for at, span, policy, x in zip(inj.ats, inj.spans, policies, xs, strict=True)
+    ]
+    segments, visible = build.rlbf(inj.text, edits, cfg.rlbf_train_prefix)
+    meta = {**inj.meta, "tokenizer": model_id(cfg.target_tokenizer, cfg.target_revision)}
+    sft = _sft("rlbf", inj.row["policy"], inj.origin, inj.prompt, segments, visible, meta)
+    _keep(sft, _check_sft(sft, tuple(inj.spans), tokenizer), kept, rejected)
 
 
 def _labelled(prefix: str, score_lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -356,7 +429,7 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
     out: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SPEC.writes}
     rejected: list[dict[str, Any]] = []
-    _bsafe(inputs, cfg, out, rejected)
+    _violations(inputs, cfg, out, rejected)
     _harmful(inputs, cfg, env, out, rejected)
     tables = {kind: records.table(rows, records.config_schema(kind)) for kind, rows in out.items()}
     return {**tables, "rejected": records.table(rejected, records.REJECTED)}

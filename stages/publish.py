@@ -44,7 +44,8 @@ SPEC = StageSpec(
     writes=(),
 )
 DEFAULT_CONFIG = "mixture"
-KINDS = ("bsafe", "reset", "recovery", "utility", "preference")  # configs with one kind each
+# configs with one kind each
+KINDS = ("bsafe", "rlbf", "reset", "recovery", "utility", "preference")
 RECIPE_SECTIONS = ("sample", "filter", "inject", "rewrite", "format", "blend")
 VERSIONED = ("retrace", "datasets", "pyarrow", "transformers", "torch", "trl", "huggingface_hub")
 
@@ -281,7 +282,7 @@ def _plots(tables: dict[str, pa.Table], policy_mix: dict, images_dir: Path) -> d
         for k in pc.struct_field(tables["recovery"].column("meta"), "k").to_pylist()
         if k is not None
     ]
-    before, after = _toxicity([tables[k] for k in ("bsafe", "reset", "recovery")])
+    before, after = _toxicity([tables[k] for k in ("bsafe", "rlbf", "reset", "recovery")])
     return {
         "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
         "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
@@ -357,6 +358,14 @@ def _context(
         "scorers": _scorers(run_config),
         "images": _plots(tables, policy_mix, env.workdir / "images"),
         "examples": [e for e in examples if e is not None],
+        # The tokenizer(s) rlbf's [BACKTRACK_BY_<n>] counts: rendering those rows needs it.
+        "rlbf_tokenizers": sorted(
+            {
+                t
+                for t in pc.struct_field(tables["rlbf"].column("meta"), "tokenizer").to_pylist()
+                if t
+            }
+        ),
         "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
         "versions": _versions(),
         "run_config": run_config,

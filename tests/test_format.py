@@ -130,7 +130,8 @@ def run(
         "sources.harmful": harm if harm is not None else harmful(),
         "filter.responses": resp if resp is not None else responses(("r1", "About tea?", TEA)),
     }
-    return fmt.run(inputs, cfg or fmt.Config(), LocalEnv(seed=seed))
+    # rlbf rows count target-tokenizer tokens: tests/test_rlbf.py covers them with a real one.
+    return fmt.run(inputs, cfg or fmt.Config(rlbf=False), LocalEnv(seed=seed))
 
 
 def strip(row):
@@ -184,7 +185,7 @@ def test_bsafe_one_violation_exact_row():
 
 def test_bsafe_two_violations_generic_token_and_untrained_prefix_and_copy():
     vs = [violation(13, "Bad one.", "hate", 14), violation(32, "Bad two.", "violence", 42)]
-    cfg = fmt.Config(per_policy_tokens=False, train_prefix=False, train_copy=False)
+    cfg = fmt.Config(per_policy_tokens=False, train_prefix=False, train_copy=False, rlbf=False)
     out = run(
         cfg,
         violations=violations_table(("v1", "r1", TEA, vs)),
