@@ -86,6 +86,19 @@ PREFERENCE = pa.schema(
 )
 
 
+# A tokenized twin `<config>-tok` of an SFT config (publish.tokenized), TRL's pre-tokenized form:
+# completion_mask[i] = 1 exactly where the bundled trainer trains token i
+# (stages/publish_tokenized.py).
+TOKENIZED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("completion_mask", pa.list_(pa.int8())),
+    ]
+)
+
+
 def config_schema(config: str) -> pa.Schema:
     """The Parquet schema of a published config."""
     if config not in CONFIGS:
