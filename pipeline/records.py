@@ -50,6 +50,7 @@ META = pa.struct(
         ("h_tokens", pa.int64()),  # recovery: tokens of h, end of sequence not counted
         ("harmful", pa.string()),  # recovery: the whole h, so the trainer can redraw k
         ("tokenizer", pa.string()),  # recovery, rlbf: the target tokenizer's id (k, X count it)
+        ("pair", pa.string()),  # preference: reset | no_reset_harmful | no_reset_benign
     ]
 )
 

@@ -1,17 +1,21 @@
 """format: build the published examples of each recipe, render and check every one.
 
 Reads `inject.violations`, `rewrite.replacements`, `rewrite.refusals`, `rewrite.safe_responses`,
-`sources.harmful` and `filter.responses`; writes `bsafe`, `reset`, `recovery` (records.SFT) and
-`preference` (records.PREFERENCE), TRL's conversational formats with `segments` carrying the loss
-flags (layouts in stages/format_build.py):
+`sources.harmful` and `filter.responses`; writes `bsafe`, `rlbf`, `reset`, `recovery`
+(records.SFT) and `preference` (records.PREFERENCE), TRL's conversational formats with `segments`
+carrying the loss flags (layouts in stages/format_build.py):
 
 - bsafe (Sel et al.): benign text · harmful span · [BACKTRACK-P] · span repeated · [REPLACE] ·
   safe alternative · rest, one edit per injected violation;
+- rlbf (Sel et al. 2026), from the same violations: benign text · harmful span · [CATEGORY-P] ·
+  [BACKTRACK_BY_X] · the rest of the benign text, X the span's target-tokenizer tokens;
 - reset (Zhang et al.): prefix(y-) · [RESET] · y+, plus the plain (x, y+) example;
 - recovery (Qi et al.): h≤k · r, k in target-tokenizer tokens, `variants_per_triplet` draws, with
   the whole h and k in meta so the trainer can redraw k;
 - preference (Zhang et al., DPO): prefix(y-)+[RESET]+y+ over y-, and y+ over a safe prefix with a
-  spurious [RESET].
+  spurious [RESET], on harmful prompts; and on benign prompts (filter.responses) the benign answer
+  over a prefix of it with a spurious [RESET]. `meta.pair` names the type: `reset`,
+  `no_reset_harmful`, `no_reset_benign`.
 
 Every row is rendered and checked before it is kept: `render(completion) == visible` equals the
 visible text the recipe intends (for bsafe the clean response with the safe alternatives, which
@@ -80,6 +84,8 @@ class Config(StageConfig):
     # preference
     preference_reset_pairs: bool = True  # prefix(y-)+[RESET]+y+ over y-
     preference_spurious_pairs: bool = True  # y+ over prefix(y+)+[RESET]
+    # Zhang et al.'s false-reset pairs on benign prompts: a benign answer y over prefix(y)+[RESET]
+    preference_benign_pairs: bool = True
 
     @model_validator(mode="after")
     def _fractions(self) -> Config:
@@ -389,7 +395,12 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
                 if cfg.preference_reset_pairs:
                     chosen = prefix + reset_token + y_plus
                     pair = _preference(
-                        policy, row, x, chosen, h, _meta(meta, prefix_chars=len(prefix))
+                        policy,
+                        row,
+                        x,
+                        chosen,
+                        h,
+                        _meta(meta, prefix_chars=len(prefix), pair="reset"),
                     )
                     problem = _check_pair(pair, (y_plus, [reset_token]), (h, []))
                     _keep(pair, problem, out["preference"], rejected)
@@ -401,7 +412,7 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
                 spurious = build.word_prefix(
                     y_plus, lo, hi, seeds.rng(env.seed, row["id"], "spurious")
                 )
-                pair_meta = _meta(meta, prefix_chars=len(spurious))
+                pair_meta = _meta(meta, prefix_chars=len(spurious), pair="no_reset_harmful")
                 pair = _preference(policy, row, x, y_plus, spurious + reset_token, pair_meta)
                 problem = _check_pair(pair, (y_plus, []), ("", [reset_token]))
                 _keep(pair, problem, out["preference"], rejected)
@@ -426,10 +437,29 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
             _keep(sft, _check_sft(sft), out["recovery"], rejected)
 
 
+def _benign_pairs(inputs, cfg: Config, env: Any, kept, rejected) -> None:
+    """Continuing a benign answer is preferred over a [RESET] after a safe prefix of it (Zhang et
+    al.'s second pair type, on benign prompts: it keeps false resets down). One pair per
+    filter.responses row, the prefix drawn as reset's."""
+    reset_token = taxonomy.load().reset_token
+    lo, hi = cfg.reset_prefix
+    for row in inputs["filter.responses"].to_pylist():
+        y, x = _clean(row["response"]), _clean(row["prompt"])
+        if not y.strip():
+            rejected.append(records.reject(row, "format", "missing_response", "empty answer"))
+            continue
+        prefix = build.word_prefix(y, lo, hi, seeds.rng(env.seed, row["id"], "benign_reset"))
+        meta = _meta(row["meta"], prefix_chars=len(prefix), pair="no_reset_benign")
+        pair = _preference([], row, x, y, prefix + reset_token, meta)
+        _keep(pair, _check_pair(pair, (y, []), ("", [reset_token])), kept, rejected)
+
+
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
     out: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SPEC.writes}
     rejected: list[dict[str, Any]] = []
     _violations(inputs, cfg, out, rejected)
     _harmful(inputs, cfg, env, out, rejected)
+    if cfg.preference_benign_pairs:
+        _benign_pairs(inputs, cfg, env, out["preference"], rejected)
     tables = {kind: records.table(rows, records.config_schema(kind)) for kind, rows in out.items()}
     return {**tables, "rejected": records.table(rejected, records.REJECTED)}

@@ -363,6 +363,17 @@ def _context(
         "configs": configs,
         "empty_configs": empty,
         "mixture_kinds": _count(tables["mixture"], ["kind", "split"]),
+        "pairs": _count(
+            pa.table(
+                {
+                    "pair": pc.fill_null(
+                        pc.struct_field(tables["preference"].column("meta"), "pair"), "-"
+                    ),
+                    "split": tables["preference"].column("split"),
+                }
+            ),
+            ["pair", "split"],
+        ),
         "ratios": [r for r in report_rows if r["step"] == "mixture"],
         "policies": policy_rows,
         "licenses": license_counts,

@@ -113,7 +113,7 @@ def preference_row(rng: random.Random) -> dict:
         "prompt": [records.message("user", prompt)],
         "chosen": [records.message("assistant", words(rng, 8) + "[RESET]" + words(rng, 20))],
         "rejected": [records.message("assistant", words(rng, 25))],
-        "meta": {"generator": "tiny"},
+        "meta": {"generator": "tiny", "pair": "reset"},
     }
 
 

@@ -281,11 +281,18 @@ def test_reset_exact_rows_with_a_fixed_prefix_fraction(words_tokenizer):
 
     pairs = out["preference"].to_pylist()
     assert out["preference"].schema == records.PREFERENCE
-    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
-        ("Sure, call them[RESET]" + SAFE, H),
-        (SAFE, "I won't do that.[RESET]"),  # 7 words: ceil(3.5) = 4
+    assert [
+        (p["meta"]["pair"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs
+    ] == [
+        ("reset", "Sure, call them[RESET]" + SAFE, H),
+        ("no_reset_harmful", SAFE, "I won't do that.[RESET]"),  # 7 words: ceil(3.5) = 4
+        ("no_reset_benign", TEA, "Tea is green. It grows[RESET]"),  # the benign answer r1
     ]
-    assert all(p["prompt"] == [{"role": "user", "content": "Insult my coworker."}] for p in pairs)
+    assert pairs[2]["policy"] == [] and pairs[2]["prompt"][0]["content"] == "About tea?"
+    assert pairs[2]["meta"]["generator"] == "stand-in"
+    assert all(
+        p["prompt"] == [{"role": "user", "content": "Insult my coworker."}] for p in pairs[:2]
+    )
     assert set(pairs[0]) == {
         "id",
         "kind",
@@ -317,7 +324,7 @@ def test_an_empty_harmful_answer_still_gets_a_plain_reset_and_a_refusal(words_to
     assert (rec["meta"]["k"], rec["meta"]["k_max"], rec["meta"]["h_tokens"]) == (0, 0, 0)
     assert [
         p["rejected"][0]["content"].endswith("[RESET]") for p in out["preference"].to_pylist()
-    ] == [True]
+    ] == [True, True]  # the harmful prompt's spurious pair and the benign answer's
 
 
 def test_missing_rewrites_are_rejected(words_tokenizer):

@@ -39,6 +39,7 @@ def small_config(tmp_path: Path, model: Path) -> Path:
     )
     cfg["rewrite"].update(generator=generator, max_new_tokens=12)
     cfg["format"].update(target_tokenizer=str(model))
+    cfg["publish"].update(tokenized=[str(model)])
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -63,6 +64,25 @@ def test_every_config_loads_with_datasets(published):
         assert train.column_names == expected
         assert "messages" not in train.column_names
         assert len(train) > 0, config
+
+
+def test_tokenized_twins_equal_the_trainer_encoding_on_every_row(published, fluent_model_dir):
+    from trainer import tokens
+    from trainer.encode import Encoder
+
+    _, _, folder = published
+    tok = tokens.load_tokenizer(str(fluent_model_dir))
+    tokens.add_control_tokens(tok)
+    enc = Encoder(tok, 1 << 30, tokens.control_tokens())
+    for config in records.CONFIGS:
+        if config == "preference":
+            continue
+        for split, rows in load_dataset(str(folder), config).items():
+            twins = load_dataset(str(folder), f"{config}-tok", split=split)
+            assert twins["id"] == rows["id"], config
+            for row, twin in zip(rows, twins, strict=True):
+                doc = enc.encode(row, config)
+                assert (twin["input_ids"], twin["completion_mask"]) == (doc.ids, doc.trained)
 
 
 def test_published_rows_keep_the_contract(published):

@@ -96,8 +96,16 @@ def test_card_shows_the_trl_snippet_and_counts_the_twins(folder):
     text = (folder / "README.md").read_text()
     assert "completion_only_loss=True" in text and "resize_token_embeddings" in text
     assert 'subfolder="tokenizer"' in text
-    counted = {r["config"] for r in card.card_tables(folder)["counts"]}
+    tables = card.card_tables(folder)
+    counted = {r["config"] for r in tables["counts"]}
     assert {f"{c}-tok" for c in SFT} <= counted
+    # and the preference pairs per type (Zhang et al.'s two kinds)
+    pairs = datasets.load_dataset(str(folder), "preference")
+    by_type = {}
+    for split in pairs:
+        for meta in pairs[split]["meta"]:
+            by_type[(meta["pair"], split)] = by_type.get((meta["pair"], split), 0) + 1
+    assert {(r["pair"], r["split"]): int(r["rows"]) for r in tables["pairs"]} == by_type
 
 
 def test_several_tokenizers_get_names_of_their_own():
