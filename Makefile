@@ -28,8 +28,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	@touch $@
 
-$(VENV)/.dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(VENV)/.dev: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,openai,ray]'
 	@touch $@
 
 setup: $(VENV)/.installed

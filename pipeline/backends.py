@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from pydantic import Field, model_validator
+
 from pipeline import models, seeds
-from pipeline.prompting import render_prompt
+from pipeline.prompting import CHAT_FALLBACK, render_prompt
 from pipeline.stage import ModelSpec
 
-# Turn format for models without a chat template (the embedded base model).
-CHAT_FALLBACK = "chat/gemma.jinja"
 # Tokens that end a turn besides the tokenizer's eos; Gemma's model turn ends with <end_of_turn>.
 _END_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
 
@@ -29,7 +29,7 @@ _END_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
 class GeneratorSpec(ModelSpec):
     """Which model generates and how it is run; a field of every stage config that generates."""
 
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
     model: str = models.EMBEDDED  # Hub id, local HF folder, or "embedded" (Gemma 3 270M)
     revision: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -39,6 +39,19 @@ class GeneratorSpec(ModelSpec):
     tensor_parallel_size: int = 1  # vllm only
     gpu_memory_utilization: float = 0.9  # vllm only
     max_model_len: int | None = None  # vllm only; None takes the model's
+    # openai only (pipeline/backend_openai.py); batch_size is then the requests in flight.
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    endpoint: Literal["completions", "chat"] = "completions"  # a base model needs completions
+    tokenizer: str | None = None  # local tokenizer for chat formatting and counts; None: model
+    max_retries: int = Field(5, ge=0)  # on 408/409/429/5xx, timeouts, refused connections
+    timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> GeneratorSpec:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url, e.g. http://127.0.0.1:8000/v1")
+        return self
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -60,10 +73,11 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Generation:
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error"
     prompt_tokens: int
     completion_tokens: int  # generated tokens, the closing end-of-turn token included
     seed: int  # the seed of the random stream that drew this generation
+    error: str = ""  # why the request failed for good (finish_reason "error", text empty)
 
 
 class Generator(Protocol):
@@ -366,4 +380,8 @@ BACKENDS = {"transformers": TransformersGenerator, "vllm": VllmGenerator}
 
 def load_generator(spec: GeneratorSpec) -> Generator:
     """The generator for `spec`, by backend name."""
+    if spec.backend == "openai":  # imported here: backend_openai builds on this module
+        from pipeline.backend_openai import OpenAIGenerator
+
+        return OpenAIGenerator(spec)
     return BACKENDS[spec.backend](spec)

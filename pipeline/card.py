@@ -38,6 +38,23 @@ def cell(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def portable(value: Any, base: Path | None = None) -> Any:
+    """`value` (nested dicts/lists too) with every absolute local path made shareable: relative
+    to `base` (the working directory) when inside it, else `<local>/<last part>`. A card is
+    pushed to the Hub, where a path such as /home/<user>/models/x says nothing useful and leaks
+    the machine's layout."""
+    if isinstance(value, Mapping):
+        return {k: portable(v, base) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v, base) for v in value]
+    if not isinstance(value, str) or "\n" in value or not Path(value).is_absolute():
+        return value
+    path, base = Path(value), (base or Path.cwd()).resolve()
+    if path.resolve().is_relative_to(base):
+        return path.resolve().relative_to(base).as_posix()
+    return f"<local>/{path.name}"
+
+
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 

@@ -8,12 +8,15 @@
     retrace push --repo-id ID [--private] [--revision R] [--dry-run]
     retrace train [--config F] [--set train.k=v] [--data FOLDER]
 
-Errors print one line (or one line per bad config key) on stderr and exit non-zero; set
-RETRACE_DEBUG=1 for the traceback.
+A mistake (a `RetraceError`: bad config, a stage out of bounds, a missing file it names) or an
+environment failure (disk full, read-only folder, no permission, out of memory, a missing package)
+prints one line on stderr (one line per bad config key) and exits non-zero; set RETRACE_DEBUG=1
+for the traceback. Anything else is a bug and prints its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from pathlib import Path
@@ -23,8 +26,10 @@ import typer
 from rich.table import Table
 
 from pipeline import config as config_mod
-from pipeline.dag import DATASET_STAGES, Pipeline, StageError, load_stages
+from pipeline.dag import Pipeline, StageError, load_stages
+from pipeline.errors import RetraceError
 from pipeline.progress import console
+from stages import DATASET_STAGES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
 models_app = typer.Typer(no_args_is_help=True, help="Manage generator models.")
@@ -37,26 +42,57 @@ SetOpt = Annotated[
 ]
 
 
+# What to do about an environment failure, by errno.
+_ENVIRONMENT = {
+    errno.ENOSPC: "free space there (or point run.runs_dir / RETRACE_CACHE elsewhere), then rerun",
+    errno.EDQUOT: "free space within your quota there, then rerun",
+    errno.EROFS: "that file system is read-only; point run.runs_dir elsewhere",
+    errno.EACCES: "you lack permission there; fix it or point run.runs_dir elsewhere",
+    errno.EPERM: "you lack permission there; fix it or point run.runs_dir elsewhere",
+    errno.ENOMEM: "lower the batch or chunk size (generator.batch_size, run.chunk_size)",
+    errno.ENOENT: "check the path",
+}
+_PROJECT = ("pipeline", "stages", "trainer")
+
+
 def _friendly(fn):
-    """Known failures become one clear line and a non-zero exit, not a traceback."""
+    """Mistakes and environment failures become one line and a non-zero exit; bugs keep their
+    traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except config_mod.ConfigError as err:
-            _fail(err, code=2)
-        except (StageError, FileNotFoundError, RuntimeError, ImportError, KeyError) as err:
-            _fail(err, code=1)
+            _fail(err, str(err), code=2)
+        except RetraceError as err:
+            _fail(err, str(err), code=1)
+        except MemoryError as err:
+            _fail(err, f"out of memory; {_ENVIRONMENT[errno.ENOMEM]}", code=1)
+        except OSError as err:
+            if err.errno is None and isinstance(err, FileNotFoundError):  # raised with a message
+                _fail(err, str(err), code=1)
+            if err.errno not in _ENVIRONMENT:
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            reason = err.strerror or str(err)
+            _fail(err, f"{reason}{where}; {_ENVIRONMENT[err.errno]}", code=1)
+        except ImportError as err:
+            # A package that is not installed is the environment; a name missing inside the
+            # project is a bug.
+            if (err.name or "").split(".")[0] in _PROJECT:
+                raise
+            _fail(err, str(err), code=1)
 
     return wrapper
 
 
-def _fail(err: Exception, code: int) -> None:
+def _fail(err: Exception, message: str, code: int) -> None:
     if os.environ.get("RETRACE_DEBUG"):
         raise err
-    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    notes = "; ".join(getattr(err, "__notes__", ()))
+    line = f"{message} ({notes})" if notes else message
+    console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -75,7 +111,8 @@ def run(
     config: ConfigOpt = DEFAULT_CONFIG,
     until: Annotated[str, typer.Option(help="Last stage to run.")] = DATASET_STAGES[-1],
     force: Annotated[
-        list[str] | None, typer.Option(help="Rerun this stage and what depends on it.")
+        list[str] | None,
+        typer.Option(help="Rerun this stage and what depends on it, from scratch."),
     ] = None,
     set_: SetOpt = None,
     from_card: Annotated[
@@ -98,7 +135,7 @@ def run(
 def stage(
     name: Annotated[str, typer.Argument(help="Stage to run (its inputs run first if needed).")],
     config: ConfigOpt = DEFAULT_CONFIG,
-    force: Annotated[bool, typer.Option(help="Rerun it even if cached.")] = False,
+    force: Annotated[bool, typer.Option(help="Rerun it from scratch even if cached.")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Run one stage and what it needs."""
@@ -199,14 +236,9 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if cached.")] = False,
 ) -> None:
     """Train the bundled trainer on this run's published folder, or on --data FOLDER."""
-    if data is None:
-        _pipeline(config, set_).run(["train"], force={"train"} if force else set())
-        return
-    # A folder from elsewhere (the Hub, another run) needs none of this run's stages: train on it
-    # directly, into a folder of its own that resumes like the stage's.
-    from trainer.train import train as run_trainer
-
-    pipe = _pipeline(config, [*(set_ or []), f"train.data={data.resolve()}"])
-    out = pipe.store.root / "train-data"
-    run_trainer(pipe.cfg.train, data.resolve(), out, seed=pipe.run_cfg.seed, log=console.print)
-    print(out / "final")
+    # With --data the train stage reads that folder and needs none of this run's stages; its
+    # files are in the stage's cache key, so another folder trains from scratch.
+    extra = [f"train.data={data.resolve()}"] if data is not None else []
+    pipe = _pipeline(config, [*(set_ or []), *extra])
+    pipe.run(["train"], force={"train"} if force else set())
+    print(pipe.store.files_dir("train") / "final")

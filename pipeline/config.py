@@ -1,8 +1,9 @@
 """YAML → one typed, validated config tree, checked before any work.
 
-The root model is built from the stage modules: `run:` plus one section per stage, each validated
-by that stage's own `Config`. Unknown keys and wrong types fail here, each named with its file and
-dotted key, one per line.
+The root model is built from `SECTIONS` (sections that are not stages: `run:`, and any other a
+module registers there by adding its model) plus one section per stage, each validated by that
+stage's own `Config`. Unknown keys and wrong types fail here, each named with its file and dotted
+key, one per line.
 """
 
 from __future__ import annotations
@@ -10,30 +11,54 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from pipeline.errors import RetraceError
+from pipeline.executor_ray import RayConfig
 
 
-class ConfigError(Exception):
+class ConfigError(RetraceError):
     """A config file or override that does not validate; the message lists every bad key."""
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "default"  # the run folder: <runs_dir>/<name>
+    # The run folder <runs_dir>/<name>: one plain folder name, so a run never writes outside
+    # runs_dir (no "/", no "..", no leading dot).
+    name: str = "default"
     seed: int = 0
     runs_dir: Path = Path("runs")
     chunk_size: int = Field(64, gt=0)  # rows per resumable chunk of a chunked stage
     max_rejected_share: float = Field(0.5, ge=0, le=1)  # per-stage failure bound
+    # Where chunks are computed: this process, or a Ray cluster (pipeline/executor_ray.py).
+    # Neither changes a byte of output, so neither is in a cache key or a card.
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise ValueError("must be one folder name: no '/', no leading '.' (so not '..')")
+        return name
+
+
+# Sections that are not stages, each validated by its own frozen model: name -> model.
+SECTIONS: dict[str, type[BaseModel]] = {"run": RunConfig}
 
 
 def config_model(stages: Mapping[str, ModuleType]) -> type[BaseModel]:
-    """The root config model for these stage modules."""
-    fields: dict[str, Any] = {"run": (RunConfig, Field(default_factory=RunConfig))}
+    """The root config model: the non-stage sections, then one per stage module."""
+    fields: dict[str, Any] = {}
+    for name, model in SECTIONS.items():
+        fields[name] = (model, Field(default_factory=model))
     for name, module in stages.items():
+        if name in fields:
+            raise ConfigError(f"stage {name!r} has the name of a config section; rename one")
         fields[name] = (module.Config, Field(default_factory=module.Config))
     return create_model(
         "RetraceConfig", __config__=ConfigDict(extra="forbid", frozen=True), **fields
@@ -83,7 +108,7 @@ def validate(
             got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
             lines.append(f"  {where}: {msg}{got}")
         if any(e["type"] == "extra_forbidden" for e in err.errors()):
-            lines.append("  known sections: " + ", ".join(["run", *stages]))
+            lines.append("  known sections: " + ", ".join([*SECTIONS, *stages]))
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -99,14 +124,20 @@ def load(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if raw is None:
+            raise ConfigError(
+                f"{path} is empty; write the sections to change (`{{}}` for all defaults), "
+                "or start from configs/default.yaml"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return validate(apply_overrides(raw, overrides), stages, origin)
 
 
 def section_dump(cfg: BaseModel) -> dict[str, Any]:
-    """The resolved config as plain JSON-able data (what manifests, cards and checkpoints store)."""
-    return cfg.model_dump(mode="json")
+    """The resolved config as plain JSON-able data (what manifests, cards and checkpoints store),
+    less where it ran: a card rebuilt elsewhere runs on that machine's executor."""
+    return cfg.model_dump(mode="json", exclude={"run": {"executor", "ray"}})

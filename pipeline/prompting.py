@@ -9,6 +9,10 @@ import jinja2
 
 from pipeline.taxonomy import PROMPTS_DIR
 
+# Gemma's turn format, for models that ship no chat template (the embedded base model): the
+# generator backends and the trainer render prompts with this one file.
+CHAT_FALLBACK = "chat/gemma.jinja"
+
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(PROMPTS_DIR),
     undefined=jinja2.StrictUndefined,  # a missing variable is an error, never an empty string

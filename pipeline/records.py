@@ -23,8 +23,12 @@ MESSAGES = pa.list_(MESSAGE)
 SEGMENT_ROLES = ("text", "harmful", "control", "copy", "replacement", "refusal", "safe")
 SEGMENT = pa.struct([("text", pa.string()), ("role", pa.string()), ("train", pa.bool_())])
 
-SFT_KINDS = ("bsafe", "rlbf", "reset", "recovery", "utility")
-CONFIGS = (*SFT_KINDS, "preference", "mixture")
+# Kinds of published row: the recipes `format` writes as SFT rows, plain utility SFT rows, and
+# preference pairs; each has its own config, and `mixture` mixes the SFT kinds.
+RECIPE_KINDS = ("bsafe", "rlbf", "reset", "recovery")
+SFT_KINDS = (*RECIPE_KINDS, "utility")
+KINDS = (*SFT_KINDS, "preference")
+CONFIGS = (*KINDS, "mixture")
 
 SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
 SCORES = pa.list_(SCORE)
@@ -190,6 +194,18 @@ def reject(row: Mapping[str, Any], stage: str, reason: str, detail: Any = "") ->
     }
 
 
+def license_expr(*licenses: str | None) -> str:
+    """Licences as one Hub-style expression: each id lower-cased with spaces as hyphens ("MIT",
+    "CC BY 4.0" -> "mit", "cc-by-4.0"), an "a AND b" taken apart, blanks and repeats dropped, the
+    rest joined with " AND " in first-seen order. The `license` column always holds this form."""
+    ids = (
+        part.strip().lower().replace(" ", "-")
+        for value in licenses
+        for part in (value or "").split(" AND ")
+    )
+    return " AND ".join(dict.fromkeys(i for i in ids if i))
+
+
 def message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
@@ -286,21 +302,5 @@ BLEND_REPORT = pa.schema(
         ("realised", pa.float64()),  # mixture: the share it got, in `unit`
         ("unit", pa.string()),  # mixture: "examples" | "tokens" | "words"
         ("detail", pa.string()),  # JSON: the step's parameters (threshold, n, seed, sources)
-    ]
-)
-
-
-# --- sources (stage `sources`) ---------------------------------------------------------------
-
-# sources.counts: one row of stage-wide figures for the manifest. `loaded` is every source row
-# read (the stage's rows in); `not_selected` the rows a loader passes over by design (BeaverTails
-# safe rows when harmful QA is wanted, unsafe rows when benign prompts are); `neutralised_rows`
-# and `neutralised_strings` the rows and control-token/special-token strings defused (DESIGN §4).
-SOURCE_COUNTS = pa.schema(
-    [
-        ("loaded", pa.int64()),
-        ("not_selected", pa.int64()),
-        ("neutralised_rows", pa.int64()),
-        ("neutralised_strings", pa.int64()),
     ]
 )

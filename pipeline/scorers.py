@@ -7,15 +7,10 @@
   file) and `huggingface_config_path` (a folder with the matching HF config and tokenizer) point at
   local copies; nothing here downloads by surprise: a checkpoint that is neither given nor already
   in torch's hub cache is an error saying how to provide it.
-
-`safe_prefix()` scores a text sentence by sentence and returns where the most recent safe state
-ends: the end of the last sentence before the first one over the threshold.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -120,48 +115,3 @@ SCORERS = {"profanity-check": ProfanityCheckScorer, "detoxify": DetoxifyScorer}
 def load_scorer(spec: ScorerSpec) -> Scorer:
     """The scorer for `spec`, by kind."""
     return SCORERS[spec.kind](spec)
-
-
-# --- sentence-level scoring ------------------------------------------------------------------
-
-# A sentence ends at . ! ? (plus closing quotes/brackets) before whitespace, or at a line break.
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n")
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) char offsets of each sentence; whitespace between sentences belongs to none."""
-    spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        end = m.end()
-        if text[start:end].strip():
-            spans.append((start, end))
-        start = end
-    if text[start:].strip():
-        spans.append((start, len(text)))
-    # Drop the leading whitespace of each span so offsets point at the sentence itself.
-    return [(s + len(text[s:e]) - len(text[s:e].lstrip()), e) for s, e in spans]
-
-
-@dataclass(frozen=True)
-class SafePrefix:
-    sentences: list[tuple[int, int, float]]  # (start, end, score) per sentence
-    safe_end: int  # end offset of the last sentence before the first one at/over the threshold
-
-
-def safe_prefix(
-    text: str, scorer: Scorer, threshold: float, label: str | None = None
-) -> SafePrefix:
-    """Score each sentence on its own (`label`, else the maximum over labels) and find the most
-    recent safe state: text[:safe_end] is what a scorer-guided rollback would keep."""
-    spans = sentence_spans(text)
-    scores = scorer.score([text[s:e] for s, e in spans]) if spans else []
-    sentences = [
-        (s, e, float(sc[label] if label else max(sc.values())))
-        for (s, e), sc in zip(spans, scores, strict=True)
-    ]
-    safe_end = 0
-    for _start, e, value in sentences:
-        if value >= threshold:
-            break
-        safe_end = e
-    return SafePrefix(sentences, safe_end)

@@ -2,45 +2,76 @@
 
 A stage module `stages/<name>.py` defines:
 
-- `SPEC = StageSpec(...)`: the tables it reads (`"<stage>.<table>"`) and writes, whether the engine
-  feeds it in resumable chunks, and which prompt files go into its cache key;
+- `SPEC = StageSpec(...)`: the tables it reads (`"<stage>.<table>"`) and writes (each with its
+  schema from `pipeline/records.py`), whether the engine feeds it in resumable chunks, which
+  prompt files go into its cache key, and its optional hooks;
 - `class Config(StageConfig)`: its config section, frozen and strict;
-- `run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, pa.Table]`: one table per
-  name in `SPEC.writes`, plus `"rejected"` (schema `records.REJECTED`).
+- `run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, Any]`: one table per
+  name in `SPEC.writes`, plus `"rejected"` (schema `records.REJECTED`), plus optionally
+  `"stats"`: a flat dict of stage-wide counts (numbers) the engine sums over chunks into the
+  manifest.
 
-Optional: `external_files(cfg) -> list[Path]` for files outside the run store whose content the
-output depends on (the sources stage's local data files), and `fingerprints(cfg) -> list[dict]`
-for models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
+Hooks, named in `SPEC.hooks` (the engine fails on a name the module does not define):
+`external_files(cfg) -> list[Path]` for files outside the run store whose content the output
+depends on (the sources stage's local data files), and `fingerprints(cfg) -> list[dict]` for
+models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
 
 A stage never touches the run folder, the CLI or another stage; the engine (`pipeline/dag.py`)
-does chunking, caching, resume, manifests and progress.
+does chunking, caching, resume, manifests and progress. This module is only the interface: it
+imports nothing of the project, so a stage's cache key (its import closure) does not grow by
+importing it.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+# spec_for(cfg) -> StageSpec: a stage whose inputs depend on its config (train with train.data).
+HOOKS = ("external_files", "fingerprints", "spec_for")
 
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     reads: tuple[str, ...] = ()  # "<stage>.<table>" inputs; the input dict is keyed the same
-    writes: tuple[str, ...] = ()  # output table names (the engine adds "rejected")
+    # Output table -> its schema (the engine adds "rejected", records.REJECTED); a table whose
+    # schema differs fails the stage naming the column.
+    writes: Mapping[str, pa.Schema] = field(default_factory=dict)
     chunked: str | None = None  # input name the engine splits into resumable chunks
+    # Inputs that must hold rows: when one is empty the stage stops before it starts, naming the
+    # table and why upstream rejected its rows. The chunked input is always required.
+    required: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()  # globs under prompts/ hashed into the cache key
+    hooks: tuple[str, ...] = ()  # optional functions of the module, out of HOOKS
     cached: bool = True  # False: run every time it is asked for (push)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.writes, Mapping):
+            raise TypeError(
+                f"stage {self.name}: SPEC.writes maps each table to its schema, e.g. "
+                "writes={'samples': records.SAMPLES}"
+            )
+        unknown = [h for h in self.hooks if h not in HOOKS]
+        if unknown:
+            raise ValueError(f"stage {self.name}: unknown hook(s) {unknown}; known: {HOOKS}")
+        stray = [r for r in (*self.required, self.chunked) if r and r not in self.reads]
+        if stray:
+            raise ValueError(f"stage {self.name}: {stray} must be among its reads {self.reads}")
 
     @property
     def needs(self) -> tuple[str, ...]:
         """Upstream stages, in first-read order."""
         return tuple(dict.fromkeys(r.split(".", 1)[0] for r in self.reads))
+
+    @property
+    def must_have_rows(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*([self.chunked] if self.chunked else []), *self.required]))
 
 
 class StageConfig(BaseModel):
@@ -50,7 +81,7 @@ class StageConfig(BaseModel):
 
     # Fail the stage when rejected rows exceed this share of its input rows; None takes
     # `run.max_rejected_share`.
-    max_rejected_share: float | None = None
+    max_rejected_share: float | None = Field(None, ge=0, le=1)
 
 
 class ModelSpec(BaseModel):
@@ -59,7 +90,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Identity of the weights, tokenizer and chat template (not the whole file bytes)."""
+        """Identity of the weights, tokenizer and chat template."""
         return self.model_dump(mode="json")
 
 
@@ -68,7 +99,7 @@ class Progress(Protocol):
 
 
 class Env(Protocol):
-    """What the engine lends a running stage."""
+    """What the engine lends a running stage (`pipeline.env.LocalEnv` is the plain one)."""
 
     seed: int  # the run seed; derive per-row seeds from it and the row id
     workdir: Path  # a folder the stage may write files into; kept across a resumed attempt
@@ -84,60 +115,3 @@ class Env(Protocol):
         """A context manager yielding a `Progress`."""
 
     def log(self, message: str) -> None: ...
-
-
-class _NullProgress:
-    def advance(self, rows: int = 1, tokens: int = 0) -> None:
-        pass
-
-
-class LocalEnv:
-    """A plain Env: models loaded on first use and kept, progress shown only when asked for.
-
-    The engine passes one with rich progress; tests and benchmarks build their own.
-    """
-
-    def __init__(
-        self,
-        seed: int = 0,
-        workdir: Path | None = None,
-        run_config: dict[str, Any] | None = None,
-        show_progress: bool = False,
-    ) -> None:
-        self.seed = seed
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp("retrace"))
-        self.run_config = run_config or {}
-        self.show_progress = show_progress
-        self._models: dict[str, Any] = {}
-
-    def _cached(self, spec: Any, load: Any) -> Any:
-        key = f"{type(spec).__name__}:{spec.model_dump_json()}"
-        if key not in self._models:
-            self._models[key] = load(spec)
-        return self._models[key]
-
-    def generator(self, spec: Any) -> Any:
-        from pipeline.backends import load_generator
-
-        return self._cached(spec, load_generator)
-
-    def scorer(self, spec: Any) -> Any:
-        from pipeline.scorers import load_scorer
-
-        return self._cached(spec, load_scorer)
-
-    @contextmanager
-    def progress(self, desc: str, total: int | None, unit: str = "rows") -> Iterator[Any]:
-        if not self.show_progress:
-            yield _NullProgress()
-            return
-        from pipeline.progress import bar
-
-        with bar(desc, total, unit) as p:
-            yield p
-
-    def log(self, message: str) -> None:
-        if self.show_progress:
-            from pipeline.progress import console
-
-            console.print(f"[dim]  {message}[/]", highlight=False)

@@ -6,18 +6,23 @@ Layout of one stage folder:
     files/                       files a stage wrote (the dataset folder, checkpoints)
     _manifest.json               written last: its presence means the stage completed
     .work-<key>/                 an attempt in progress; finished chunks are marked in _done/
+    .work-<key>/_commit.json     the attempt is complete: what finalize moves, and its manifest
 
 Everything is written to a temporary name and renamed, so a killed run never leaves a half file
-under a final name.
+under a final name. Finalizing a stage takes several renames (one per table); the commit record,
+written (and fsynced) before the first of them, makes the whole move one step: a run that finds a
+commit record finishes the move before anything else (`recover`), so a kill between two renames
+loses nothing and never leaves a stage that claims outputs it does not have.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,34 +31,54 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.digest import hash_files
+from pipeline.errors import RetraceError
+
 MANIFEST = "_manifest.json"
 FILES = "files"
+DONE = "_done"
+COMMIT = "_commit.json"
+LOCK = ".lock"
+
+
+class RunLocked(RetraceError):
+    """Another process holds the run."""
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a rename is durable once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, children before parents."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            fsync(Path(folder) / name)
+        fsync(Path(folder))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
+    fsync(tmp)
     os.replace(tmp, path)
-
-
-def hash_files(paths: list[Path], root: Path | None = None) -> str:
-    """Content hash of files in the given order (names relative to root count too)."""
-    h = hashlib.sha256()
-    for p in paths:
-        if root is not None:
-            h.update(str(p.relative_to(root)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def parts(folder: Path) -> list[Path]:
@@ -110,19 +135,31 @@ class RunStore:
         return self.stage_dir(stage) / f".work-{key[:16]}"
 
     @contextmanager
-    def lock(self, stage: str) -> Iterator[None]:
-        """Hold the stage for this process: two runs of one stage would finalise over each other."""
-        folder = self.stage_dir(stage)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "w") as handle:
+    def lock(self) -> Iterator[None]:
+        """Hold the whole run for this process: one run, one writer.
+
+        Two processes on one run name would interleave stages built from different configs
+        (a card whose embedded config does not match its rows), so the second is refused.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(
-                    f"another retrace process is running stage {stage} in {self.root}; wait for "
-                    "it to finish, or give this run another run.name"
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunLocked(
+                    f"run {self.root} is in use by {holder}; wait for it to finish, or give "
+                    "this run another run.name"
                 ) from None
-            yield
+            handle.truncate(0)
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            handle.write(f"pid {os.getpid()} (`{' '.join(sys.argv)}`, since {started})")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
         path = self.stage_dir(stage) / MANIFEST
@@ -133,24 +170,86 @@ class RunStore:
     def read(self, stage: str, table: str) -> pa.Table:
         return read_parts(self.table_dir(stage, table))
 
-    def finalize(self, stage: str, work: Path, tables: list[str], manifest: dict[str, Any]) -> None:
-        """Move a finished attempt into place and write its manifest last.
+    # --- attempts --------------------------------------------------------------------------
 
-        The old manifest goes first, so a crash in between leaves the stage missing, never
-        claiming outputs it does not have.
+    def pending_commit(self, stage: str) -> Path | None:
+        """The work folder of a committed attempt whose move was interrupted, if any."""
+        folder = self.stage_dir(stage)
+        found = sorted(folder.glob(f".work-*/{COMMIT}")) if folder.is_dir() else []
+        return found[0].parent if found else None
+
+    def recover(self) -> list[str]:
+        """Finish every interrupted finalize in the run; returns the stages it finished.
+
+        Call with the run locked, before reading any manifest.
         """
+        finished = []
+        stages = (
+            sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        )
+        for stage in stages:
+            if (work := self.pending_commit(stage)) is not None:
+                self._replay(stage, work)
+                finished.append(stage)
+        return finished
+
+    def open_attempt(self, stage: str, key: str, tables: list[str], fresh: bool) -> Path:
+        """The work folder for an attempt under `key`, keeping only chunks that are complete.
+
+        A chunk counts as done when its marker exists and every table has its part (parts are
+        written before the marker); anything else is discarded, so a resumed attempt never
+        trips over what a killed one left. `fresh` discards the folder outright (--force).
+        """
+        work = self.work_dir(stage, key)
+        if fresh and work.exists():
+            shutil.rmtree(work)
+        done = work / DONE
+        done.mkdir(parents=True, exist_ok=True)
+        for marker in list(done.iterdir()):
+            if not all((work / t / f"part-{marker.name}.parquet").is_file() for t in tables):
+                marker.unlink()
+        kept = {m.name for m in done.iterdir()}
+        for table in tables:
+            for part in parts(work / table):
+                if part.stem.removeprefix("part-") not in kept:
+                    part.unlink()
+        return work
+
+    def finalize(self, stage: str, work: Path, tables: list[str], manifest: dict[str, Any]) -> None:
+        """Move a finished attempt into place, as one step: commit, then move, then manifest."""
+        fsync_tree(work)
+        present = [name for name in [*tables, FILES] if (work / name).exists()]
+        record = {
+            "moves": present,
+            "drops": [name for name in [*tables, FILES] if name not in present],
+            "manifest": manifest,
+        }
+        atomic_write_bytes(work / COMMIT, json.dumps(record, sort_keys=True).encode())
+        self._replay(stage, work)
+
+    def _replay(self, stage: str, work: Path) -> None:
+        """Carry out a commit record; safe to repeat after a kill at any point."""
+        record = json.loads((work / COMMIT).read_text())
         out = self.stage_dir(stage)
+        # The old manifest goes first: a kill from here on leaves the stage without one (and
+        # the commit record, so the next run finishes the move), never claiming mixed outputs.
         (out / MANIFEST).unlink(missing_ok=True)
-        for name in [*tables, FILES]:
-            target = out / name
-            if target.exists():
-                shutil.rmtree(target)
-            if (work / name).exists():
-                os.replace(work / name, target)
-        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        shutil.rmtree(work, ignore_errors=True)
+        for name in record["drops"]:
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+        for name in record["moves"]:
+            if (work / name).exists():  # not yet moved: what is under the final name is old
+                if (out / name).exists():
+                    shutil.rmtree(out / name)
+                os.replace(work / name, out / name)
+        fsync(out)
+        manifest = json.dumps(record["manifest"], indent=2, sort_keys=True).encode()
+        atomic_write_bytes(out / MANIFEST, manifest)
+        shutil.rmtree(work)
         for stale in out.glob(".work-*"):  # attempts under other keys can never resume now
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in out.glob(".*.tmp-*"):  # a write a kill interrupted
+            stale.unlink()
 
 
 def hash_outputs(base: Path, tables: list[str]) -> dict[str, dict[str, Any]]:
@@ -158,9 +257,11 @@ def hash_outputs(base: Path, tables: list[str]) -> dict[str, dict[str, Any]]:
     result: dict[str, dict[str, Any]] = {}
     for table in tables:
         folder = base / table
-        result[table] = {"sha256": hash_files(parts(folder)), "rows": count_rows(folder)}
+        sha = hash_files(parts(folder), remember=False)  # just written: nothing to remember
+        result[table] = {"sha256": sha, "rows": count_rows(folder)}
     files = base / FILES
     if files.is_dir():
         all_files = sorted(p for p in files.rglob("*") if p.is_file())
-        result[FILES] = {"sha256": hash_files(all_files, root=files), "rows": len(all_files)}
+        sha = hash_files(all_files, root=files, remember=False)
+        result[FILES] = {"sha256": sha, "rows": len(all_files)}
     return result

@@ -110,11 +110,11 @@ def load(path: Path = TAXONOMY_FILE) -> Taxonomy:
 
 
 # Bracketed control-token look-alikes ([RESET], [backtrack-hate], [ REPLACE ], [backtrack_by_7],
-# [CATEGORY-HATE]) and the Gemma turn and special tokens. Case and inner spaces vary so
-# near-misses are caught too.
+# [CATEGORY-HATE]), Gemma 3's bracketed `[multimodal]` token, and the Gemma turn and special
+# tokens. Case and inner spaces vary so near-misses are caught too.
 _CONTROL = re.compile(
     r"\[\s*(BACKTRACK(?:\s*[-_]\s*[A-Z0-9_\-]+)?|CATEGORY\s*[-_]\s*[A-Z0-9_\-]+"
-    r"|REPLACE|RESET)\s*\]",
+    r"|REPLACE|RESET|multimodal)\s*\]",
     re.IGNORECASE,
 )
 _SPECIAL = re.compile(
@@ -126,8 +126,8 @@ _SPECIAL = re.compile(
 def neutralise(text: str) -> tuple[str, int]:
     """`text` with control/special token strings defused, and how many were found.
 
-    `[RESET]` becomes `(RESET)` and `<end_of_turn>` becomes `‹end_of_turn›`: still readable,
-    never the token.
+    `[RESET]` becomes `(RESET)`, `[multimodal]` `(multimodal)` and `<end_of_turn>`
+    `‹end_of_turn›`: still readable, never the token.
     """
     text, n_control = _CONTROL.subn(lambda m: f"({m.group(1)})", text)
     text, n_special = _SPECIAL.subn(lambda m: f"‹{m.group(1)}›", text)

@@ -1,19 +1,25 @@
-"""Benchmark: blend + publish of 128K synthetic SFT rows, next to a plain pyarrow write.
+"""Benchmark: blend + publish of synthetic SFT rows at several sizes, next to a plain pyarrow write.
 
-    .venv/bin/python scripts/bench_publish.py [--rows 128000] [--shard-mb 256]
+    .venv/bin/python scripts/bench_publish.py [--rows 16000 128000 1000000] [--shard-mb 256]
 
 Builds bsafe/reset/recovery rows (as the format stage writes them), utility pairs and anchor
 answers (as sources and filter write them), ~100 words each, in the published schemas; then
-times blend.run, publish.run (shards, card, plots) and `pyarrow.parquet.write_table` of the same
-published tables with its defaults. Peak memory is the growth of the process's peak RSS during
-each step (Linux: the peak is reset through /proc/self/clear_refs before each step).
+times blend.run, publish.run, publish's shards alone and `pyarrow.parquet.write_table` of the same
+published tables with its defaults (shards and plain write interleaved, three rounds, medians).
+Card and plots are publish minus its shards. Each size runs in its own process, so one size's
+memory never shows in the next. Peak memory is the growth of the process's peak RSS during a step
+(Linux: the peak is reset through /proc/self/clear_refs before each step); blend's growth holds
+its output tables (rows, the stage's product), reported beside it as Arrow bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +32,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).par
 from test_blend import anchor_rows, bsafe_row, recovery_row, reset_row, utility_source_rows  # noqa: E402
 
 from pipeline import records  # noqa: E402
-from pipeline.stage import LocalEnv  # noqa: E402
+from pipeline.env import LocalEnv  # noqa: E402
 from stages import blend, publish  # noqa: E402
+
+ROUNDS = 3
 
 
 def _rss_kb(field: str) -> int:
@@ -71,18 +79,18 @@ def synthetic(rows: int) -> dict:
     return inputs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=128_000)
-    parser.add_argument("--shard-mb", type=float, default=256)
-    args = parser.parse_args()
-
-    print(f"building {args.rows:,} synthetic rows ...", flush=True)
-    inputs = synthetic(args.rows)
+def one(rows: int, shard_mb: float) -> dict:
+    """Every figure for one size, measured in this process."""
+    inputs = synthetic(rows)
     env = LocalEnv(seed=0, run_config={"run": {"name": "bench", "seed": 0}})
     out, t_blend, c_blend, m_blend = measure(lambda: blend.run(inputs, blend.Config(), env))
-    rows_in = sum(t.num_rows for t in inputs.values())
-
+    figures = {
+        "rows": rows,
+        "inputs_mb": sum(t.nbytes for t in inputs.values()) / 1e6,
+        "outputs_mb": sum(t.nbytes for t in out.values()) / 1e6,
+        "blend": (t_blend, c_blend, m_blend),
+        "peak_rss_mb": _rss_kb("VmHWM:") / 1024,
+    }
     folder = Path(tempfile.mkdtemp("bench-publish"))
     env.workdir = folder / "published"
     env.workdir.mkdir()
@@ -91,19 +99,19 @@ def main() -> None:
         pub_inputs[f"{stage}.rejected"] = (
             out["rejected"] if stage == "blend" else records.table([], records.REJECTED)
         )
-    cfg = publish.Config(shard_bytes=int(args.shard_mb * 1e6))
+    cfg = publish.Config(shard_bytes=int(shard_mb * 1e6))
     _, t_pub, c_pub, m_pub = measure(lambda: publish.run(pub_inputs, cfg, env))
-    published = sum(out[c].num_rows for c in records.CONFIGS)
+    figures["publish"] = (t_pub, c_pub, m_pub)
+    figures["published_rows"] = sum(out[c].num_rows for c in records.CONFIGS)
+    figures["shard_files"] = len(list((env.workdir / "data").rglob("*.parquet")))
 
-    def shards_only():
+    def shards():
         for c in records.CONFIGS:
             for split in records.SPLITS:
-                rows = publish._split_rows(out[c], split)
-                if rows.num_rows:
+                part = publish._split_rows(out[c], split)
+                if part.num_rows:
                     target = folder / "shards" / c
-                    publish.write_shards(rows, records.config_schema(c), target, split, cfg)
-
-    _, t_shards, c_shards, m_shards = measure(shards_only)
+                    publish.write_shards(part, records.config_schema(c), target, split, cfg)
 
     plain_dir = folder / "plain"
     plain_dir.mkdir()
@@ -112,32 +120,64 @@ def main() -> None:
         for c in records.CONFIGS:
             pq.write_table(out[c].drop_columns(["split"]), plain_dir / f"{c}.parquet")
 
-    _, t_plain, c_plain, m_plain = measure(plain)
-    size = sum(f.stat().st_size for f in (env.workdir / "data").rglob("*.parquet"))
-    plain_size = sum(f.stat().st_size for f in plain_dir.iterdir())
-    shards = len(list((env.workdir / "data").rglob("*.parquet")))
+    timed: dict[str, list] = {"shards": [], "plain": []}
+    for _ in range(ROUNDS):
+        for name, step in (("shards", shards), ("plain", plain)):
+            timed[name].append(measure(step)[1:])
+    for name, runs in timed.items():
+        figures[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
+    figures["publish_mb"] = sum(f.stat().st_size for f in (folder / "shards").rglob("*.parquet"))
+    figures["plain_mb"] = sum(f.stat().st_size for f in plain_dir.iterdir())
+    figures["publish_mb"] /= 1e6
+    figures["plain_mb"] /= 1e6
     shutil.rmtree(folder)
+    return figures
 
+
+def report(f: dict) -> None:
     def line(name, rows, wall, cpu, mem):
         print(
-            f"{name:<8} {rows:>9,} rows  {wall:6.2f} s wall ({rows / wall:>9,.0f} rows/s)  "
-            f"{cpu:6.2f} s CPU  peak +{mem:,.0f} MB"
+            f"  {name:<11} {rows:>10,} rows  {wall:7.2f} s wall  {cpu:7.2f} s CPU  "
+            f"peak +{mem:,.0f} MB"
         )
 
-    line("blend", rows_in, t_blend, c_blend, m_blend)
-    line("publish", published, t_pub, c_pub, m_pub)
-    line("  shards", published, t_shards, c_shards, m_shards)
-    line("plain", published, t_plain, c_plain, m_plain)
+    published = f["published_rows"]
     print(
-        f"publish: {shards} shards, {size / 1e6:.1f} MB (zstd); "
-        f"plain pyarrow.parquet.write_table: {plain_size / 1e6:.1f} MB (snappy)"
+        f"{f['rows']:,} rows: inputs {f['inputs_mb']:,.0f} MB, blend outputs "
+        f"{f['outputs_mb']:,.0f} MB (Arrow), process peak RSS {f['peak_rss_mb']:,.0f} MB"
     )
+    line("blend", f["rows"], *f["blend"])
+    line("publish", published, *f["publish"])
+    line("  shards", published, *f["shards"])
+    card = (f["publish"][0] - f["shards"][0], f["publish"][1] - f["shards"][1], f["publish"][2])
+    line("  card+plots", published, *card)
+    line("plain", published, *f["plain"])
     print(
-        f"ratio publish / plain: {t_pub / t_plain:.2f}x wall, {c_pub / c_plain:.2f}x CPU "
-        f"(its shards alone {c_shards / c_plain:.2f}x CPU); "
-        f"blend + publish / plain: {(t_blend + t_pub) / t_plain:.2f}x wall, "
-        f"{(c_blend + c_pub) / c_plain:.2f}x CPU"
+        f"  shards / plain: {f['shards'][0] / f['plain'][0]:.2f}x wall, "
+        f"{f['shards'][1] / f['plain'][1]:.2f}x CPU; {f['shard_files']} shards, "
+        f"{f['publish_mb']:.1f} MB (zstd) vs {f['plain_mb']:.1f} MB plain (snappy); "
+        f"blend + publish {f['blend'][0] + f['publish'][0]:.1f} s wall"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[16_000, 128_000, 1_000_000])
+    parser.add_argument("--shard-mb", type=float, default=256)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.rows[0], args.shard_mb)))
+        return
+    for rows in args.rows:
+        print(f"building {rows:,} synthetic rows in a fresh process ...", flush=True)
+        child = [sys.executable, __file__, "--one", "--rows", str(rows)]
+        done = subprocess.run(
+            [*child, "--shard-mb", str(args.shard_mb)], capture_output=True, text=True
+        )
+        if done.returncode:
+            sys.exit(f"the {rows:,}-row run failed:\n{done.stderr}")
+        report(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import records  # noqa: E402
-from pipeline.stage import LocalEnv  # noqa: E402
+from pipeline.env import LocalEnv  # noqa: E402
 from stages import format as fmt  # noqa: E402
 from stages import inject, rewrite  # noqa: E402
 

@@ -25,7 +25,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 import stages.sample as sample
 from pipeline import records, seeds
 from pipeline.backends import GeneratorSpec, NucleusSampler, seeds_of_batch
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 
 PROMPTS = [
     "Give me three tips for sleeping better.",

@@ -1,0 +1,20 @@
+"""The stages, one module each, in DAG order (DESIGN §3).
+
+`retrace run` stops at publish: push needs a network and a repo id, train a GPU-sized budget; both
+run when named. This file is part of every stage's code key (it runs whenever a stage module is
+imported), so it holds the list and nothing else.
+"""
+
+STAGES = (
+    "sources",
+    "sample",
+    "filter",
+    "inject",
+    "rewrite",
+    "format",
+    "blend",
+    "publish",
+    "push",
+    "train",
+)
+DATASET_STAGES = STAGES[: STAGES.index("publish") + 1]

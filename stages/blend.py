@@ -25,13 +25,14 @@ Steps, in order, over all components together:
 6. mixture: per split, the components' rows taken in shuffle order so their shares match
    `ratios` (by examples, or by tokens); rows left out stay in their own config.
 Utility or anchor rows with an empty prompt or answer are rejected `empty_text`
-(stages/blend_rows.py formats them; blend_dedup.py holds the vectorised MinHash and n-grams).
+(stages/blend_rows.py formats them; pipeline/dedup.py holds the vectorised MinHash and n-grams).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -39,10 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from pipeline import dedup as dd
 from pipeline import records
 from pipeline.seeds import derive
 from pipeline.stage import StageConfig, StageSpec
-from stages import blend_dedup as dd
 from stages.blend_rows import components, conform
 
 SPEC = StageSpec(
@@ -57,7 +58,10 @@ SPEC = StageSpec(
         "filter.responses",
         "sources.eval",
     ),
-    writes=("bsafe", "rlbf", "reset", "recovery", "utility", "preference", "mixture", "report"),
+    writes={
+        **{c: records.with_split(records.config_schema(c)) for c in records.CONFIGS},
+        "report": records.BLEND_REPORT,
+    },
 )
 
 # Mixture components: the SFT kinds plus Qi et al.'s anchor, which is published as `utility`.
@@ -66,6 +70,10 @@ SPEC = StageSpec(
 MIXED = ("bsafe", "rlbf", "reset", "recovery", "utility", "anchor")
 COMPONENTS = ("bsafe", "rlbf", "reset", "recovery", "preference", "utility", "anchor")
 CONFIG_OF = {c: ("utility" if c == "anchor" else c) for c in COMPONENTS}
+# Rows whose key texts, words and n-grams the duplicate passes hold at once: their working set
+# (~60 MB of numpy arrays for 100-word rows, measured: 4x that at 16K rows) whatever the corpus
+# size, while each numpy call still covers thousands of rows.
+CHUNK_ROWS = 4096
 
 
 class Config(StageConfig):
@@ -114,20 +122,31 @@ def _join(messages: pa.ChunkedArray | pa.Array, sep: str = "\n") -> pa.Array:
     return pc.fill_null(pc.binary_join(contents, sep), "")
 
 
-def _keys(table: pa.Table, component: str) -> dict[str, pa.Array]:
-    prompt = _join(table.column("prompt"))
-    if component == "preference":
-        body = pc.binary_join_element_wise(
-            _join(table.column("chosen")), _join(table.column("rejected")), "\n"
-        )
-        structure = pa.array(["preference"] * table.num_rows, pa.string())
-    else:
-        body = _join(table.column("completion"))
-        segs = table.column("segments").combine_chunks()
-        roles = pa.ListArray.from_arrays(segs.offsets, segs.values.field("role"))
-        structure = pc.fill_null(pc.binary_join(roles, ","), "")
-    group = pc.binary_join_element_wise(pa.scalar(component), structure, "|")
-    return {"prompt": prompt, "body": body, "group": group}
+def _keys(
+    table: pa.Table, component: str, fields: tuple[str, ...] = ("prompt", "body", "group")
+) -> dict[str, pa.Array]:
+    """The texts duplicate and contamination checks read: `prompt`, `body` (the answer, or chosen
+    and rejected) and `group` (component and segment structure: only rows of one group are
+    near-duplicate candidates)."""
+    out = {}
+    if "prompt" in fields:
+        out["prompt"] = _join(table.column("prompt"))
+    if "body" in fields:
+        if component == "preference":
+            out["body"] = pc.binary_join_element_wise(
+                _join(table.column("chosen")), _join(table.column("rejected")), "\n"
+            )
+        else:
+            out["body"] = _join(table.column("completion"))
+    if "group" in fields:
+        if component == "preference":
+            structure = pa.array(["preference"] * table.num_rows, pa.string())
+        else:
+            segs = table.column("segments").combine_chunks()
+            roles = pa.ListArray.from_arrays(segs.offsets, segs.values.field("role"))
+            structure = pc.fill_null(pc.binary_join(roles, ","), "")
+        out["group"] = pc.binary_join_element_wise(pa.scalar(component), structure, "|")
+    return out
 
 
 def _token_counts(texts: pa.Array, tokenizer: str | None) -> np.ndarray:
@@ -145,9 +164,14 @@ def _units(table: pa.Table, rows: np.ndarray, component: str, unit: str, tok: st
     """Each row's size in the mixture's unit: 1, or the tokens (words) of prompt and answer."""
     if unit == "examples":
         return np.ones(len(rows), dtype=np.int64)
-    keys = _keys(table.take(pa.array(rows, pa.int64())), component)
-    text = pc.binary_join_element_wise(keys["prompt"], keys["body"], "\n")
-    return _token_counts(text, tok)
+    counts = [np.zeros(0, np.int64)]
+    for lo in range(0, len(rows), CHUNK_ROWS):
+        chunk = table.take(pa.array(rows[lo : lo + CHUNK_ROWS], pa.int64()))
+        keys = _keys(chunk, component, ("prompt", "body"))
+        counts.append(
+            _token_counts(pc.binary_join_element_wise(keys["prompt"], keys["body"], "\n"), tok)
+        )
+    return np.concatenate(counts)
 
 
 def _select(units: dict[str, np.ndarray], shares: dict[str, float], size: int | None) -> dict:
@@ -213,21 +237,28 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         if c in invalid:
             report.append(_row("invalid", c, rows_in, t.num_rows))
 
-    # Every component's rows side by side in shuffle order: component index, row within it, and
-    # the key texts; an earlier row wins every duplicate check.
+    # Every component's rows side by side in shuffle order: component index and row within it;
+    # an earlier row wins every duplicate check. The passes read the rows' key texts a chunk at
+    # a time and keep per row only a digest, a MinHash signature or a flag.
     comp = np.concatenate([np.full(tables[c].num_rows, j) for j, c in enumerate(COMPONENTS)])
     local = np.concatenate([order[c] for c in COMPONENTS])
-    keys = [
-        {k: v.take(pa.array(order[c])) for k, v in _keys(tables[c], c).items()} for c in COMPONENTS
-    ]
-    prompt = pa.concat_arrays([k["prompt"] for k in keys])
-    body = pa.concat_arrays([k["body"] for k in keys])
-    group = pa.concat_arrays([k["group"] for k in keys])
-    ids = pa.concat_arrays(
-        [tables[c].column("id").combine_chunks().take(pa.array(order[c])) for c in COMPONENTS]
-    )
+    starts = np.r_[0, np.cumsum([tables[c].num_rows for c in COMPONENTS])]
     alive = np.ones(len(comp), dtype=bool)
     removed: dict[int, tuple[str, dict]] = {}
+
+    def texts(positions: np.ndarray, *fields: str) -> Iterator[dict[str, pa.Array]]:
+        """The key texts of the rows at `positions` (ascending), CHUNK_ROWS rows at a time."""
+        for lo in range(0, len(positions), CHUNK_ROWS):
+            chunk = positions[lo : lo + CHUNK_ROWS]
+            parts = []
+            for j, c in enumerate(COMPONENTS):
+                mine = local[chunk[(chunk >= starts[j]) & (chunk < starts[j + 1])]]
+                if len(mine):
+                    parts.append(_keys(tables[c].take(pa.array(mine)), c, fields))
+            yield {f: pa.concat_arrays([p[f] for p in parts]) for f in fields}
+
+    def row_id(position: int) -> str:
+        return tables[COMPONENTS[comp[position]]].column("id")[int(local[position])].as_py()
 
     def step(name: str, hit: np.ndarray, reason: str, details: list[dict], params: dict) -> None:
         before = np.bincount(comp[alive], minlength=len(COMPONENTS))
@@ -238,23 +269,31 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         for j, c in enumerate(COMPONENTS):
             report.append(_row(name, c, int(before[j]), int(after[j]), detail=params))
 
-    id_list = ids.to_pylist()
     if cfg.exact_dedup:
-        dup, first = dd.exact_duplicates(pc.binary_join_element_wise(prompt, body, "\x1f"))
-        details = [{"of": id_list[f]} for f in first[dup]]
+        chunks = texts(np.arange(len(comp)), "prompt", "body")
+        keys = [
+            dd.digests(pc.binary_join_element_wise(k["prompt"], k["body"], "\x1f")) for k in chunks
+        ]
+        dup, first = dd.exact_duplicates(np.concatenate(keys) if keys else np.zeros(0, "V16"))
+        details = [{"of": row_id(f)} for f in first[dup]]
         step("exact_dedup", dup, "duplicate", details, {})
 
     if cfg.near_dup_threshold is not None:
         idx = np.flatnonzero(alive)
-        take = pa.array(idx)
-        (w,) = dd.words(pc.binary_join_element_wise(prompt.take(take), body.take(take), "\n"))
-        sig = dd.minhash(w, cfg.shingle, cfg.num_perm)
-        groups = pc.dictionary_encode(group.take(take)).indices.to_numpy(zero_copy_only=False)
-        dup, match, score = dd.near_duplicates(sig, groups, cfg.near_dup_threshold, cfg.bands)
+        groups, names = [], dd.Vocabulary()
+
+        def joined() -> Iterator[pa.Array]:
+            for k in texts(idx, "prompt", "body", "group"):
+                groups.append(names.encode(pa.chunked_array([k["group"]])))
+                yield pc.binary_join_element_wise(k["prompt"], k["body"], "\n")
+
+        sig = dd.signatures(joined(), len(idx), cfg.shingle, cfg.num_perm)
+        group = np.concatenate(groups) if groups else np.zeros(0, np.uint64)
+        dup, match, score = dd.near_duplicates(sig, group, cfg.near_dup_threshold, cfg.bands)
         hit = np.zeros(len(comp), dtype=bool)
         hit[idx[dup]] = True
         details = [
-            {"of": id_list[idx[m]], "jaccard": round(float(s), 3)}
+            {"of": row_id(idx[m]), "jaccard": round(float(s), 3)}
             for m, s in zip(match[dup], score[dup], strict=True)
         ]
         params = {"threshold": cfg.near_dup_threshold, "shingle": cfg.shingle}
@@ -263,14 +302,21 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     evals = conform(inputs["sources.eval"], records.EVAL, "sources.eval")
     if cfg.decontaminate_ngram is not None:
         idx = np.flatnonzero(alive)
-        train_words, eval_words = dd.words(
-            prompt.take(pa.array(idx)), evals.column("prompt").combine_chunks()
-        )
-        found, which = dd.contaminated(train_words, eval_words, cfg.decontaminate_ngram)
+        eval_prompts = evals.column("prompt").combine_chunks()
+        found, which = [np.zeros(0, bool)], [np.zeros(0, np.int64)]
+        for k in texts(idx, "prompt"):
+            train_words, eval_words = dd.words(k["prompt"], eval_prompts)
+            f, w = dd.contaminated(train_words, eval_words, cfg.decontaminate_ngram)
+            found.append(f)
+            which.append(w)
         hit = np.zeros(len(comp), dtype=bool)
-        hit[idx[found]] = True
+        contaminated = np.concatenate(found)
+        hit[idx[contaminated]] = True
         eval_ids, eval_src = evals.column("id").to_pylist(), evals.column("source").to_pylist()
-        details = [{"eval_id": eval_ids[e], "eval_source": eval_src[e]} for e in which[found]]
+        details = [
+            {"eval_id": eval_ids[e], "eval_source": eval_src[e]}
+            for e in np.concatenate(which)[contaminated]
+        ]
         sources = sorted(set(eval_src))
         params = {
             "n": cfg.decontaminate_ngram,
@@ -377,15 +423,21 @@ def _output(
 ) -> pa.Table:
     """The chosen rows of `components`, train then validation, each in shuffle order."""
     schema = records.PREFERENCE if components == ["preference"] else records.SFT
-    parts, splits, keys = [], [], []
+    rows, splits, keys, offset = [], [], [], 0
     for c in components:
-        rows, sp = chosen[c]
-        parts.append(tables[c].take(pa.array(rows, pa.int64())))
+        r, sp = chosen[c]
+        rows.append(r + offset)  # row numbers in the components side by side
         splits.append(sp)
-        keys.append(shuffle[c][rows])
-    table = pa.concat_tables(parts) if parts else schema.empty_table()
+        keys.append(shuffle[c][r])
+        offset += tables[c].num_rows
+    # One take from the components side by side (a zero-copy concatenation): the rows are
+    # copied once, in their final order.
+    table = pa.concat_tables([tables[c] for c in components]) if components else None
     split = np.concatenate(splits) if splits else np.zeros(0, np.int64)
     order = np.lexsort((np.concatenate(keys) if keys else split, split))
+    if table is None:
+        table = schema.empty_table()
+    else:
+        table = table.take(pa.array(np.concatenate(rows)[order], pa.int64()))
     names = pa.array(np.array(records.SPLITS, dtype=object)[split[order]].tolist(), pa.string())
-    out = table.take(pa.array(order, pa.int64())).append_column("split", names)
-    return out.cast(records.with_split(schema))
+    return table.append_column("split", names).cast(records.with_split(schema))

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import records
+from pipeline.errors import RetraceError
 from pipeline.taxonomy import neutralise
 
-SFT_KINDS = ("bsafe", "rlbf", "reset", "recovery")
 
-
-class BlendError(RuntimeError):
+class BlendError(RetraceError, RuntimeError):
     """An input table blend cannot use; the message names it and what to do."""
 
 
@@ -25,9 +25,19 @@ def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
             f"(retrace stage {name.split('.')[0]} --force)"
         )
     try:
-        return table.select(schema.names).cast(schema)
+        table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise BlendError(f"blend: input {name} does not match records' schema: {err}") from None
+    if "segments" in schema.names:
+        flat = pc.list_flatten(table.column("segments"))
+        roles = pc.struct_field(flat, "role").unique().to_pylist()
+        unknown = sorted(set(roles) - set(records.SEGMENT_ROLES), key=str)
+        if unknown:
+            raise BlendError(
+                f"blend: input {name} has segment roles {unknown} outside the contract's "
+                f"{records.SEGMENT_ROLES}; fix the stage that writes it"
+            )
+    return table
 
 
 def _messages(role: str, contents: list[str]) -> pa.Array:
@@ -87,7 +97,9 @@ def _utility_rows(
 
 
 def components(inputs: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], list[dict]]:
-    tables = {k: conform(inputs[f"format.{k}"], records.SFT, f"format.{k}") for k in SFT_KINDS}
+    tables = {
+        k: conform(inputs[f"format.{k}"], records.SFT, f"format.{k}") for k in records.RECIPE_KINDS
+    }
     tables["preference"] = conform(
         inputs["format.preference"], records.PREFERENCE, "format.preference"
     )

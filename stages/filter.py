@@ -12,7 +12,7 @@ so a row is dropped, in this order, when it is:
 - `toxic`: the scorer's score (`toxicity_label`, else the maximum over labels) >= threshold;
 - `duplicate`: the same normalised text (case, punctuation, spacing ignored) as an earlier kept row;
 - `near_duplicate`: MinHash/LSH Jaccard estimate over word shingles >= `near_duplicate_threshold`
-  against an earlier kept row.
+  against an earlier row that passed every check above (pipeline/dedup.py, as blend does).
 
 First, with `trim_to_sentence`, a finished response that does not end a sentence is cut after
 its last complete sentence: small base models often leave a stray word where their turn should
@@ -31,44 +31,57 @@ import re
 import unicodedata
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-from datasketch import MinHash, MinHashLSH
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline import records
-from pipeline.scorers import ScorerSpec, sentence_spans
+from pipeline import dedup, records
+from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.text import ends_sentence, sentence_ends
 
-SPEC = StageSpec(name="filter", reads=("sample.samples",), writes=("responses",))
+SPEC = StageSpec(
+    name="filter",
+    reads=("sample.samples",),
+    writes={"responses": records.SAMPLES},
+    required=("sample.samples",),
+)
 
 
 class Config(StageConfig):
-    max_rejected_share: float | None = 1.0
+    max_rejected_share: float | None = Field(1.0, ge=0, le=1)
     scorer: ScorerSpec = ScorerSpec()
-    toxicity_threshold: float = 0.5
+    toxicity_threshold: float = Field(0.5, ge=0, le=1)  # scores are probabilities
     toxicity_label: str | None = None  # None: the maximum over the scorer's labels
-    min_words: int = 20
-    max_words: int = 1000
+    min_words: int = Field(20, ge=0)
+    max_words: int = Field(1000, gt=0)
     drop_unfinished: bool = True
     trim_to_sentence: bool = True  # cut a stray tail after the last complete sentence
-    repetition_ngram: int = 3
-    max_repeated_ngram_share: float = 0.3
-    max_non_printable_share: float = 0.01
-    near_duplicate_threshold: float = Field(0.8, gt=0, lt=1)  # MinHashLSH needs 0 < t < 1
-    shingle_words: int = 5
-    minhash_permutations: int = 128
+    repetition_ngram: int = Field(3, gt=0)
+    max_repeated_ngram_share: float = Field(0.3, ge=0, le=1)
+    max_non_printable_share: float = Field(0.01, ge=0, le=1)
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
+    shingle_words: int = Field(5, ge=1)
+    # LSH bands of 4 values each: pairs from a Jaccard of ~0.42 up become candidates, each then
+    # checked on the full signature against the threshold.
+    minhash_permutations: int = Field(128, ge=4, multiple_of=4)
+
+    @model_validator(mode="after")
+    def _word_bounds(self) -> Config:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) is above max_words ({self.max_words})")
+        return self
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*\s*$")
 
 
 def trim_to_sentence(text: str) -> str:
     """`text` cut after its last complete sentence, when it ends mid-sentence and has one."""
-    if _ENDS_SENTENCE.search(text):
+    if ends_sentence(text):
         return text
-    complete = [end for _, end in sentence_spans(text) if _ENDS_SENTENCE.search(text[:end])]
-    return text[: complete[-1]].rstrip() if complete else text
+    ends = sentence_ends(text)
+    return text[: ends[-1]] if ends else text
 
 
 def _words(text: str) -> list[str]:
@@ -91,14 +104,6 @@ def non_printable_share(text: str) -> float:
         or (unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cn", "Cs") and ch not in "\n\t")
     )
     return bad / len(text)
-
-
-def _minhash(words: list[str], cfg: Config) -> MinHash:
-    k = cfg.shingle_words
-    shingles = [" ".join(words[i : i + k]) for i in range(max(1, len(words) - k + 1))]
-    m = MinHash(num_perm=cfg.minhash_permutations, seed=1)
-    m.update_batch([s.encode() for s in shingles])
-    return m
 
 
 def _quality(row: dict, words: list[str], cfg: Config) -> tuple[str, dict[str, Any]] | None:
@@ -139,39 +144,46 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             all_scores.extend(scorer.score(batch))
             progress.advance(len(batch))
 
-    kept, rejected = [], []
-    seen: dict[str, str] = {}  # normalised-text hash -> id of the kept row
-    lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.minhash_permutations)
-    hashes: dict[str, MinHash] = {}
+    # Each row's fate in input order: (row, scores, None) if kept so far, else a drop reason.
+    fates: list[tuple[dict, dict, tuple[str, dict[str, Any]] | None]] = []
+    seen: dict[str, str] = {}  # normalised-text hash -> id of the first row with that text
     for row, scores in zip(rows, all_scores, strict=True):
         words = _words(row["response"] or "")
-
-        def drop(reason: str, detail: dict[str, Any], row=row, scores=scores) -> None:
-            detail = {**detail, "scores": scores}
-            rejected.append(records.reject(row, "filter", reason, json.dumps(detail)))
-
-        if found := _quality(row, words, cfg):
-            drop(*found)
-            continue
         label = cfg.toxicity_label
         toxicity = scores[label] if label else max(scores.values(), default=0.0)
-        if toxicity >= cfg.toxicity_threshold:
-            drop("toxic", {"toxicity": toxicity, "threshold": cfg.toxicity_threshold})
-            continue
         key = hashlib.sha256(" ".join(words).encode()).hexdigest()
-        if key in seen:
-            drop("duplicate", {"duplicate_of": seen[key]})
-            continue
-        minhash = _minhash(words, cfg)
-        if near := lsh.query(minhash):
-            other = min(near)  # ids are hashes: pick one deterministically
-            jaccard = round(minhash.jaccard(hashes[other]), 4)
-            drop("near_duplicate", {"duplicate_of": other, "jaccard": jaccard})
-            continue
-        seen[key] = row["id"]
-        lsh.insert(row["id"], minhash)
-        hashes[row["id"]] = minhash
-        kept.append({**row, "meta": {**(row["meta"] or {}), "scores": records.scores(scores)}})
+        if found := _quality(row, words, cfg):
+            fates.append((row, scores, found))
+        elif toxicity >= cfg.toxicity_threshold:
+            found = {"toxicity": toxicity, "threshold": cfg.toxicity_threshold}
+            fates.append((row, scores, ("toxic", found)))
+        elif key in seen:
+            fates.append((row, scores, ("duplicate", {"duplicate_of": seen[key]})))
+        else:
+            seen[key] = row["id"]
+            fates.append((row, scores, None))
+    # Near duplicates among the rows still kept, an earlier row winning.
+    alive = [i for i, (_, _, fate) in enumerate(fates) if fate is None]
+    texts = pa.array([fates[i][0]["response"] or "" for i in alive], pa.string())
+    sig = dedup.signatures([texts], len(texts), cfg.shingle_words, cfg.minhash_permutations)
+    bands = cfg.minhash_permutations // 4
+    one_group = np.zeros(len(alive), dtype=np.uint64)
+    dup, match, score = dedup.near_duplicates(sig, one_group, cfg.near_duplicate_threshold, bands)
+    for a in np.flatnonzero(dup):
+        row, scores, _ = fates[alive[a]]
+        other = fates[alive[match[a]]][0]["id"]
+        near = {"duplicate_of": other, "jaccard": round(float(score[a]), 4)}
+        fates[alive[a]] = (row, scores, ("near_duplicate", near))
+
+    kept, rejected = [], []
+    for row, scores, fate in fates:
+        if fate is None:
+            meta = {**(row["meta"] or {}), "scores": records.scores(scores)}
+            kept.append({**row, "meta": meta})
+        else:
+            reason, detail = fate
+            detail = {**detail, "scores": scores}
+            rejected.append(records.reject(row, "filter", reason, json.dumps(detail)))
     return {
         "responses": records.table(kept, records.SAMPLES),
         "rejected": records.table(rejected, records.REJECTED),

@@ -40,9 +40,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import records, seeds, taxonomy
+from pipeline import records, recovery, seeds, taxonomy
 from pipeline.render import RenderError, render_pieces, split
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.text import clean
 from stages import format_build as build
 
 SPEC = StageSpec(
@@ -55,7 +56,8 @@ SPEC = StageSpec(
         "sources.harmful",
         "filter.responses",
     ),
-    writes=("bsafe", "rlbf", "reset", "recovery", "preference"),
+    writes={k: records.config_schema(k) for k in (*records.RECIPE_KINDS, "preference")},
+    hooks=("fingerprints",),
 )
 
 
@@ -203,12 +205,6 @@ def _check_sft(
     return None
 
 
-def _clean(text: str | None) -> str:
-    text = text or ""
-    # Every control or special token string holds "[" or "<": most texts skip the regexes.
-    return taxonomy.neutralise(text)[0] if "[" in text or "<" in text else text
-
-
 # --- the recipes -----------------------------------------------------------------------------
 
 
@@ -257,7 +253,7 @@ def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
     # Pieces are neutralised one by one (the checks catch a control token that only appears
     # where two pieces meet), so the insertion points move with them.
     cuts = [0, *(v["at"] for v in violations), len(row["response"])]
-    pieces = [_clean(row["response"][a:b]) for a, b in pairwise(cuts)]
+    pieces = [clean(row["response"][a:b]) for a, b in pairwise(cuts)]
     licenses = [response["license"], *(v["license"] for v in violations)]
     meta = _meta(
         response["meta"],
@@ -269,12 +265,12 @@ def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
         row=row,
         text="".join(pieces),
         ats=list(accumulate(len(p) for p in pieces[:-1])),
-        spans=[_clean(v["span"]) for v in violations],
-        prompt=_clean(response["prompt"]),
+        spans=[clean(v["span"]) for v in violations],
+        prompt=clean(response["prompt"]),
         origin={
             "source": response["source"],
             "source_id": response["source_id"],
-            "license": " AND ".join(dict.fromkeys(x for x in licenses if x)),
+            "license": records.license_expr(*licenses),
         },
         meta=meta,
     )
@@ -284,7 +280,7 @@ def _bsafe(inj: _Injected, reps: list[dict[str, Any]], cfg: Config, kept, reject
     tax = taxonomy.load()
     policies = [v["policy"] for v in inj.row["violations"]]
     edits = [
-        (at, span, tax.backtrack_token(policy, cfg.per_policy_tokens), _clean(r["replacement"]))
+        (at, span, tax.backtrack_token(policy, cfg.per_policy_tokens), clean(r["replacement"]))
         for at, span, policy, r in zip(inj.ats, inj.spans, policies, reps, strict=True)
     ]
     segments, visible = build.bsafe(inj.text, edits, cfg.train_prefix, cfg.train_copy)
@@ -368,17 +364,17 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
     refusals = {r["harmful_id"]: r for r in inputs["rewrite.refusals"].to_pylist()}
     safes = {r["harmful_id"]: r for r in inputs["rewrite.safe_responses"].to_pylist()}
     rows = inputs["sources.harmful"].to_pylist()
-    answers = [_clean(r["response"]) if (r["response"] or "").strip() else "" for r in rows]
+    answers = [clean(r["response"]) if (r["response"] or "").strip() else "" for r in rows]
     tokenizer = _tokenizer(cfg.target_tokenizer, cfg.target_revision) if any(answers) else None
     spans = token_offsets(tokenizer, answers) if tokenizer else [[] for _ in rows]
     tokenizer_id = model_id(cfg.target_tokenizer, cfg.target_revision)
     for row, h, offsets in zip(rows, answers, spans, strict=True):
-        x, policy = _clean(row["prompt"]), list(row["policy"] or [])
+        x, policy = clean(row["prompt"]), list(row["policy"] or [])
         safe, refusal = safes.get(row["id"]), refusals.get(row["id"])
         if safe is None:
             rejected.append(records.reject(row, "format", "missing_safe_response"))
         else:
-            y_plus, meta = _clean(safe["text"]), safe["meta"]
+            y_plus, meta = clean(safe["text"]), safe["meta"]
             if h:
                 prefix = build.word_prefix(h, lo, hi, seeds.rng(env.seed, row["id"], "reset"))
                 segments, visible = build.reset(prefix, y_plus)
@@ -419,12 +415,13 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
         if refusal is None:
             rejected.append(records.reject(row, "format", "missing_refusal"))
             continue
-        r = _clean(refusal["text"])
+        # Stripped, so the trainer can take the joint off again (recovery.refusal_of).
+        r = clean(refusal["text"]).strip()
         for variant in range(cfg.variants_per_triplet):
             rng = seeds.rng(env.seed, row["id"], "recovery", variant)
-            k, k_max = build.k_draw(rng, len(offsets), cfg.p_zero, cfg.k_cap)
-            prefix, k = build.token_prefix(h, offsets, k)
-            segments, visible = build.recovery(prefix, r, cfg.refusal_separator)
+            segments, visible, k, k_max = recovery.draw(
+                h, offsets, r, rng, cfg.p_zero, cfg.k_cap, cfg.refusal_separator
+            )
             meta = _meta(
                 refusal["meta"],
                 k=k,
@@ -444,7 +441,7 @@ def _benign_pairs(inputs, cfg: Config, env: Any, kept, rejected) -> None:
     reset_token = taxonomy.load().reset_token
     lo, hi = cfg.reset_prefix
     for row in inputs["filter.responses"].to_pylist():
-        y, x = _clean(row["response"]), _clean(row["prompt"])
+        y, x = clean(row["response"]), clean(row["prompt"])
         if not y.strip():
             rejected.append(records.reject(row, "format", "missing_response", "empty answer"))
             continue

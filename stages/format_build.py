@@ -116,50 +116,6 @@ def plain(safe: str, role: str = "safe") -> tuple[list[Segment], str]:
     return [seg(safe, role, True)], safe
 
 
-def recovery(prefix: str, refusal: str, separator: str) -> tuple[list[Segment], str]:
-    """h≤k (never trained) · refusal (Qi et al., no special token).
-
-    Trailing whitespace of the prefix moves to the refusal; with none, `separator` joins them
-    (on the trained side) so the refusal never glues onto the prefix's last word.
-    """
-    kept = prefix.rstrip()
-    if not kept:
-        return plain(refusal, "refusal")
-    joint = prefix[len(kept) :] or separator
-    segments = [seg(kept, "harmful", False), seg(joint + refusal, "refusal", True)]
-    return segments, kept + joint + refusal
-
-
-def token_prefix(text: str, offsets: list[tuple[int, int]], k: int) -> tuple[str, int]:
-    """The text of `text`'s first k tokens (char offsets from the target tokenizer), and how many
-    tokens the untrained prefix really holds.
-
-    A character split over several byte-level tokens (they share one offset span) cannot be cut
-    in the middle: k moves back to the last whole character, so the count never exceeds the
-    draw. Tokens that are only trailing whitespace are not counted, since `recovery` moves that
-    whitespace to the trained side.
-    """
-    while 0 < k < len(offsets) and offsets[k][0] < offsets[k - 1][1]:
-        k -= 1
-    end = max((e for _, e in offsets[:k]), default=0)
-    kept = len(text[:end].rstrip())
-    return text[:end], sum(1 for _, e in offsets[:k] if e <= kept)
-
-
-def k_draw(rng: random.Random, h_tokens: int, p_zero: float, cap: int) -> tuple[int, int]:
-    """(k, k_max): P(k=0) = p_zero, else k ~ U{1..k_max} with k_max = min(cap, h_tokens).
-
-    The draw is uniform under each row's own bound, never a 1..cap draw clipped to |h| (which
-    would pile rows up at |h|, DESIGN §1); h_tokens excludes h's end of sequence, so the prefix
-    never contains it (Qi et al.'s code can, FORMATS.md).
-    """
-    k_max = min(cap, h_tokens)
-    zero = rng.random() < p_zero
-    if zero or k_max == 0:
-        return 0, k_max
-    return rng.randint(1, k_max), k_max
-
-
 def untrained_space(segments: list[Segment]) -> bool:
     """True when an untrained segment ends in whitespace right before a trained one."""
     return any(

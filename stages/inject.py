@@ -18,9 +18,8 @@ unusable).
 
 from __future__ import annotations
 
-import re
 from functools import cache
-from itertools import accumulate, pairwise
+from itertools import accumulate
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -32,11 +31,12 @@ from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt, template_hash
 from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.text import boundaries, clean, sentences
 
 SPEC = StageSpec(
     name="inject",
     reads=("filter.responses", "sources.harmful"),
-    writes=("violations",),
+    writes={"violations": records.VIOLATIONS},
     chunked="filter.responses",
     prompts=("inject/*", "spans/*"),
 )
@@ -81,44 +81,16 @@ class Config(StageConfig):
         return self
 
 
-# --- sentences -------------------------------------------------------------------------------
-
-# A sentence ends at . ! or ? (plus closing quotes/brackets) followed by whitespace and more text.
-_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s+\S)")
-# Periods that end no sentence: list markers ("1."), initials ("J.") and common abbreviations.
-_NOT_AN_END = re.compile(r"(?:\d{1,3}|[A-Za-z]|e\.g|i\.e|etc|vs|Mr|Mrs|Ms|Dr|St|No|Fig)", re.I)
-_LOOKBACK = 8  # longer than any word _NOT_AN_END matches, so a longer one never needs a look
-
-
-def boundaries(text: str) -> list[int]:
-    """Char offsets right after each sentence end that has more text after it.
-
-    Offset 0 is never among them: an injected span always follows at least one sentence.
-    """
-    out = []
-    for m in _SENTENCE_END.finditer(text):
-        before = text[max(0, m.start() - _LOOKBACK) : m.start()].rsplit(None, 1)
-        if before and _NOT_AN_END.fullmatch(before[-1].lstrip("([\"'")):
-            continue
-        out.append(m.end())
-    return out
-
-
-def sentences(text: str) -> list[str]:
-    """`text` split at `boundaries`, each sentence on one line."""
-    cuts = [0, *boundaries(text), len(text)]
-    return [" ".join(text[a:b].split()) for a, b in pairwise(cuts) if text[a:b].strip()]
-
-
 # --- span sources ----------------------------------------------------------------------------
 
 
 @cache
 def _bank() -> dict[str, list[dict[str, str]]]:
     raw = yaml.safe_load(BANK.read_text())
+    lic = records.license_expr(raw["license"])
     return {
         policy: [
-            {"text": text, "id": f"bank:{policy}:{i}", "source": "bank", "license": raw["license"]}
+            {"text": text, "id": f"bank:{policy}:{i}", "source": "bank", "license": lic}
             for i, text in enumerate(texts)
         ]
         for policy, texts in raw["spans"].items()
@@ -191,7 +163,7 @@ def _generate_spans(
 
 def _plan(row: dict[str, Any], cfg: Config, env: Any, policies: tuple[list[str], list[float]]):
     """The row's clean text, insertion points and policies, or a (reason, detail) rejection."""
-    text = _clean(row["response"])
+    text = clean(row["response"])
     if not text.strip():
         return "empty_response", "the benign response is empty"
     ats = boundaries(text)
@@ -210,12 +182,6 @@ def _plan(row: dict[str, Any], cfg: Config, env: Any, policies: tuple[list[str],
         "policies": [rng.choices(names, cum_weights=cum_weights)[0] for _ in chosen],
         "rng": rng,
     }
-
-
-def _clean(text: str | None) -> str:
-    text = text or ""
-    # Every control or special token string holds "[" or "<": most texts skip the regexes.
-    return taxonomy.neutralise(text)[0] if "[" in text or "<" in text else text
 
 
 def _inject(text: str, ats: list[int], spans: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -299,7 +265,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
                 "source_id": row["source_id"],
                 "license": row["license"],
                 "response_id": row["id"],
-                "prompt": _clean(row["prompt"]),
+                "prompt": clean(row["prompt"]),
                 "response": plan["text"],
                 "injected": injected,
                 "policy": list(dict.fromkeys(plan["policies"])),

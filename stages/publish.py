@@ -32,9 +32,10 @@ from pydantic import Field
 
 from pipeline import card, records
 from pipeline.stage import StageConfig, StageSpec
+from stages import DATASET_STAGES
 from stages import publish_tokenized as tokenized
 
-UPSTREAM = ("sources", "sample", "filter", "inject", "rewrite", "format", "blend")
+UPSTREAM = DATASET_STAGES[: DATASET_STAGES.index("publish")]
 SPEC = StageSpec(
     name="publish",
     reads=(
@@ -42,11 +43,10 @@ SPEC = StageSpec(
         "blend.report",
         *(f"{s}.rejected" for s in UPSTREAM),
     ),
-    writes=(),
+    required=("blend.mixture",),
+    hooks=("external_files", "fingerprints"),
 )
 DEFAULT_CONFIG = "mixture"
-# configs with one kind each
-KINDS = ("bsafe", "rlbf", "reset", "recovery", "utility", "preference")
 RECIPE_SECTIONS = ("sample", "filter", "inject", "rewrite", "format", "blend")
 VERSIONED = ("retrace", "datasets", "pyarrow", "transformers", "torch", "trl", "huggingface_hub")
 
@@ -163,11 +163,7 @@ _LICENSE_RANK = {
 def most_restrictive(licenses: Iterable[str]) -> str:
     """The Hub licence id covering every row: the most restrictive source licence (BeaverTails
     and Alpaca are CC BY-NC 4.0), or "other" when one is unknown. "a AND b" counts as both."""
-    ids = set()
-    for value in licenses:
-        for part in (value or "").split(" AND "):
-            ids.add(part.strip().lower().replace(" ", "-"))
-    ids.discard("")
+    ids = {i for value in licenses for i in records.license_expr(value).split(" AND ") if i}
     if not ids or not ids <= _LICENSE_RANK.keys():
         return "other"
     return max(sorted(ids), key=_LICENSE_RANK.__getitem__)
@@ -239,7 +235,7 @@ def _example(table: pa.Table, kind: str) -> dict[str, Any] | None:
     return {
         "kind": kind,
         "id": row["id"],
-        "source": row["source"],
+        "source": card.portable(row["source"]),
         "prompt": prompt,
         "texts": texts,
         "segments": segments,
@@ -293,14 +289,15 @@ def _header(configs: list[dict], license_id: str, total: int, cfg: Config) -> di
 
 def _plots(tables: dict[str, pa.Table], policy_mix: dict, images_dir: Path) -> dict[str, str]:
     lengths = {
-        k: _chars(tables[k].column("chosen" if k == "preference" else "completion")) for k in KINDS
+        k: _chars(tables[k].column("chosen" if k == "preference" else "completion"))
+        for k in records.KINDS
     }
     ks = [
         k
         for k in pc.struct_field(tables["recovery"].column("meta"), "k").to_pylist()
         if k is not None
     ]
-    before, after = _toxicity([tables[k] for k in ("bsafe", "rlbf", "reset", "recovery")])
+    before, after = _toxicity([tables[k] for k in records.RECIPE_KINDS])
     return {
         "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
         "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
@@ -313,16 +310,17 @@ def _context(
     inputs: dict[str, Any], configs: list[dict], empty: list[str], cfg: Config, env: Any
 ) -> dict[str, Any]:
     tables = {name: inputs[f"blend.{name}"] for name in records.CONFIGS}
-    per_kind = [tables[k] for k in KINDS]
+    per_kind = [tables[k] for k in records.KINDS]
     report = inputs["blend.report"]
+    column = pa.chunked_array([t.column("license") for t in per_kind], pa.string())
+    # Counted by normalised expression, so "apache-2.0 AND Apache-2.0" is one "apache-2.0" row.
+    distinct = column.unique()
+    normal = pa.array([records.license_expr(v) for v in distinct.to_pylist()], pa.string())
     license_counts = _count(
-        pa.table(
-            {"license": pa.chunked_array([t.column("license") for t in per_kind], pa.string())}
-        ),
-        ["license"],
+        pa.table({"license": normal.take(pc.index_in(column, value_set=distinct))}), ["license"]
     )
     policy_rows, policy_mix = [], {}
-    for kind in KINDS:
+    for kind in records.KINDS:
         flat = pc.list_flatten(tables[kind].column("policy"))
         counts = _count(pa.table({"policy": flat}), ["policy"])
         policy_rows += [{"config": kind, **r} for r in counts]
@@ -352,8 +350,11 @@ def _context(
     total = sum(t.num_rows for t in per_kind)
     license_id = most_restrictive(r["license"] for r in license_counts)
     header = _header(configs, license_id, total, cfg)
-    examples = [_example(tables[k], k) for k in KINDS]  # blend puts train rows first
-    run_config = env.run_config
+    examples = [_example(tables[k], k) for k in records.KINDS]  # blend puts train rows first
+    # No absolute local path reaches the card (model folders, source files, runs_dir); the
+    # example's source is made portable in _example.
+    run_config = card.portable(env.run_config)
+    generators = card.portable(generators)
     return {
         "header": header,
         "run_name": (run_config.get("run") or {}).get("name", "unnamed"),

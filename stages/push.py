@@ -18,12 +18,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline import records
+from pipeline.errors import RetraceError
 from pipeline.stage import StageConfig, StageSpec
 
-SPEC = StageSpec(name="push", reads=("publish.files",), writes=(), cached=False)
+SPEC = StageSpec(name="push", reads=("publish.files",), cached=False)
 
 
-class PushError(RuntimeError):
+class PushError(RetraceError, RuntimeError):
     """The upload cannot happen; the message says what to do (and never holds the token)."""
 
 

@@ -39,11 +39,17 @@ from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt
 from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.text import sentence_ends
 
 SPEC = StageSpec(
     name="rewrite",
     reads=("inject.violations", "sources.harmful"),
-    writes=("replacements", "refusals", "safe_responses"),
+    writes={
+        "replacements": records.REPLACEMENTS,
+        "refusals": records.REFUSALS,
+        "safe_responses": records.SAFE_RESPONSES,
+    },
+    required=("inject.violations",),
     prompts=("rewrite/*", "fallbacks/*"),
 )
 TEMPLATES = {
@@ -88,7 +94,6 @@ _DECLINES = re.compile(
     r"|rather not)\b",
     re.IGNORECASE,
 )
-_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)")
 
 
 def _shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
@@ -101,13 +106,13 @@ def _clean(job: _Job, gen: Any, prompt: str, cfg: Config) -> tuple[str, str | No
     text, _ = taxonomy.neutralise(gen.text.strip())
     if job.table == "replacements":
         text = " ".join(text.split("\n\n")[0].split())  # one line: it sits inside a paragraph
-        first = _SENTENCE_END.search(text)
-        if first is None:
+        ends = sentence_ends(text)
+        if not ends:
             return text, "unfinished"  # it replaces a whole sentence, so it must be one
-        text = text[: first.end()]
+        text = text[: ends[0]]
     elif gen.finish_reason == "length":
         # Cut off by max_new_tokens: keep the complete sentences, never half of one.
-        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        ends = sentence_ends(text)
         text = text[: ends[-1]] if ends else ""
     if not text:
         return text, "empty"

@@ -10,7 +10,8 @@ Every row's randomness comes from `seeds.derive(run seed, prompt id)`, never fro
 so a resumed run writes the same rows as an uninterrupted one. On the transformers backend
 sampling is seeded per batch (see pipeline/backends.py): the same config and seed give the same
 samples. Response text is neutralised (DESIGN §4): a control or special token string the model
-wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`.
+wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a
+server backend's request failed for good; the detail is the server's reason).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import yaml
+from pydantic import Field
 
 from pipeline import records, seeds
 from pipeline.backends import GeneratorSpec, SamplingParams
@@ -30,7 +32,7 @@ from pipeline.taxonomy import PROMPTS_DIR, neutralise
 SPEC = StageSpec(
     name="sample",
     reads=("sources.benign",),
-    writes=("samples",),
+    writes={"samples": records.SAMPLES},
     chunked="sources.benign",
     prompts=("sample/*", "chat/*"),
 )
@@ -40,14 +42,14 @@ class Config(StageConfig):
     generator: GeneratorSpec = GeneratorSpec()
     template: str = "sample/benign.jinja"  # the user turn, under prompts/
     fewshot: str | None = "sample/fewshot.yaml"  # few-shot turns for base models; null for chat
-    n: int = 1  # samples per prompt
-    temperature: float = 1.5  # BSAFE samples Gemma2 27B at T=1.5
-    top_p: float = 0.98
-    top_k: int = 0
-    max_new_tokens: int = 256
+    n: int = Field(1, gt=0)  # samples per prompt
+    temperature: float = Field(1.5, ge=0)  # BSAFE samples Gemma2 27B at T=1.5; 0 is greedy
+    top_p: float = Field(0.98, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: no top-k cut
+    max_new_tokens: int = Field(256, gt=0)
     stop: tuple[str, ...] = ()
-    max_prompt_tokens: int = 2048  # formatted prompt, few-shot turns included
-    chunk_size: int | None = None  # prompts per resumable chunk; None takes run.chunk_size
+    max_prompt_tokens: int = Field(2048, gt=0)  # formatted prompt, few-shot turns included
+    chunk_size: int | None = Field(None, gt=0)  # prompts per chunk; None takes run.chunk_size
 
 
 @cache
@@ -119,6 +121,10 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             generations = generator.generate([text for _, text in batch], params, request_seeds)
             tokens = 0
             for (row, _), gens in zip(batch, generations, strict=True):
+                failed = next((g.error for g in gens if g.finish_reason == "error"), None)
+                if failed is not None:
+                    rejected.append(records.reject(row, "sample", "generation_failed", failed))
+                    continue
                 for index, gen in enumerate(gens):
                     samples.append(_sample_row(row, index, gen, generator, cfg, template))
                     tokens += gen.completion_tokens

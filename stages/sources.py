@@ -9,16 +9,19 @@ Writes:
   AdvBench, HarmBench or any file;
 - `utility` (records.UTILITY): ordinary (prompt, answer) pairs from Alpaca, GSM8K, MATH;
 - `eval`    (records.EVAL): evaluation prompts, which blend decontaminates against;
-- `counts`  (records.SOURCE_COUNTS): one row of stage-wide figures for the manifest.
+and, as its stats (the manifest's `stats`): `loaded` (every source row read), `not_selected` (rows a
+loader passes over by design), `neutralised_rows` and `neutralised_strings`.
 
 Every row gets a content-addressed id, `row_id(source, source_id, content)`, that later stages
 carry through to the shards. Control-token strings and model special tokens in any text are
 neutralised (DESIGN §4) and counted; the row itself is kept.
 
-Rejects, with reason: missing_field, wrong_type, empty_field, undecodable, too_long (any text over
-`max_chars`), no_category (an unsafe BeaverTails row with no category set), no_final_answer (a
-GSM8K answer without `#### N`), unknown_policy (generic policy column), duplicate (the same
-content already in the table, from any source).
+Rejects, with reason: malformed_line (a local JSON Lines line that is not a JSON object, or a CSV
+record with more fields than its header; the detail names the line: one bad line costs one row,
+not the file), missing_field, wrong_type, empty_field, undecodable (invalid UTF-8, U+FFFD, a lone
+surrogate escape), too_long (any text over `max_chars`), no_category (an unsafe BeaverTails row
+with no category set), no_final_answer (a GSM8K answer without `#### N`), unknown_policy (generic
+policy column), duplicate (the same content already in the table, from any source).
 """
 
 from __future__ import annotations
@@ -42,12 +45,9 @@ from stages.sources_loaders import (
     SourceError,
     builder_for,
     opened,
-    rows,
 )
 
 __all__ = ["SPEC", "Config", "Entry", "SourceError", "external_files", "run"]
-
-SPEC = StageSpec(name="sources", writes=("benign", "harmful", "utility", "eval", "counts"))
 
 # Output table -> (schema, content fields: what the id hashes and duplicates are judged on).
 TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
@@ -56,6 +56,12 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "utility": (records.UTILITY, ("prompt", "response")),
     "eval": (records.EVAL, ("prompt",)),
 }
+
+SPEC = StageSpec(
+    name="sources",
+    writes={name: schema for name, (schema, _) in TABLES.items()},
+    hooks=("external_files",),
+)
 
 SAMPLES = Path("configs/data")  # the shipped sample files (configs/data/README.md)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +137,7 @@ class Entry(BaseModel):
         return self.hub_id or str(self.spec.hub_id)
 
     def license_name(self) -> str:
-        return self.license or self.spec.license
+        return records.license_expr(self.license or self.spec.license)
 
     def split_name(self) -> str:
         return self.split or self.spec.split
@@ -197,7 +203,7 @@ def external_files(cfg: Config) -> list[Path]:
 
 
 class _Tally:
-    """Stage-wide figures for the `counts` table."""
+    """Stage-wide figures: the stage's stats."""
 
     def __init__(self) -> None:
         self.loaded = self.not_selected = self.neutralised_rows = self.neutralised_strings = 0
@@ -225,7 +231,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, pa.Tabl
         for i, entry in enumerate(getattr(cfg, name)):
             _read(entry, f"sources.{name}[{i}]", table, cfg.max_chars, env, rejected, tally)
         out[name] = records.table(table.kept, table.schema)
-    out["counts"] = records.table([tally.row()], records.SOURCE_COUNTS)
+    out["stats"] = tally.row()
     out["rejected"] = records.table(rejected, records.REJECTED)
     return out
 
@@ -245,18 +251,18 @@ def _read(
     n_rejected = len(rejected)
     with (
         opened(entry, key) as parts,
-        env.progress(
-            f"sources {table.name}: {source}", sum(len(ds) for _, ds in parts)
-        ) as progress,
+        env.progress(f"sources {table.name}: {source}", sum(map(len, parts))) as progress,
     ):
-        for prefix, ds in parts:
-            for index, raw in enumerate(rows(ds)):
+        for part in parts:
+            for index, raw, unreadable in part.items():
                 if entry.limit is not None and kept >= entry.limit:
                     break
                 read += 1
                 progress.advance()
-                source_id = f"{prefix}{index}"
+                source_id = f"{part.prefix}{index}"
                 try:
+                    if unreadable is not None:
+                        raise unreadable
                     row = _normalise(raw, table.name, entry, max_chars)
                     if row is None:
                         skipped += 1

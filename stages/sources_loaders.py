@@ -10,6 +10,8 @@ does the rest (length, neutralising, dedup, ids).
 
 from __future__ import annotations
 
+import csv
+import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import taxonomy
+from pipeline.errors import RetraceError
+from stages import sources_lines
+from stages.sources_lines import BadLine
 
 if TYPE_CHECKING:
     from stages.sources import Entry
@@ -30,7 +35,7 @@ COMPRESSION = (".gz", ".xz", ".bz2", ".zst")
 GENERIC_COLUMNS = ("prompt", "response", "id", "policy")
 
 
-class SourceError(RuntimeError):
+class SourceError(RetraceError, RuntimeError):
     """A whole source entry cannot be read (no network, missing file or column); one line."""
 
 
@@ -63,9 +68,43 @@ def builder_for(path: Path) -> str | None:
 # --- opening a source ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Part:
+    """One dataset of a source entry (one per Hub config), plus the lines of a local file that
+    could not be read as rows."""
+
+    prefix: str  # of each row's source_id
+    ds: Any  # a `datasets.Dataset`
+    index: list[int] | None = None  # each row's index in the file, when bad lines were left out
+    bad: tuple[BadLine, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ds) + len(self.bad)
+
+    def items(self) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        """(row index, raw row, None) in file order, with each bad line in its place as
+        (index, {"line", "text"}, the error that rejects it)."""
+        bad = iter(self.bad)
+        pending = next(bad, None)
+        for i, raw in enumerate(rows(self.ds)):
+            index = self.index[i] if self.index is not None else i
+            while pending is not None and pending.index < index:
+                yield self._bad(pending)
+                pending = next(bad, None)
+            yield index, raw, None
+        while pending is not None:
+            yield self._bad(pending)
+            pending = next(bad, None)
+
+    @staticmethod
+    def _bad(line: BadLine) -> tuple[int, dict[str, Any], RowError]:
+        error = RowError(line.reason, f"line {line.line}: {line.detail}")
+        return line.index, {"line": line.line, "text": line.text}, error
+
+
 @contextmanager
-def opened(entry: Entry, key: str) -> Iterator[list[tuple[str, Any]]]:
-    """The entry's datasets as (source-id prefix, `datasets.Dataset`) pairs, one per Hub config.
+def opened(entry: Entry, key: str) -> Iterator[list[Part]]:
+    """The entry's datasets, one `Part` per Hub config (a local file is one).
 
     A local file is prepared in a throwaway cache so edited copies never pile up in (or are served
     stale from) the user's HF cache; Hub datasets use the HF cache, which may be pre-filled.
@@ -77,9 +116,9 @@ def opened(entry: Entry, key: str) -> Iterator[list[tuple[str, Any]]]:
     try:
         if entry.path is not None:
             with tempfile.TemporaryDirectory(prefix="retrace-sources-") as cache:
-                yield [("", _local(entry, key, cache))]
+                yield [_local(entry, key, Path(cache))]
         else:
-            yield [(_prefix(n, entry.split_name()), _hub(entry, key, n)) for n in _names(entry)]
+            yield [Part(_prefix(n, entry.split_name()), _hub(entry, key, n)) for n in _names(entry)]
     finally:
         if not was_quiet:
             datasets.enable_progress_bars()
@@ -93,24 +132,60 @@ def _prefix(name: str | None, split: str) -> str:
     return f"{name}/{split}/" if name else f"{split}/"
 
 
-def _local(entry: Entry, key: str, cache: str) -> Any:
+def _local(entry: Entry, key: str, cache: Path) -> Part:
+    """A local file as one Part. A file the builder cannot read whole is read again line by
+    line (stages/sources_lines.py): its bad lines become rejected rows, not a failed source."""
+    path = entry.resolved_path(key)
+    builder = builder_for(path)
+    assert builder is not None  # Entry validation checked the suffix
+    try:
+        with _quiet("datasets"):  # its reader logs the failure handled below
+            part = Part("", _load(builder, path, entry, cache / "whole"))
+    except Exception as err:
+        try:
+            lines = sources_lines.line_oriented(path, builder)
+            found = sources_lines.scan(path, builder, cache) if lines else None
+        except (ImportError, OSError, ValueError, csv.Error) as scan_err:  # its own failure
+            raise _unreadable(key, path, builder, scan_err, scan_err) from scan_err
+        if found is None or not found.bad:  # the failure is not one line's
+            raise _unreadable(key, path, builder, err) from err
+        try:
+            ds = _load(builder, found.clean, entry, cache / "clean")
+        except Exception as clean_err:
+            raise _unreadable(key, path, builder, clean_err) from clean_err
+        part = Part("", ds, found.index, tuple(found.bad))
+    _check_columns(part.ds, entry, key, str(path))
+    return part
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load(builder: str, path: Path, entry: Entry, cache: Path) -> Any:
     import datasets
 
-    path = entry.resolved_path(key)
     split = entry.split_name()
-    builder = builder_for(path)
-    try:
-        ds = datasets.load_dataset(
-            builder, data_files={split: str(path)}, split=split, cache_dir=cache
-        )
-    except Exception as err:  # any reader failure is this file's, said in one line
-        cause = err.__cause__ or err.__context__ or err
-        raise SourceError(
-            f"{key}: cannot read {path} as {builder}: {type(cause).__name__}: {cause}; "
-            "fix or re-export the file"
-        ) from err
-    _check_columns(ds, entry, key, str(path))
-    return ds
+    return datasets.load_dataset(
+        builder, data_files={split: str(path)}, split=split, cache_dir=str(cache)
+    )
+
+
+def _unreadable(
+    key: str, path: Path, builder: str, err: BaseException, cause: BaseException | None = None
+) -> SourceError:
+    cause = cause or err.__cause__ or err.__context__ or err
+    return SourceError(
+        f"{key}: cannot read {path} as {builder}: {type(cause).__name__}: {cause}; "
+        "fix or re-export the file"
+    )
 
 
 def _hub(entry: Entry, key: str, name: str | None) -> Any:

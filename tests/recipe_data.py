@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline import records
 from pipeline.backends import Generation, GeneratorSpec
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 
 
 def responses(*rows: tuple[str, str, str]) -> pa.Table:

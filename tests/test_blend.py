@@ -15,7 +15,7 @@ import random
 import pytest
 
 from pipeline import records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import blend
 from stages.blend_rows import BlendError
 
@@ -319,6 +319,14 @@ def test_an_input_without_the_contract_columns_fails_naming_it():
         run(inputs)
 
 
+def test_a_segment_role_outside_the_contract_fails_naming_it():
+    inputs = make_inputs()
+    row = segments_row("reset", "Hi?", [("Bad.", "harmful", False), ("Fine.", "sfae", True)])
+    inputs["format.reset"] = records.table([row], records.SFT)
+    with pytest.raises(BlendError, match=r"format\.reset has segment roles \['sfae'\]"):
+        run(inputs)
+
+
 # --- dedup and decontamination ---------------------------------------------------------------
 
 
@@ -362,6 +370,34 @@ def test_near_duplicates_are_removed_but_rows_of_another_structure_are_not():
     assert all(json.loads(r["detail"])["jaccard"] >= 0.8 for r in near)
     kept_reset = [r for r in out["reset"].to_pylist() if r["prompt"][0]["content"] == prompt]
     assert len(kept_reset) == 2
+
+
+def test_the_passes_give_the_same_rows_whatever_the_chunk_size(monkeypatch):
+    # Planted exact, near and contaminated rows, read 7 rows at a time and all at once: the
+    # chunked passes keep per-row digests and signatures, and their word ids follow one
+    # vocabulary, so nothing may change.
+    rng = random.Random(4)
+    answer = words(rng, 60)
+    near = answer.split()
+    near[30] = "other"
+    plant = [
+        utility_pair("Describe the sea.", answer, "a"),
+        utility_pair("Describe the sea.", answer, "b"),
+        utility_pair("Describe the sea.", " ".join(near), "c"),
+        utility_pair("Insult my coworker, please", "No.", "d"),
+    ]
+    inputs = make_inputs(plant={"sources.utility": plant})
+    monkeypatch.setattr(blend, "CHUNK_ROWS", 7)
+    chunked = run(inputs, ratio_by="tokens")
+    monkeypatch.setattr(blend, "CHUNK_ROWS", 1 << 20)
+    whole = run(inputs, ratio_by="tokens")
+    assert {r["reason"] for r in whole["rejected"].to_pylist()} >= {
+        "duplicate",
+        "near_duplicate",
+        "contaminated",
+    }
+    for name, table in whole.items():
+        assert chunked[name].equals(table), name
 
 
 def test_decontamination_removes_planted_overlaps_only():

@@ -13,7 +13,7 @@ import pytest
 import stages.sample as sample
 from pipeline import models, records
 from pipeline.backends import GeneratorSpec
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 
 pytestmark = pytest.mark.slow
 

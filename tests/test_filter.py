@@ -12,7 +12,7 @@ import pytest
 
 import stages.filter as filt
 from pipeline import records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 
 GOOD = (
     "Start with a few simple dishes you already like, such as pasta or an omelette. Learn how to "
@@ -125,9 +125,16 @@ def test_stray_tail_after_the_last_sentence_is_cut_only_when_finished():
     )
 
 
-def test_near_duplicate_threshold_must_be_below_one():
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("near_duplicate_threshold", 0.0),
+        ("near_duplicate_threshold", 1.5),
+        ("minhash_permutations", 130),
+    ],
+)
+def test_near_duplicate_settings_are_checked_naming_the_key(key, value):
     import pydantic
-    import pytest
 
-    with pytest.raises(pydantic.ValidationError, match="near_duplicate_threshold"):
-        filt.Config(near_duplicate_threshold=1.0)
+    with pytest.raises(pydantic.ValidationError, match=key):
+        filt.Config(**{key: value})

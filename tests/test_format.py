@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from recipe_data import harmful, responses
 
-from pipeline import records, seeds
+from pipeline import records, recovery, seeds
+from pipeline.env import LocalEnv
 from pipeline.render import render
-from pipeline.stage import LocalEnv
 from stages import format as fmt
 from stages import format_build as build
 
@@ -158,7 +158,7 @@ def test_bsafe_one_violation_exact_row():
         "policy": ["harassment"],
         "source": "tatsu-lab/alpaca",
         "source_id": "alpaca-r1",
-        "license": "CC BY-NC 4.0 AND Apache-2.0",
+        "license": "cc-by-nc-4.0 AND apache-2.0",  # normalised (records.license_expr)
         "prompt": [{"role": "user", "content": "About tea?"}],
         "completion": [{"role": "assistant", "content": content}],
         "segments": segs(
@@ -365,11 +365,11 @@ def test_recovery_exact_rows_at_k_1_and_k_0(words_tokenizer):
 
 
 def test_recovery_trailing_whitespace_moves_to_the_trained_side():
-    assert build.recovery("Sure.\n", "No.", " ") == (
+    assert recovery.turn("Sure.\n", "No.", " ") == (
         segs(("Sure.", "harmful", False), ("\nNo.", "refusal", True)),
         "Sure.\nNo.",
     )
-    assert build.recovery("  ", "No.", " ") == (segs(("No.", "refusal", True)), "No.")
+    assert recovery.turn("  ", "No.", " ") == (segs(("No.", "refusal", True)), "No.")
 
 
 def test_recovery_variants_draw_their_own_k(words_tokenizer):
@@ -385,7 +385,7 @@ def test_recovery_variants_draw_their_own_k(words_tokenizer):
 
 
 def test_k_distribution_half_zero_then_uniform_under_the_rows_own_bound():
-    draws = [build.k_draw(seeds.rng(0, "row", i), 300, 0.5, 100)[0] for i in range(40_000)]
+    draws = [recovery.k_draw(seeds.rng(0, "row", i), 300, 0.5, 100)[0] for i in range(40_000)]
     zeros = draws.count(0) / len(draws)
     assert abs(zeros - 0.5) < 0.01  # 5 standard errors is 0.0125
     counts = Counter(k for k in draws if k)
@@ -396,12 +396,12 @@ def test_k_distribution_half_zero_then_uniform_under_the_rows_own_bound():
 
 
 def test_k_is_capped_by_short_answers_without_piling_up_at_the_end():
-    draws = [build.k_draw(seeds.rng(1, "short", i), 7, 0.5, 100) for i in range(14_000)]
+    draws = [recovery.k_draw(seeds.rng(1, "short", i), 7, 0.5, 100) for i in range(14_000)]
     assert {k_max for _, k_max in draws} == {7}
     counts = Counter(k for k, _ in draws if k)
     assert set(counts) == set(range(1, 8))  # never past h's last token (its EOS is not counted)
     assert max(counts.values()) / min(counts.values()) < 1.2  # uniform, no pile-up at 7
-    assert build.k_draw(random.Random(0), 0, 0.0, 100) == (0, 0)
+    assert recovery.k_draw(random.Random(0), 0, 0.0, 100) == (0, 0)
 
 
 def test_recovery_with_the_real_target_tokenizer(tiny_model_dir):
@@ -432,11 +432,11 @@ def test_recovery_with_the_real_target_tokenizer(tiny_model_dir):
 def test_token_prefix_never_cuts_a_character_or_counts_trailing_space():
     h = "Sure — café"
     offsets = [(0, 1), (1, 4), (4, 5), (5, 6), (5, 6), (5, 6), (6, 10), (10, 11)]
-    assert build.token_prefix(h, offsets, 2) == ("Sure", 2)
-    assert build.token_prefix(h, offsets, 3) == ("Sure ", 2)  # the space moves to the refusal
-    assert build.token_prefix(h, offsets, 5) == ("Sure ", 2)  # k=5 ends inside "—": back to 3
-    assert build.token_prefix(h, offsets, 6) == ("Sure —", 6)
-    assert build.token_prefix(h, offsets, 0) == ("", 0)
+    assert recovery.token_prefix(h, offsets, 2) == ("Sure", 2)
+    assert recovery.token_prefix(h, offsets, 3) == ("Sure ", 2)  # the space moves to the refusal
+    assert recovery.token_prefix(h, offsets, 5) == ("Sure ", 2)  # k=5 ends inside "—": back to 3
+    assert recovery.token_prefix(h, offsets, 6) == ("Sure —", 6)
+    assert recovery.token_prefix(h, offsets, 0) == ("", 0)
 
 
 def test_show_colours_segments_by_role_and_loss_flag():

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from recipe_data import StandInEnv, StandInGenerator, WordScorer, harmful, responses
 
 from pipeline import records, taxonomy
+from pipeline.text import boundaries
 from stages import inject
 
 TEA = "Tea is a drink. It comes from a plant! Many people enjoy it? Some add milk. Others do not."
@@ -17,18 +18,6 @@ NO_HARMFUL = harmful()
 
 def _run(resp: pa.Table, cfg: inject.Config, env=None, harm: pa.Table = NO_HARMFUL):
     return inject.run({"filter.responses": resp, "sources.harmful": harm}, cfg, env or StandInEnv())
-
-
-def test_boundaries_are_sentence_ends_with_text_after_them():
-    text = "Hello there. I am fine! Are you? Yes."
-    assert inject.boundaries(text) == [12, 23, 32]
-    assert 0 not in inject.boundaries(" . Hi. There.")
-
-
-def test_boundaries_skip_list_markers_initials_and_abbreviations():
-    text = "Steps:\n1. Boil water, e.g. in a kettle. J. Smith said so. Done here."
-    cuts = inject.boundaries(text)
-    assert [text[:c].split()[-1] for c in cuts] == ["kettle.", "so."]
 
 
 def test_spans_land_at_sentence_boundaries_with_offsets():
@@ -42,10 +31,10 @@ def test_spans_land_at_sentence_boundaries_with_offsets():
         assert 1 <= len(row["violations"]) <= 2
         rebuilt, prev = "", 0
         for v in row["violations"]:
-            assert v["at"] in inject.boundaries(row["response"])
+            assert v["at"] in boundaries(row["response"])
             assert row["injected"][v["start"] : v["end"]] == v["span"]
             assert v["span"] in [s["text"] for s in inject._bank()[v["policy"]]]
-            assert v["span_source"] == "bank" and v["license"] == "Apache-2.0"
+            assert v["span_source"] == "bank" and v["license"] == "apache-2.0"  # normalised
             rebuilt += row["response"][prev : v["at"]] + " " + v["span"]
             prev = v["at"]
         assert row["injected"] == rebuilt + row["response"][prev:]

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from pipeline import models
+from pipeline import digest, models
 
 
 @pytest.fixture
@@ -47,19 +47,36 @@ def test_hub_ids_and_folders_pass_through(tmp_path):
     assert models.model_id("embedded") == models.EMBEDDED_ID
 
 
-def test_fingerprint_tracks_tokenizer_and_template_not_weight_bytes(tiny_model_dir, tmp_path):
+def test_fingerprint_tracks_every_file_by_content(tiny_model_dir, tmp_path, cache):
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_dir, folder)
     base = models.fingerprint(str(folder))
     (folder / "chat_template.jinja").write_text("{{ messages }}")
     with_template = models.fingerprint(str(folder))
     assert with_template != base
-    # Rewriting the weights with bytes of the same size keeps the (cheap) fingerprint.
+    # Weights saved over with other bytes of the same size are other weights.
     weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes())
-    assert models.fingerprint(str(folder)) == with_template
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert models.fingerprint(str(folder)) != with_template
     assert models.fingerprint("google/gemma-2-27b-it", "r1") == {
         "model": "google/gemma-2-27b-it",
         "revision": "r1",
     }
     assert models.fingerprint("embedded")["source_sha256"]
+
+
+def test_an_unchanged_folder_is_not_read_again(tiny_model_dir, tmp_path, cache, monkeypatch):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    first = models.fingerprint(str(folder))
+
+    def no_reading(path):
+        raise AssertionError(f"read {path} again")
+
+    monkeypatch.setattr(digest, "sha256_file", no_reading)
+    assert models.fingerprint(str(folder)) == first  # size, mtime and inode still match
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(AssertionError, match="config.json again"):
+        models.fingerprint(str(folder))

@@ -111,12 +111,21 @@ def test_second_run_is_all_cache_hits(published):
     assert "running" not in result.stderr and result.stderr.count("cached") == 8
 
 
-def test_from_card_rebuilds_byte_identical_shards(published, tmp_path):
+def test_from_card_rebuilds_byte_identical_shards(published, tmp_path, fluent_model_dir):
     _, _, folder = published
     again = tmp_path / "again"
-    result = runner.invoke(
-        app, ["run", "--from-card", str(folder / "README.md"), "--set", f"run.runs_dir={again}"]
-    )
+    # The card names a local model folder only as <local>/<name> (it is pushed to the Hub), so
+    # a rebuild says again where the model is.
+    card_text = (folder / "README.md").read_text()
+    assert str(fluent_model_dir) not in card_text
+    assert f"<local>/{fluent_model_dir.name}" in card_text
+    model = str(fluent_model_dir)
+    local = [
+        f"{key}={model}"
+        for key in ("sample.generator.model", "rewrite.generator.model", "format.target_tokenizer")
+    ]
+    sets = [arg for item in [f"run.runs_dir={again}", *local] for arg in ("--set", item)]
+    result = runner.invoke(app, ["run", "--from-card", str(folder / "README.md"), *sets])
     assert result.exit_code == 0, result.output
     rebuilt = again / "small/publish/files"
     shards = sorted(p.relative_to(folder) for p in folder.rglob("*.parquet"))

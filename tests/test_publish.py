@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from test_blend import make_inputs, utility_pair
 from test_blend import run as run_blend
 
 from pipeline import card, records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import blend, publish
 
 RUN_CONFIG = {
@@ -214,6 +215,38 @@ def test_config_from_card_says_what_is_missing(tmp_path):
     (tmp_path / "README.md").write_text("# a card by hand\n")
     with pytest.raises(KeyError, match="has no embedded retrace config"):
         card.config_from_card(tmp_path)
+
+
+def test_the_card_holds_no_absolute_local_path_and_one_row_per_licence(blended, tmp_path):
+    model = tmp_path / "models" / "my-gemma"  # a local folder outside the working directory
+    inputs = publish_inputs(blended)
+    bsafe = inputs["blend.bsafe"]
+    # A span under its own licence spelt another way, as format wrote it before normalising.
+    licences = ["cc-by-nc-4.0 AND CC BY-NC 4.0"] * bsafe.num_rows
+    inputs["blend.bsafe"] = bsafe.set_column(
+        bsafe.schema.get_field_index("license"), "license", pa.array(licences, pa.string())
+    )
+    run_config = RUN_CONFIG | {
+        "sample": {"generator": {"model": str(model)}},
+        "sources": {"benign": [{"loader": "alpaca", "path": str(Path.cwd() / "a.jsonl")}]},
+    }
+    env = LocalEnv(seed=0, workdir=tmp_path / "out", run_config=run_config)
+    env.workdir.mkdir()
+    publish.run(inputs, publish.Config(shard_bytes=12000), env)
+    text = (env.workdir / "README.md").read_text()
+    assert str(tmp_path) not in text and str(Path.cwd()) not in text
+    embedded = card.config_from_card(env.workdir)
+    assert embedded["sample"]["generator"]["model"] == "<local>/my-gemma"
+    assert embedded["sources"]["benign"][0]["path"] == "a.jsonl"
+    licences = [r["license"] for r in card.card_tables(env.workdir)["licenses"]]
+    assert "cc-by-nc-4.0" in licences
+    assert all(records.license_expr(x) == x and " AND " not in x for x in licences)
+
+
+def test_licence_expressions_are_normalised():
+    expr = records.license_expr("apache-2.0 AND Apache-2.0", None, "", "MIT")
+    assert expr == "apache-2.0 AND mit"
+    assert records.license_expr("CC BY-NC 4.0") == "cc-by-nc-4.0"
 
 
 @pytest.mark.parametrize(

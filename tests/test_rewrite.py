@@ -10,7 +10,7 @@ from recipe_data import StandInEnv, StandInGenerator, harmful, responses
 
 from pipeline import records, taxonomy
 from pipeline.backends import GeneratorSpec
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import inject, rewrite
 
 TEA = "Tea is a drink. It comes from a plant. Many people enjoy it."

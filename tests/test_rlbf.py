@@ -61,7 +61,7 @@ def test_rlbf_one_violation_exact_row(tiny_model_dir, tok):
         "policy": ["harassment"],
         "source": "tatsu-lab/alpaca",
         "source_id": "alpaca-r1",
-        "license": "CC BY-NC 4.0 AND Apache-2.0",
+        "license": "cc-by-nc-4.0 AND apache-2.0",
         "prompt": [{"role": "user", "content": "About tea?"}],
         "completion": [{"role": "assistant", "content": content}],
         "segments": segs(

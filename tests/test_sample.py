@@ -19,8 +19,9 @@ from pipeline import config as config_mod
 from pipeline import records
 from pipeline.backends import Generation, GeneratorSpec
 from pipeline.dag import Pipeline
+from pipeline.env import LocalEnv
 from pipeline.prompting import template_hash
-from pipeline.stage import LocalEnv, StageConfig, StageSpec
+from pipeline.stage import StageConfig, StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["tea", "bread", "kites", "maps", "owls", "rain", "clocks", "boats", "moss", "chess"]
@@ -153,7 +154,7 @@ def prompt_source() -> types.ModuleType:
     """A stand-in `sources` stage writing `benign` prompts, so sample runs under the real engine."""
     module = types.ModuleType("prompt_source")
     module.__file__ = __file__
-    module.SPEC = StageSpec(name="sources", writes=("benign",))
+    module.SPEC = StageSpec(name="sources", writes={"benign": records.PROMPTS})
 
     class Config(StageConfig):
         pass
@@ -212,7 +213,7 @@ def test_killed_sample_resumes_without_recomputing_or_duplicating(
     ]
 
     pipe = Pipeline(config_mod.load(cfg_file, STAGES), STAGES)
-    assert pipe.status("sample") == "partial"
+    assert pipe.statuses(["sample"])["sample"] == "partial"
     ran = []
     real = sample.run
     monkeypatch.setattr(

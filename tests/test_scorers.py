@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.scorers import ScorerSpec, load_scorer, safe_prefix, sentence_spans
+from pipeline.scorers import ScorerSpec, load_scorer
 
 JIGSAW = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 
@@ -100,31 +100,3 @@ def test_detoxify_without_checkpoint_offline_says_how_to_provide_it(tmp_path):
     assert "\n" not in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_scorer(ScorerSpec(kind="detoxify", checkpoint=str(tmp_path / "missing.ckpt")))
-
-
-def test_sentence_spans_are_exact_offsets():
-    text = 'Cats purr. "Dogs bark!"  Why?\nBirds sing'
-    spans = sentence_spans(text)
-    assert [text[s:e] for s, e in spans] == ["Cats purr.", '"Dogs bark!"', "Why?", "Birds sing"]
-
-
-class WordScorer:
-    """A stand-in scorer: 1.0 for any text containing a listed word, else 0.1."""
-
-    labels = ("toxicity",)
-
-    def __init__(self, words):
-        self.words = words
-
-    def score(self, texts):
-        return [{"toxicity": 1.0 if any(w in t for w in self.words) else 0.1} for t in texts]
-
-
-def test_safe_prefix_ends_at_last_sentence_before_first_violation():
-    text = "The park is lovely. The pond has ducks. Go hurt them. Then have lunch."
-    result = safe_prefix(text, WordScorer(["hurt"]), threshold=0.5)
-    assert text[: result.safe_end] == "The park is lovely. The pond has ducks."
-    assert [round(s, 1) for *_, s in result.sentences] == [0.1, 0.1, 1.0, 0.1]
-    assert safe_prefix(text, WordScorer(["park"]), 0.5).safe_end == 0
-    assert safe_prefix(text, WordScorer([]), 0.5).safe_end == len(text)
-    assert safe_prefix("", WordScorer([]), 0.5).safe_end == 0

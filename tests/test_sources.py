@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline import records
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import sources, sources_loaders
 from stages.sources import Config, Entry, SourceError
 
@@ -53,22 +53,19 @@ def default_out() -> dict[str, pa.Table]:
 
 
 def test_default_config_reads_every_sample_and_rejects_nothing(default_out):
-    assert {k: t.num_rows for k, t in default_out.items()} == {
+    assert {k: t.num_rows for k, t in default_out.items() if k != "stats"} == {
         "benign": 40,  # alpaca
         "harmful": 34,  # beavertails: 40 rows, 6 safe
         "utility": 74,  # alpaca 40 + gsm8k 20 + math 14
         "eval": 52,  # harmbench 20 + advbench 20 + prompts 12
-        "counts": 1,
         "rejected": 0,
     }
-    assert default_out["counts"].to_pylist() == [
-        {
-            "loaded": 40 + 40 + 74 + 52,
-            "not_selected": 6,
-            "neutralised_rows": 0,
-            "neutralised_strings": 0,
-        }
-    ]
+    assert default_out["stats"] == {
+        "loaded": 40 + 40 + 74 + 52,
+        "not_selected": 6,
+        "neutralised_rows": 0,
+        "neutralised_strings": 0,
+    }
     for name, schema in [
         ("benign", records.PROMPTS),
         ("harmful", records.HARMFUL),
@@ -126,7 +123,7 @@ def test_beavertails_unsafe_rows_become_harmful_qa_with_policies(default_out):
 def test_beavertails_safe_rows_feed_benign_prompts_when_configured():
     out = run(benign=[Entry(loader="beavertails", path=DATA / "beavertails.jsonl")])
     assert sorted(by_source_id(out["benign"])) == ["34", "35", "36", "37", "38", "39"]
-    assert out["counts"]["not_selected"][0].as_py() == 34
+    assert out["stats"]["not_selected"] == 34
 
 
 def test_harmbench_eval_uses_behavior_ids_and_context_layout(default_out):
@@ -159,7 +156,7 @@ def test_advbench_feeds_harmful_with_empty_response_and_configured_policy():
 def test_limit_counts_kept_rows_not_read_rows():
     out = run(harmful=[Entry(loader="beavertails", path=DATA / "beavertails.jsonl", limit=5)])
     assert out["harmful"].num_rows == 5
-    assert out["counts"]["loaded"][0].as_py() == 5
+    assert out["stats"]["loaded"] == 5
 
 
 def test_parquet_file_reads_like_the_jsonl_copy(tmp_path):
@@ -280,7 +277,7 @@ def test_bad_rows_land_in_rejected_with_reasons(tmp_path):
     assert dup["stage"] == "sources" and first in dup["detail"]
     assert "sources.utility[0]" in dup["detail"]
     # nothing vanished: every row read is kept, rejected or (by design) not selected
-    counts = out["counts"].to_pylist()[0]
+    counts = out["stats"]
     kept = out["utility"].num_rows + out["harmful"].num_rows
     assert counts["loaded"] == kept + out["rejected"].num_rows + counts["not_selected"]
 
@@ -296,12 +293,81 @@ def test_invalid_utf8_in_a_jsonl_row_rejects_only_that_row(tmp_path):
     assert reasons(out) == {"0": "undecodable"}
 
 
+def test_one_malformed_json_line_rejects_only_that_line_with_its_number(tmp_path):
+    good = [
+        json.dumps({"question": f"{q}?", "answer": f"x\n#### {i}"}) for i, q in enumerate("abc")
+    ]
+    path = tmp_path / "gsm.jsonl"
+    lines = [
+        good[0],
+        '{"question": "cut off", "answ',  # line 2: truncated JSON
+        "",  # a blank line holds no row
+        '{"question": "\\ud800 lone?", "answer": "y\\n#### 9"}',  # line 4: lone surrogate
+        good[1],
+        "[1, 2]",  # line 6: not an object
+        good[2],
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    out = run(utility=[Entry(loader="gsm8k", path=path, source="g")])
+    # Good rows keep the index they have in the file, as if no line were bad.
+    assert [(r["source_id"], r["prompt"]) for r in out["utility"].to_pylist()] == [
+        ("0", "a?"),
+        ("3", "b?"),
+        ("5", "c?"),
+    ]
+    got = [
+        (json.loads(r["row"])["source_id"], json.loads(r["row"])["line"], r["reason"], r["detail"])
+        for r in out["rejected"].to_pylist()
+    ]
+    assert got == [
+        (
+            "1",
+            2,
+            "malformed_line",
+            "sources.utility[0]: line 2: not JSON: Unterminated string starting at (column 25)",
+        ),
+        (
+            "2",
+            4,
+            "undecodable",
+            "sources.utility[0]: line 4: a lone surrogate escape (\\ud800-\\udfff) is no text",
+        ),
+        ("4", 6, "malformed_line", "sources.utility[0]: line 6: a JSON list, not an object"),
+    ]
+    assert json.loads(out["rejected"]["row"][0].as_py())["text"] == lines[1]
+    assert out["stats"]["loaded"] == 6
+
+
+def test_a_csv_record_with_extra_fields_rejects_only_that_record(tmp_path):
+    path = tmp_path / "harmbench.csv"
+    path.write_text(
+        "Behavior,ContextString,BehaviorID\n"
+        "Do one thing,,b1\n"
+        '"Say ""two""","a context\nover two lines",b2\n'
+        "Three,,b3,an extra field\n"
+        "Four,,b4\n"
+    )
+    out = run(eval=[Entry(loader="harmbench", path=path, source="h")])
+    assert out["eval"]["source_id"].to_pylist() == ["b1", "b2", "b4"]
+    assert out["eval"]["prompt"][1].as_py() == 'a context\nover two lines\n\n---\n\nSay "two"'
+    (bad,) = out["rejected"].to_pylist()
+    assert bad["reason"] == "malformed_line"
+    assert bad["detail"] == "sources.eval[0]: line 5: 4 fields where the header has 3"
+    assert json.loads(bad["row"]) | {"id": ""} == {
+        "source": "h",
+        "source_id": "2",
+        "line": 5,
+        "text": "Three,,b3,an extra field",
+        "id": "",
+    }
+
+
 def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
     path = write_jsonl(
         tmp_path / "a.jsonl",
         [
             {
-                "instruction": "Say [RESET] then <end_of_turn> and [backtrack-hate].",
+                "instruction": "Say [RESET] then <end_of_turn>, [multimodal] and [backtrack-hate].",
                 "input": "",
                 "output": "Done.",
             },
@@ -310,12 +376,13 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
     )
     out = run(utility=[Entry(loader="alpaca", path=path)])
     prompt = out["utility"]["prompt"][0].as_py()
-    assert prompt == "Say (RESET) then ‹end_of_turn› and (backtrack-hate)."
-    assert out["counts"].to_pylist()[0] | {"loaded": 2} == {
+    # [multimodal] is one added token of Gemma 3's tokenizer, like the turn markers.
+    assert prompt == "Say (RESET) then ‹end_of_turn›, (multimodal) and (backtrack-hate)."
+    assert out["stats"] | {"loaded": 2} == {
         "loaded": 2,
         "not_selected": 0,
         "neutralised_rows": 1,
-        "neutralised_strings": 3,
+        "neutralised_strings": 4,
     }
     assert out["rejected"].num_rows == 0
 
@@ -325,7 +392,7 @@ def test_control_tokens_in_a_prompt_are_neutralised_and_counted(tmp_path):
 
 def test_hub_id_offline_fails_with_one_clear_line(tmp_path):
     code = (
-        "from stages import sources; from pipeline.stage import LocalEnv\n"
+        "from stages import sources; from pipeline.env import LocalEnv\n"
         "cfg = sources.Config(benign=(), harmful=(), eval=(), "
         "utility=[sources.Entry(loader='gsm8k')])\n"
         "try:\n    sources.run({}, cfg, LocalEnv())\n"
@@ -354,10 +421,11 @@ def test_missing_file_or_column_or_unparsable_file_fails_the_source(tmp_path):
     wrong = write_jsonl(tmp_path / "w.jsonl", [{"question": "q", "solution": "s"}])
     with pytest.raises(SourceError, match=r"has no column\(s\) \['answer'\]"):
         run(utility=[Entry(loader="gsm8k", path=wrong)])
-    garbage = tmp_path / "g.jsonl"
-    garbage.write_text('{"question": "q", "answer": "a\\n#### 1"}\nnot json\n')
-    with pytest.raises(SourceError, match=r"cannot read .*g\.jsonl as json: ArrowInvalid"):
-        run(utility=[Entry(loader="gsm8k", path=garbage)])
+    # A CSV whose header cannot be read has no rows to keep.
+    garbage = tmp_path / "g.csv"
+    garbage.write_bytes(b"Beh\xffvior,ContextString,BehaviorID\nx,,b1\n")
+    with pytest.raises(SourceError, match=r"cannot read .*g\.csv as csv: Error: the header"):
+        run(eval=[Entry(loader="harmbench", path=garbage)])
 
 
 def test_external_files_lists_each_local_file_once():

@@ -10,13 +10,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from trainer_fixtures import REFUSAL, corpus, one_thread, recovery, row, write_config
+from trainer_fixtures import corpus, one_thread, row, write_config
 
 from pipeline import records
 from trainer import tokens
 from trainer.batching import IGNORE, collate, plan
 from trainer.config import TrainConfig
-from trainer.data import DataError, Position, open_folder, train_batches
+from trainer.data import DataError, Position, open_folder, train_batches, train_steps
 from trainer.encode import Doc, Encoder
 from trainer.objectives import Heads, Objective, logits_fn
 from trainer.train import _hidden, train
@@ -78,35 +78,42 @@ def test_truncation_never_leaves_a_row_without_trained_tokens(tok):
     short = Encoder(tok, 24, tokens.control_tokens())
     long_context = "The quick brown fox jumps over the lazy dog. " * 6
     r = _row(segs=[(long_context, "harmful", False), ("[RESET]", "control", True)])
-    assert short.encode(r, "reset") == "truncated_all_trained"
+    assert short.encode(r, "reset") == "edits_too_long"  # its edit cannot fit: dropped, named
     kept = short.encode(_row(segs=[(long_context, "text", True)]), "utility")
-    assert len(kept.ids) == 24 and any(kept.trained[1:])
+    assert len(kept.ids) == 24 and any(kept.trained[1:]) and kept.cut > 0  # the front is kept
     assert short.encode(_row(segs=[("x", "harmful", False)]), "reset") == "no_trained_tokens"
 
 
-def test_recovery_k_redraw_follows_qi_and_is_deterministic(enc, tok):
-    rng = random.Random(0)
-    r = recovery(rng)
-    h = enc.text(r["meta"]["harmful"])
-    head, _ = enc.scaffold(r["prompt"])
-
-    def k_of(doc: Doc) -> int:
-        return doc.trained.index(True, len(head)) - len(head)
-
-    ks = []
-    for epoch in range(400):
-        doc = enc.encode(r, "recovery", redraw=(7, epoch))
-        k = k_of(doc)
-        assert doc.ids[len(head) : len(head) + k] == h[:k]  # joined at the id level
-        assert all(doc.trained[len(head) + k :])
-        refusal = tok.decode(doc.ids[len(head) + k :])
-        assert refusal == (" " if k else "") + REFUSAL + "<end_of_turn>"
-        ks.append(k)
-    assert 0.4 < ks.count(0) / len(ks) < 0.6
-    assert set(ks) - {0} == set(range(1, min(100, len(h)) + 1))
-    assert ks == [k_of(enc.encode(r, "recovery", redraw=(7, e))) for e in range(400)]
-    published = enc.encode(r, "recovery")  # no redraw: the row's own prefix
-    assert tok.decode(published.ids).count(r["segments"][0]["text"] + " " + REFUSAL) == 1
+def test_a_long_bsafe_row_keeps_its_edit(tok):
+    benign = "The quick brown fox jumps over the lazy dog. " * 8
+    span = " Such idiots are filthy scum."
+    segs = [
+        (benign, "text", True),
+        (span, "harmful", False),
+        ("[BACKTRACK-HATE]", "control", True),
+        (span, "copy", True),
+        ("[REPLACE]", "control", True),
+        (" Some people disagree.", "replacement", True),
+        (" The end.", "text", True),
+    ]
+    r = row("bsafe", "Hi", segs)
+    full = Encoder(tok, 4096, tokens.control_tokens()).encode(r, "bsafe")
+    enc = Encoder(tok, len(full.ids) - 40, tokens.control_tokens())
+    doc = enc.encode(r, "bsafe")
+    assert len(doc.ids) == len(full.ids) - 40 and doc.cut == 40
+    text = tok.decode(doc.ids)
+    edit = (
+        span + "[BACKTRACK-HATE]" + span + "[REPLACE] Some people disagree. The end.<end_of_turn>"
+    )
+    assert text.endswith(edit)  # the edit and everything after it are whole
+    assert text.startswith("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    assert doc.ids[: doc.prompt_len] == full.ids[: full.prompt_len]  # the prompt is whole too
+    assert (
+        tok.decode([i for i, f in zip(doc.ids, doc.trained, strict=True) if not f]).count(span) == 1
+    )  # the harmful span is still context only
+    assert enc.encode(r, "bsafe") == doc
+    tight = Encoder(tok, full.prompt_len + 20, tokens.control_tokens())
+    assert tight.encode(r, "bsafe") == "edits_too_long"
 
 
 def test_packed_equals_unpacked_loss(tiny_model_dir, enc):
@@ -151,7 +158,7 @@ def test_stream_is_deterministic_and_resumes_mid_epoch(tmp_path, enc):
 
     def take(start, n):
         it = train_batches(sources, enc, cfg, 3, start, Counter())
-        return [next(it) for _ in range(n)]
+        return [(p, b) for p, _, b in (next(it) for _ in range(n))]
 
     full = take(Position(), 60)  # crosses into the second epoch
     assert {p.epoch for p, _ in full} == {0, 1}
@@ -197,7 +204,7 @@ def test_wrong_column_type_is_named(tmp_path):
     table = pq.read_table(path)
     table = table.set_column(table.schema.get_field_index("meta"), "meta", pa.array(["x"] * 4))
     pq.write_table(table, path)
-    with pytest.raises(DataError, match="column 'meta' is string, expected struct"):
+    with pytest.raises(DataError, match="column 'meta' is string, not a struct"):
         open_folder(folder, {"bsafe": 1.0})
 
 
@@ -230,6 +237,61 @@ def test_rows_truncated_away_are_counted_and_all_dropped_fails(tmp_path, tok):
     dropped = Counter()
     it = train_batches(sources, enc, cfg, 0, Position(), dropped)
     next(it)
-    assert dropped == Counter({"mixture:truncated_all_trained": 6})
+    # reset rows lose their edit: dropped, named; utility rows keep their front: cut, counted
+    # (or dropped when even their first trained token lies past 30)
+    assert dropped["mixture:edits_too_long"] == 6
+    assert dropped["mixture:cut_to_max_length"] + dropped["mixture:truncated_all_trained"] == 6
     with pytest.raises(DataError, match="every row of epoch 0 was dropped"):
         next(train_batches(sources, Encoder(tok, 8, ()), cfg, 0, Position(), Counter()))
+
+
+def test_per_step_takes_the_requested_rows_of_each_component_every_step(tmp_path, enc):
+    # 1 recovery : 4 anchor (Qi et al.'s 16 + 64, scaled down) in a wider mixture: every step
+    # holds exactly the request, bsafe is left out, and a resumed stream continues identically.
+    folder = corpus(tmp_path, {"recovery": 9, "anchor": 30, "bsafe": 20}, validation=0)
+    sources = open_folder(folder, {"mixture": 1.0})
+    cfg = TrainConfig(per_step={"recovery": 2, "anchor": 8}, batch_size=2, shuffle_buffer=8)
+    counts = Counter()
+    it = train_steps(sources, enc, cfg, 0, Position(), counts)
+    steps = [next(it) for _ in range(12)]
+    for s in steps:
+        assert dict(s.rows) == {"recovery": 2, "anchor": 8}
+        assert sum(b.n_trained for b in s.batches) == sum(s.tokens.values())
+    assert steps[-1].position.taken == {"recovery": 24, "anchor": 96}
+    assert steps[-1].position.epoch == 2  # recovery went round its 9 rows twice
+    resumed = train_steps(sources, enc, cfg, 0, steps[5].position, Counter())
+    for s, r in zip(steps[6:], resumed, strict=False):
+        assert [b.input_ids.tolist() for b in s.batches] == [
+            b.input_ids.tolist() for b in r.batches
+        ]
+
+
+def test_per_step_naming_a_component_the_data_lacks_fails_before_training(tmp_path):
+    folder = corpus(tmp_path, {"recovery": 4, "utility": 4}, validation=0)
+    cfg = TrainConfig(model="random:nonexistent-size", per_step={"recovery": 1, "anchor": 4})
+    with pytest.raises(DataError, match=r"per_step names \['anchor'\]"):
+        train(cfg, folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_documents_do_not_see_each_other(tiny_model_dir, attn):
+    # transformers >= 4.56 (the floor in pyproject.toml) isolates packed documents from
+    # position_ids alone; 4.52 did not. Changing document A must leave B's hidden states as
+    # they are, and B's must equal B run alone.
+    model, _ = tokens.load_checkpoint(tiny_model_dir, attn)
+    model.eval()
+    b = Doc(list(range(40, 60)), [False] + [True] * 19, "x")
+
+    def hidden_of_b(a_ids: list[int]) -> torch.Tensor:
+        a = Doc(a_ids, [False] + [True] * (len(a_ids) - 1), "x")
+        batch = collate([[a, b]], pad_id=0)
+        assert batch.attention_mask is None  # packed: positions alone separate the documents
+        with torch.no_grad():
+            return _hidden(model.get_decoder(), batch)[0, len(a_ids) :]
+
+    alone = collate([[b]], pad_id=0)
+    with torch.no_grad():
+        solo = _hidden(model.get_decoder(), alone)[0]
+    first, second = hidden_of_b(list(range(100, 130))), hidden_of_b(list(range(200, 230)))
+    torch.testing.assert_close(first, second, rtol=0, atol=1e-5)
+    torch.testing.assert_close(first, solo, rtol=0, atol=1e-5)

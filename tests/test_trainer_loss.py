@@ -25,6 +25,7 @@ def _batch(targets: list[int]) -> Batch:
         targets=t,
         position_ids=torch.arange(t.shape[1])[None],
         trained_index=torch.cumsum(flags, 1) * flags,
+        weights=flags.double(),
         attention_mask=None,
         n_tokens=t.shape[1],
         n_trained=int(flags.sum()),
@@ -66,24 +67,63 @@ def test_constrained_loss_matches_hand_computation():
     assert x.grad[0, 0].abs().sum() == 0 and x.grad[0, 7].abs().sum() == 0
 
 
-def test_controlled_is_weighted_ce_on_control_targets_and_kl_elsewhere():
+def test_controlled_is_ce_plus_alpha_weighted_kl_by_the_references_control_mass():
     torch.manual_seed(1)
-    logits = torch.randn(1, 6, 5, dtype=torch.float64)
-    targets = [1, 4, IGNORE, 0, 4, IGNORE]  # token 4 plays the control token
-    cfg = TrainConfig(alpha=3.0, control_threshold=1.1)  # weight by target only
-    obj = Objective("controlled", cfg, control_ids=[4])
+    logits = torch.randn(1, 7, 5, dtype=torch.float64)
     ref = logits + 0.5 * torch.randn_like(logits)
-    loss = obj(logits, ref, _batch(targets), Heads(lambda h: h, lambda h: h))
-    hand = 0.0
+    ref[0, 3, 4] += 4.0  # the reference puts real mass on the control token (id 4) here
+    targets = [1, 4, IGNORE, 0, 4, 2, IGNORE]
+    batch = _batch(targets)
+    batch.weights[0, 5] = 3.0  # a decision point
+    cfg = TrainConfig(kl_alpha=2.0, kl_mass=(0.4, 0.99))
+    obj = Objective("controlled", cfg, control_ids=[4])
+    loss = obj(logits, ref, batch, Heads(lambda h: h, lambda h: h))
+    hand, kl_term, weighted, alphas = 0.0, 0.0, 0, 0.0
     for pos, t in enumerate(targets):
         if t == IGNORE:
             continue
+        w = batch.weights[0, pos].item()
         lp, lr = _log_softmax(logits[0, pos].tolist()), _log_softmax(ref[0, pos].tolist())
-        if t == 4:
-            hand += -3.0 * lp[t]
-        else:
-            hand += sum(math.exp(r) * (r - p) for r, p in zip(lr, lp, strict=True))
+        mass = math.exp(lr[4])
+        alpha = 2.0 * min(1.0, max(0.0, (mass - 0.4) / (0.99 - 0.4)))
+        kl = sum(math.exp(r) * (r - p) for r, p in zip(lr, lp, strict=True))
+        hand += w * (-lp[t] + alpha * kl)
+        kl_term += w * alpha * kl
+        weighted += alpha > 0
+        alphas += alpha
     assert loss.item() == pytest.approx(hand, rel=1e-9)
+    assert float(obj.stats["kl"]) == pytest.approx(kl_term, rel=1e-9)
+    assert int(obj.stats["kl_positions"]) == weighted and 0 < weighted < 5
+    assert float(obj.stats["alpha"]) == pytest.approx(alphas, rel=1e-9)
+
+
+def test_controlled_gradient_equals_sfts_at_step_0(tiny_model_dir):
+    # model == reference: the KL term is at its minimum, so only the cross-entropy moves the
+    # model; the old objective (KL alone off the control tokens) gave ~0 gradient here.
+    from trainer import tokens
+    from trainer.objectives import logits_fn
+
+    model, _ = tokens.load_checkpoint(tiny_model_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    control = int(ids[0, 5])  # one target plays the control token
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state.detach().double()
+    targets = ids.roll(-1, 1)
+    targets[0, -1] = IGNORE
+    batch = _batch(targets[0].tolist())
+    head = logits_fn(model)
+    heads = Heads(lambda h: head(h.float()).double(), lambda h: head(h.float()).double())
+    grads = {}
+    for name in ("sft", "controlled"):
+        x = hidden.clone().requires_grad_(True)
+        obj = Objective(name, TrainConfig(kl_alpha=5.0, kl_mass=(0.0, 0.0)), [control])
+        obj(x, hidden, batch, heads).backward()
+        grads[name] = x.grad
+        if name == "controlled":
+            assert int(obj.stats["kl_positions"]) == 11  # kl_mass (0, 0): every position
+    keep = targets[0] != control
+    assert grads["sft"][0, keep].abs().sum() > 1e-3
+    torch.testing.assert_close(grads["controlled"][0, keep], grads["sft"][0, keep])
 
 
 def _run(folder, out, **kw) -> dict:

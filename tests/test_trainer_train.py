@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-import torch
-from trainer_fixtures import HARM_PROMPTS, PROMPTS, benign, corpus, harmful, one_thread
+from trainer_fixtures import corpus, one_thread
 
-from pipeline.stage import LocalEnv
+from pipeline.env import LocalEnv
 from stages import train as stage
 from trainer import tokens
 from trainer.config import TrainConfig
-from trainer.encode import Encoder
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -61,42 +58,67 @@ def test_stage_trains_into_its_workdir(tmp_path, tiny_model_dir):
     final = tmp_path / "work" / "final"
     tok = tokens.load_tokenizer(str(final))
     assert set(tokens.control_tokens()) <= set(tok.all_special_tokens)
-    assert stage.SPEC.reads == ("publish.files",) and stage.SPEC.writes == ()
+    assert stage.SPEC.reads == ("publish.files",) and not stage.SPEC.writes
 
 
-def _prob(model, enc, user: str, assistant: str, token: str) -> float:
-    """P(token | prompt, assistant text so far) under the model."""
-    head, _ = enc.scaffold([{"role": "user", "content": user}])
-    ids = torch.tensor([head + enc.text(assistant)])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -1]
-    return torch.softmax(logits.float(), -1)[enc.tok.convert_tokens_to_ids(token)].item()
+def test_retrace_train_data_b_after_a_trains_b_from_scratch(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    a = corpus(tmp_path / "a", {"utility": 8}, seed=1, validation=0)
+    b = corpus(tmp_path / "b", {"bsafe": 8}, seed=2, validation=0)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run: {{runs_dir: {tmp_path / 'runs'}, name: t}}\n"
+        f"train: {{model: {tiny_model_dir}, steps: 3, batch_size: 2, eval_rows: 0}}\n"
+    )
+    stage_dir = tmp_path / "runs" / "t" / "train"
+    runner = CliRunner()
+
+    def retrace_train(folder):
+        result = runner.invoke(app, ["train", "--config", str(config), "--data", str(folder)])
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads((stage_dir / "_manifest.json").read_text())
+
+    _, first = retrace_train(a)  # through the engine: a manifest and a cache key
+    out, second = retrace_train(b)
+    assert first["key"] != second["key"] and "train: running" in out
+    steps = _steps(stage_dir / "files")
+    assert [r["step"] for r in steps] == [1, 2, 3]  # B from step 1, not A's finished run
+    assert all(set(r["rows"]) == {"bsafe"} for r in steps)  # and on B's rows only
+    out, third = retrace_train(b)
+    assert "train: cached" in out and third["key"] == second["key"]
 
 
-def test_learns_to_backtrack_after_harm_not_after_benign_text(tmp_path, tiny_model_dir):
-    folder = corpus(tmp_path / "data", {"bsafe": 160, "reset": 80, "utility": 80}, validation=0)
-    cfg = TrainConfig(
-        model=str(tiny_model_dir), steps=150, batch_size=8, lr=3e-3, warmup_steps=10,
-        eval_rows=0, max_length=256,
-    )  # fmt: skip
-    final = train(cfg, folder, tmp_path / "out", log=lambda _: None)
-    model, tok = tokens.load_checkpoint(final)
-    model.eval()
-    enc = Encoder(tok, 512, tokens.control_tokens())
-    rng = random.Random(12345)  # held-out rows: fresh draws, not the training corpus's seed
-    bt_harm, bt_benign, reset_unsafe, reset_safe = [], [], [], []
-    for _ in range(20):
-        before = benign(rng) + " "
-        bt_harm.append(
-            _prob(model, enc, rng.choice(PROMPTS), before + harmful(rng), "[BACKTRACK-HATE]")
-        )
-        bt_benign.append(
-            _prob(model, enc, rng.choice(PROMPTS), before + benign(rng), "[BACKTRACK-HATE]")
-        )
-        reset_unsafe.append(_prob(model, enc, rng.choice(HARM_PROMPTS), harmful(rng), "[RESET]"))
-        reset_safe.append(_prob(model, enc, rng.choice(PROMPTS), benign(rng), "[RESET]"))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    # Measured here (torch 2.13 CPU): 0.41 vs 0.0009 for the backtrack token, 0.18 vs 0.0004 for
-    # [RESET] (the untrained model gives every token ~1/583).
-    assert mean(bt_harm) > 0.05 and mean(bt_harm) > 20 * mean(bt_benign)
-    assert mean(reset_unsafe) > 0.05 and mean(reset_unsafe) > 20 * mean(reset_safe)
+def test_a_checkpoint_folder_refuses_other_data_and_a_second_training(tmp_path, tiny_model_dir):
+    import fcntl
+
+    a = corpus(tmp_path / "a", {"utility": 8}, seed=1, validation=0)
+    b = corpus(tmp_path / "b", {"utility": 8}, seed=2, validation=0)
+    cfg = TrainConfig(model=str(tiny_model_dir), steps=4, batch_size=4, eval_rows=0)
+    train(cfg, a, tmp_path / "out", stop_after=2, log=lambda _: None)
+    with pytest.raises(RuntimeError, match="trained on other data"):
+        train(cfg, b, tmp_path / "out", log=lambda _: None)
+    with open(tmp_path / "out" / ".train.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a training running elsewhere
+        with pytest.raises(RuntimeError, match="another training is writing"):
+            train(cfg, a, tmp_path / "out", log=lambda _: None)
+
+
+def test_python_m_trainer_train_takes_the_engines_overrides(tmp_path, tiny_model_dir):
+    from trainer.train import main
+
+    folder = corpus(tmp_path / "data", {"utility": 4}, validation=0)
+    args = [
+        "--data",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        f"model={tiny_model_dir}",
+    ]
+    with pytest.raises(SystemExit, match=r"train\.lr: .*must be > 0"):
+        main([*args, "--set", "train.lr=-1"])
+    main([*args, "--set", "steps=1", "--set", "train.eval_rows=0", "--set", "batch_size=2"])
+    assert [r["step"] for r in _steps(tmp_path / "out")] == [1]

@@ -27,6 +27,7 @@ class Batch:
     targets: torch.Tensor  # [B, L]: the next token where it is trained, else -100 (shifted once)
     position_ids: torch.Tensor  # [B, L]: restart at 0 for every document
     trained_index: torch.Tensor  # [B, L]: 1-based index of a trained target in its document
+    weights: torch.Tensor  # [B, L]: loss weight of each target (decision points), 0 where none
     attention_mask: torch.Tensor | None  # [B, L] when padded; None when packed
     n_tokens: int  # real (non-pad) tokens
     n_trained: int
@@ -75,6 +76,7 @@ def collate(rows: list[list[Doc]], pad_id: int, width: int | None = None) -> Bat
     targets = torch.full(shape, IGNORE, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     trained_index = torch.zeros(shape, dtype=torch.long)
+    weights = torch.zeros(shape, dtype=torch.float32)
     mask = torch.zeros(shape, dtype=torch.long)
     for b, row in enumerate(rows):
         o = 0
@@ -85,6 +87,8 @@ def collate(rows: list[list[Doc]], pad_id: int, width: int | None = None) -> Bat
             input_ids[b, o : o + n] = ids
             targets[b, o : o + n - 1] = torch.where(flags, ids[1:], IGNORE)
             trained_index[b, o : o + n - 1] = torch.cumsum(flags, 0) * flags
+            w = torch.tensor(d.weights[1:], dtype=torch.float32) if d.weights else 1.0
+            weights[b, o : o + n - 1] = torch.where(flags, w, 0.0)
             position_ids[b, o : o + n] = torch.arange(n)
             mask[b, o : o + n] = 1
             o += n
@@ -95,6 +99,7 @@ def collate(rows: list[list[Doc]], pad_id: int, width: int | None = None) -> Bat
         targets=targets,
         position_ids=position_ids,
         trained_index=trained_index,
+        weights=weights,
         attention_mask=None if packed else mask,
         n_tokens=int(mask.sum()),
         n_trained=int((targets != IGNORE).sum()),

@@ -1,27 +1,45 @@
 """The `train:` config section: every knob of the bundled trainer, with defaults for the small
 offline default run (a tiny random Gemma 3 on the default corpus, on a CPU).
 
-Paper-scale values (configs/paper.yaml) are noted beside each group.
+A plain strict pydantic model: the trainer runs without the engine (`python -m trainer.train`);
+the `train` stage adds only the engine's failure bound (stages/train.py). Paper-scale values
+(configs/paper.yaml) are noted beside each group.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
-
-from pipeline.stage import StageConfig
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OBJECTIVES = ("sft", "constrained", "controlled")
+# Mixture components `per_step` may name: the SFT kinds plus Qi et al.'s anchor (trainer.encode).
+COMPONENTS = ("bsafe", "reset", "recovery", "utility", "anchor")
 
 
-class TrainConfig(StageConfig):
+class RecoveryDraw(BaseModel):
+    """The format stage's recovery draw, for the per-epoch k redraw. None takes the value from the
+    dataset card's embedded config (format.p_zero, format.k_cap, format.refusal_separator); a
+    folder without a card takes Qi et al.'s (0.5, 100, " "), and the log says which was used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p_zero: float | None = Field(None, ge=0, le=1)
+    k_cap: int | None = Field(None, ge=1)
+    separator: str | None = None
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     # --- model --------------------------------------------------------------------------------
     # A Hub id, a local HF folder, "embedded" (the bundled Gemma 3 270M), or "random:<size>" (a
     # random-init Gemma 3 of a named size: tiny, 270m, 1b) whose tokenizer comes from `tokenizer`.
     model: str = "random:tiny"
     revision: str | None = None
-    tokenizer: str = "embedded"  # only for random models: a folder, a Hub id or "embedded"
+    # Only for random models: a folder, a Hub id, "embedded", or "corpus:<N>" (a byte-level BPE
+    # of N entries trained on the dataset's text; trainer/tokens.py says why).
+    tokenizer: str = "embedded"
     # Control tokens are added as new special tokens, their embeddings drawn around the mean of the
     # existing ones (transformers' mean_resizing); Gemma's <unusedN> slots are not re-purposed, so
     # the same recipe works for any model.
@@ -38,22 +56,27 @@ class TrainConfig(StageConfig):
     pack: bool = True  # pack documents into rows of max_length; False: length-bucketed padding
     buffer_rows: int = 1024  # rows planned together into length buckets or packs
     shuffle_buffer: int = 4096  # streaming shuffle buffer per config, in rows
-    # Qi et al. redraw k for recovery rows every epoch: P(k=0)=0.5, else k ~ U{1..min(100, |h|)}.
+    # Qi et al. redraw k for recovery rows every epoch, with the format stage's own draw.
     redraw_k: bool = True
+    recovery: RecoveryDraw = Field(default_factory=RecoveryDraw)
+    # Rows per optimizer step of each mixture component, stratified (Qi et al.: recovery 16,
+    # anchor 64 holds α = 0.2 in every step). None: `configs` weights, interleaved at random,
+    # `batch_size x grad_accum` rows of packs per step.
+    per_step: dict[str, int] | None = None
     eval_rows: int = 64  # validation rows per config for eval loss (0: no eval)
 
     # --- objective ------------------------------------------------------------------------------
     objective: Literal["sft", "constrained", "controlled"] = "sft"
     # constrained (Qi et al. token-wise): beta for trained token 1, tokens 2..5, and the rest.
     betas: tuple[float, float, float] = (0.5, 2.0, 0.1)
-    # controlled (BSAFE-style): cross-entropy weighted by `alpha` where the target is a control
-    # token or the reference puts at least `control_threshold` on control tokens; KL(ref || model)
-    # at every other trained position.
-    alpha: float = 2.0
-    control_threshold: float = 0.05
-    reference: str | None = (
-        None  # reference model for constrained/controlled; None: the start model
-    )
+    # controlled (BSAFE): cross-entropy + α_t·KL(ref || model), α_t = kl_alpha x clamp((m_t - lo)
+    # / (hi - lo), 0, 1), m_t the reference's mass on the control tokens, (lo, hi) = kl_mass.
+    kl_alpha: float = Field(1.0, ge=0)
+    kl_mass: tuple[float, float] = (0.01, 0.1)
+    reference: str | None = None  # reference for constrained/controlled; None: the start model
+    # Every objective: this loss weight on control-token targets and on the first token after
+    # each sentence end, where a backtrack could come instead; 1 elsewhere.
+    decision_weight: float = Field(1.0, gt=0)
 
     # --- optimisation ---------------------------------------------------------------------------
     steps: int = 40  # optimizer steps (Qi: 10 epochs x 256 triplets / 64 per step = 40 steps)
@@ -90,3 +113,75 @@ class TrainConfig(StageConfig):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str) -> str:
+        if v.startswith("corpus:"):
+            size = v.split(":", 1)[1]
+            if not size.isdigit() or int(size) < 300:
+                raise ValueError("corpus:<N> needs N >= 300 (the 256 bytes and the special tokens)")
+        return v
+
+    @field_validator("lr", "grad_clip")
+    @classmethod
+    def _above_zero(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("warmup_steps", "save_every", "eval_every", "eval_rows", "shuffle_buffer")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("min_lr_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError("must be between 0 and 1")
+        return v
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _adam(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(b > 0 for b in v):
+            raise ValueError("each beta must be > 0")
+        return v
+
+    @field_validator("kl_mass")
+    @classmethod
+    def _mass(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("must be [lo, hi] with 0 <= lo <= hi <= 1")
+        return v
+
+    @field_validator("per_step")
+    @classmethod
+    def _per_step(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is None:
+            return v
+        unknown = sorted(set(v) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
+        if not v or any(n < 1 for n in v.values()):
+            raise ValueError("name at least one component, each with >= 1 row per step")
+        return v
+
+    @model_validator(mode="after")
+    def _per_step_configs(self) -> TrainConfig:
+        if self.per_step is not None and any(w != 1 for w in self.configs.values()):
+            raise ValueError(
+                "train.per_step sets the rows of each step; train.configs then only names the "
+                "configs to read: give each weight 1"
+            )
+        return self

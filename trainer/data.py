@@ -9,31 +9,44 @@ exactly. The position after a micro-batch is (epoch, raw rows read before its pl
 micro-batches already taken from that buffer): resuming skips raw rows without tokenising them,
 re-plans one buffer and skips the batches already trained.
 
-`open_folder` checks the whole folder before any training: a missing config, a wrong schema or a
-config with no trainable token fails with one line naming the file and what to do.
+With `train.per_step` every optimizer step instead takes exactly that many rows of each mixture
+component (Qi et al.'s 16 recovery + 64 anchor), each component from its own endless shuffled
+stream; a dropped row is replaced by the next one (and counted), so every step holds the requested
+rows. The position is then the rows taken from each stream.
+
+`open_folder` checks the whole folder before any training: a missing config, a missing column or
+a config with no trainable token fails with one line naming the file and what to do. Only the
+columns and `meta` fields the trainer reads are checked (COLUMNS, META_FIELDS), so a corpus whose
+`meta` holds other fields, or none, trains as well.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import records, seeds
+from pipeline import seeds
+from pipeline.errors import RetraceError
 from trainer.batching import Batch, collate, plan
-from trainer.encode import Doc, Encoder
+from trainer.encode import Doc, Encoder, Recovery, component
 
-COLUMNS = ("id", "kind", "prompt", "segments", "meta")
+COLUMNS = ("id", "kind", "prompt", "segments")
+# The meta fields the trainer reads, when there: recovery's redraw, and the anchor's generator.
+META_FIELDS = ("harmful", "k_max", "h_tokens", "generator")
+_READ = (*COLUMNS, "meta")
 
 
-class DataError(ValueError):
+class DataError(RetraceError, ValueError):
     """The dataset folder cannot be trained on; the message says why and what to do."""
 
 
@@ -92,13 +105,122 @@ def _check_schema(path: Path) -> None:
         schema = pq.read_schema(path)
     except Exception as e:  # a truncated or non-Parquet file
         raise DataError(f"train: cannot read {path}: {e}") from e
-    for name in COLUMNS:
-        want = records.SFT.field(name).type
+    for name, want in _WANT.items():
         if name not in schema.names:
             raise DataError(f"train: {path} has no column {name!r}; not an SFT config of retrace")
-        got = schema.field(name).type
-        if got != want:
-            raise DataError(f"train: {path} column {name!r} is {got}, expected {want}")
+        problem = want(schema.field(name).type)
+        if problem:
+            raise DataError(
+                f"train: {path} column {name!r} is {schema.field(name).type}; {problem}"
+            )
+    if "meta" in schema.names and not pa.types.is_struct(schema.field("meta").type):
+        raise DataError(f"train: {path} column 'meta' is {schema.field('meta').type}, not a struct")
+
+
+def _list_of(*fields: str):
+    def check(t: pa.DataType) -> str | None:
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            return f"expected a list of {{{', '.join(fields)}}}"
+        item = t.value_type
+        names = (
+            {item.field(i).name for i in range(item.num_fields)}
+            if pa.types.is_struct(item)
+            else set()
+        )
+        missing = [f for f in fields if f not in names]
+        return f"its items lack {missing}" if missing else None
+
+    return check
+
+
+def _string(t: pa.DataType) -> str | None:
+    return None if pa.types.is_string(t) or pa.types.is_large_string(t) else "expected a string"
+
+
+_WANT = {
+    "id": _string,
+    "kind": _string,
+    "prompt": _list_of("role", "content"),
+    "segments": _list_of("text", "role", "train"),
+}
+
+
+def component_rows(sources: list[Source]) -> Counter:
+    """Train rows per mixture component over the configs read (the kind and meta.generator
+    columns only)."""
+    found: Counter = Counter()
+    for src in sources:
+        for f in src.train:
+            pf = pq.ParquetFile(f)
+            columns = [c for c in ("kind", "meta") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=4096, columns=columns):
+                for row in batch.to_pylist():
+                    meta = row.get("meta") or {}
+                    found[component({"kind": row["kind"], "meta": meta})] += 1
+    return found
+
+
+def corpus_controls(sources: list[Source]) -> list[str]:
+    """Every control-token string the configs' segments use, sorted."""
+    found: set[str] = set()
+    for src in sources:
+        for f in src.train + src.validation:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["segments"]):
+                segs = pc.list_flatten(batch.column(0))
+                control = pc.equal(segs.field("role"), "control")
+                found.update(pc.unique(pc.filter(segs.field("text"), control)).to_pylist())
+    return sorted(found)
+
+
+def corpus_text(sources: list[Source]) -> Iterator[str]:
+    """The configs' train text (prompt contents, segment texts but control tokens), in file order:
+    what a `corpus:<N>` tokenizer is trained on."""
+    for src in sources:
+        for f in src.train:
+            for batch in pq.ParquetFile(f).iter_batches(
+                batch_size=1024, columns=["prompt", "segments"]
+            ):
+                yield from pc.list_flatten(batch.column(0)).field("content").to_pylist()
+                segs = pc.list_flatten(batch.column(1))
+                keep = pc.not_equal(segs.field("role"), "control")
+                yield from pc.filter(segs.field("text"), keep).to_pylist()
+
+
+def identity(sources: list[Source]) -> str:
+    """Content hash of the Parquet files trained on: a checkpoint belongs to this data."""
+    h = hashlib.sha256()
+    for src in sources:
+        for f in (*src.train, *src.validation):
+            h.update(f"{src.config}/{f.name}\0".encode())
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def recovery_draw(folder: Path, cfg: Any) -> tuple[Recovery, str]:
+    """The recovery redraw's settings: train.recovery where set, else the dataset card's format
+    section, else Qi et al.'s; and a line saying where they came from."""
+    from pipeline.card import config_from_card
+
+    card: dict[str, Any] = {}
+    where = "Qi et al.'s defaults (no retrace card in the folder)"
+    try:
+        card = config_from_card(Path(folder)).get("format") or {}
+        where = f"the card {Path(folder) / 'README.md'}"
+    except (KeyError, FileNotFoundError, OSError):
+        pass
+    base = Recovery()
+    keys = {"p_zero": "p_zero", "k_cap": "k_cap", "separator": "refusal_separator"}
+    values = {}
+    for key, card_key in keys.items():
+        set_here = getattr(cfg.recovery, key)
+        values[key] = set_here if set_here is not None else card.get(card_key, getattr(base, key))
+    draw = Recovery(**values)
+    return draw, (
+        f"recovery redraw: P(k=0)={draw.p_zero:g}, cap {draw.k_cap}, separator "
+        f"{draw.separator!r}, from train.recovery where set, else {where}"
+    )
 
 
 def _has_trained_segment(files: tuple[Path, ...]) -> bool:
@@ -115,8 +237,13 @@ def _has_trained_segment(files: tuple[Path, ...]) -> bool:
 
 def _file_rows(files: tuple[Path, ...]) -> Iterator[dict[str, Any]]:
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=list(COLUMNS)):
-            yield from batch.to_pylist()
+        pf = pq.ParquetFile(f)
+        columns = [c for c in _READ if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=256, columns=columns):
+            for row in batch.to_pylist():
+                meta = row.get("meta") or {}
+                row["meta"] = {k: meta[k] for k in META_FIELDS if meta.get(k) is not None}
+                yield row
 
 
 def _shuffled(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -172,6 +299,44 @@ class Position:
     epoch: int = 0
     row: int = 0  # raw rows of the epoch read before the current planning buffer
     batch: int = 0  # micro-batches already taken from that buffer
+    taken: dict[str, int] = field(default_factory=dict)  # per_step: rows read per component
+
+
+@dataclass
+class Step:
+    """One optimizer step's micro-batches, the position after it and what it holds."""
+
+    position: Position
+    batches: list[Batch]
+    rows: Counter  # documents per component
+    tokens: Counter  # trained tokens per component
+
+
+def _step(position: Position, docs_batches: list[tuple[list[list[Doc]], Batch]]) -> Step:
+    rows, tokens = Counter(), Counter()
+    for rows_of_docs, _ in docs_batches:
+        for doc in (d for r in rows_of_docs for d in r):
+            rows[doc.component] += 1
+            tokens[doc.component] += sum(doc.trained[1:])
+    return Step(position, [b for _, b in docs_batches], rows, tokens)
+
+
+def train_steps(
+    sources: list[Source],
+    encoder: Encoder,
+    cfg: Any,
+    seed: int,
+    start: Position,
+    counts: Counter,
+) -> Iterator[Step]:
+    """Endless optimizer steps from `start`. `counts` gathers drops and cuts ("config:reason")."""
+    if cfg.per_step:
+        yield from _stratified(sources, encoder, cfg, seed, start, counts)
+        return
+    batches = train_batches(sources, encoder, cfg, seed, start, counts)
+    while True:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        yield _step(micro[-1][0], [(docs, b) for _, docs, b in micro])
 
 
 def train_batches(
@@ -180,8 +345,8 @@ def train_batches(
     cfg: Any,
     seed: int,
     start: Position,
-    dropped: Counter,
-) -> Iterator[tuple[Position, Batch]]:
+    counts: Counter,
+) -> Iterator[tuple[Position, list[list[Doc]], Batch]]:
     """Endless micro-batches from `start`, each with the position just after it."""
     pad = encoder.tok.pad_token_id
     width = cfg.max_length if cfg.pack and cfg.compile else None  # one shape: no recompiles
@@ -199,24 +364,91 @@ def train_batches(
                 break
             first = start.batch if (epoch, row0) == (start.epoch, start.row) else 0
             # A buffer re-planned on resume had its drops counted before the checkpoint.
-            count = dropped if first == 0 else Counter()
-            docs: list[Doc] = []
-            for config, row in raw:
-                doc = encoder.encode(row, config, (seed, epoch) if cfg.redraw_k else None)
-                if isinstance(doc, str):
-                    count[f"{config}:{doc}"] += 1
-                else:
-                    docs.append(doc)
+            count = counts if first == 0 else Counter()
+            docs = [
+                d
+                for config, row in raw
+                if (d := _encode(encoder, row, config, seed, epoch, cfg, count)) is not None
+            ]
             rng = seeds.rng(seed, "plan", epoch, row0)
             batches = plan(docs, cfg.batch_size, cfg.max_length, cfg.pack, rng)
             for i in range(first, len(batches)):
                 yielded = True
-                yield Position(epoch, row0, i + 1), collate(batches[i], pad, width)
+                yield Position(epoch, row0, i + 1), batches[i], collate(batches[i], pad, width)
             row0 += len(raw)
         resumed_late = epoch == start.epoch and (start.row or start.batch)
         if not yielded and not resumed_late:
-            raise DataError(f"train: every row of epoch {epoch} was dropped ({dict(dropped)})")
+            raise DataError(f"train: every row of epoch {epoch} was dropped ({dict(counts)})")
         epoch += 1
+
+
+def _encode(encoder, row, config, seed, epoch, cfg, counts: Counter) -> Doc | None:
+    doc = encoder.encode(row, config, (seed, epoch) if cfg.redraw_k else None)
+    if isinstance(doc, str):
+        counts[f"{config}:{doc}"] += 1
+        return None
+    if doc.cut:
+        counts[f"{config}:cut_to_max_length"] += 1
+    return doc
+
+
+def _component_stream(
+    sources: list[Source], name: str, shuffle: int, seed: int
+) -> Iterator[tuple[int, str, dict]]:
+    """(pass, config, row) for every row of component `name`, reshuffled on every pass, endless."""
+    for cycle in itertools.count():
+        rng = seeds.rng(seed, "shuffle", name, cycle)
+        rows = (
+            (src.config, r)
+            for src in sources
+            for r in _file_rows(src.train)
+            if component(r) == name
+        )
+        found = False
+        for config, r in _shuffled(rows, shuffle, rng):
+            found = True
+            yield cycle, config, r
+        if not found:
+            configs = ", ".join(src.config for src in sources)
+            raise DataError(
+                f"train.per_step names {name!r}, but no row of {configs} is of that component; "
+                "fix train.per_step or train.configs"
+            )
+
+
+def _stratified(
+    sources: list[Source], encoder: Encoder, cfg: Any, seed: int, start: Position, counts: Counter
+) -> Iterator[Step]:
+    pad = encoder.tok.pad_token_id
+    width = cfg.max_length if cfg.pack and cfg.compile else None
+    taken = dict(start.taken)
+    streams = {}
+    for name in cfg.per_step:
+        streams[name] = _component_stream(sources, name, cfg.shuffle_buffer, seed)
+        for _ in range(taken.get(name, 0)):  # resume: raw rows, not tokenised
+            next(streams[name])
+    passes: dict[str, int] = {}
+    while True:
+        docs: list[Doc] = []
+        for name, want in cfg.per_step.items():
+            got, tries = 0, 0
+            while got < want:
+                cycle, config, row = next(streams[name])
+                passes[name] = cycle
+                taken[name] = taken.get(name, 0) + 1
+                tries += 1
+                doc = _encode(encoder, row, config, seed, cycle, cfg, counts)
+                if doc is not None:
+                    docs.append(doc)
+                    got += 1
+                elif tries > 100 * want and not got:
+                    raise DataError(
+                        f"train: {tries} {name} rows in a row were dropped ({dict(counts)})"
+                    )
+        rng = seeds.rng(seed, "plan", "per_step", *sorted(taken.items()))
+        batches = plan(docs, cfg.batch_size, cfg.max_length, cfg.pack, rng)
+        position = Position(epoch=min(passes.values()), taken=dict(taken))
+        yield _step(position, [(b, collate(b, pad, width)) for b in batches])
 
 
 def eval_batches(src: Source, encoder: Encoder, cfg: Any) -> list[Batch]:

@@ -1,31 +1,54 @@
-"""One SFT row -> token ids and a per-token "trained" flag, from the row's `segments`.
+"""One SFT row -> token ids, per-token "trained" flags and loss weights, from its `segments`.
 
-The prompt is rendered with the model's chat template, or Gemma's turn format when it has none
-(`<start_of_turn>user\\n{content}<end_of_turn>\\n<start_of_turn>model\\n`). Every piece of text
-that came from data (prompt contents, segment texts, the recovery harmful answer) is tokenised with
-`split_special_tokens=True`, so a literal "[RESET]" or "<end_of_turn>" typed by a user never becomes
-that token's id (DESIGN §4: control tokens are privileged). Only `control` segments map to a
-control-token id, directly. The template's own markup is tokenised with its special tokens.
+The prompt is rendered with the model's chat template, or Gemma's turn format from
+prompts/chat/gemma.jinja when it has none (the embedded Gemma 3 270M is a base model). Every piece
+of text that came from data (prompt contents, segment texts, the recovery harmful answer) is
+tokenised with `split_special_tokens=True`, so a literal "[RESET]" or "<end_of_turn>" typed by a
+user never becomes that token's id (DESIGN §4: control tokens are privileged). Only `control`
+segments map to a control-token id, directly. The template's own markup is tokenised with its
+special tokens.
+
+The assistant turn is tokenised as a whole between control tokens, not segment by segment, and
+each token goes to the segment its characters fall in; a token straddling a trained and an
+untrained segment is not trained, nor is a whitespace-only token right before an untrained one. So
+a corpus that puts the space before a harmful span on the trained side yields " Bad" (context), or
+an untrained " " + "Bad", never a trained lone " " before it.
 
 Flags come from the segments (DESIGN §1): harmful spans and unsafe prefixes are context, the rest
 of the assistant turn and its end-of-turn token are trained. `recovery` rows may redraw k each
-epoch (Qi et al.): the untrained prefix becomes the first k target-tokenizer tokens of the harmful
-answer h, joined at the token-id level to the row's refusal segment as published (with whatever
-joint the format stage put on its trained side; none when k=0), as in the authors' code.
+epoch (Qi et al.) with pipeline/recovery.py, the format stage's own draw and joint, so the trained
+row is always one the format stage could have published.
+
+Rows longer than `max_length` keep their edits: benign text is cut from the left of the assistant
+turn (then from its right end), never inside the span from the first edit segment (harmful,
+control, copy, replacement) to the last; a row whose edits alone do not fit is dropped
+`edits_too_long`. Rows with no edit (utility) keep their front.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import seeds
+from pipeline import recovery, seeds
 
-# Gemma's turn format, for models without a chat template (the embedded Gemma 3 270M is a base
-# model). Gemma has no system role: a system message is folded into the first user turn.
-_TURN = "<start_of_turn>{role}\n"
-_END = "<end_of_turn>\n"
 _SENTINEL = "\x00RETRACE{}\x00"  # stands in for message contents when rendering a chat template
+_SCAFFOLDS = 65536  # prompts whose token ids are kept (a few MB)
+# A sentence ends at . ! ? (and any closing quotes or brackets), then whitespace or nothing.
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s*$")
+
+
+# Roles of an edit (from a harmful span to its replacement): a cut to max_length never enters one.
+_EDIT_ROLES = frozenset({"harmful", "control", "copy", "replacement"})
+
+
+@dataclass
+class _Turn:
+    ids: list[int]
+    trained: list[bool]
+    where: list[int]  # the segment each token belongs to
+    decision: list[bool]  # a control token, or the first token after a sentence end
 
 
 @dataclass
@@ -33,15 +56,50 @@ class Doc:
     ids: list[int]
     trained: list[bool]  # trained[i]: token i is a training target (predicted from tokens < i)
     config: str
+    prompt_len: int = 0  # tokens before the assistant's content: the completion is ids[prompt_len:]
+    weights: list[float] = field(default_factory=list)  # loss weight of token i as a target
+    component: str = ""  # the row's mixture component (trainer.data.component)
+    cut: int = 0  # tokens cut to fit max_length
+
+    def completion_mask(self) -> list[bool]:
+        """True on the assistant turn's tokens (content and end of turn), False on the prompt."""
+        return [i >= self.prompt_len for i in range(len(self.ids))]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the per-epoch k redraw needs beyond the row: the format stage's P(k=0), cap and
+    separator (from the dataset card or train.recovery)."""
+
+    p_zero: float = 0.5
+    k_cap: int = 100
+    separator: str = " "
 
 
 class Encoder:
     """Tokenises rows for one tokenizer; `encode` returns a Doc, or a drop reason."""
 
-    def __init__(self, tokenizer, max_length: int, control_tokens: tuple[str, ...]):
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int,
+        control_tokens: tuple[str, ...],
+        decision_weight: float = 1.0,
+        recovery: Recovery | None = None,
+    ):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(
+                "train: the tokenizer must be a fast (Rust) tokenizer, which reports char offsets; "
+                "use a model folder that ships tokenizer.json"
+            )
         self.tok = tokenizer
         self.max_length = max_length
         self.control = {t: tokenizer.convert_tokens_to_ids(t) for t in control_tokens}
+        self._control_ids = frozenset(self.control.values())
+        self._markup: dict[str, list[int]] = {}
+        self._scaffolds: dict[tuple, tuple[list[int], list[int]]] = {}
+        self.decision_weight = decision_weight
+        self.recovery = recovery or Recovery()
         self.eot = self._end_of_turn_id()
 
     # --- pieces -----------------------------------------------------------------------------
@@ -52,11 +110,23 @@ class Encoder:
             return []
         return self.tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
+    def offsets(self, s: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Data text as ids and their char spans."""
+        if not s:
+            return [], []
+        enc = self.tok(
+            s, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
     def markup(self, s: str) -> list[int]:
         """Template markup: its special-token strings are the special tokens."""
         if not s:
             return []
-        return self.tok(s, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+        if s not in self._markup:  # a handful of distinct strings, met on every row
+            ids = self.tok(s, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+            self._markup[s] = ids
+        return list(self._markup[s])
 
     def _end_of_turn_id(self) -> int:
         eot = self.tok.convert_tokens_to_ids("<end_of_turn>")
@@ -68,12 +138,28 @@ class Encoder:
 
     def scaffold(self, prompt: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """(ids before the assistant content, ids after it up to the end-of-turn token)."""
+        key = (self.tok.chat_template, *((m["role"], m["content"]) for m in prompt))
+        if key not in self._scaffolds:
+            if len(self._scaffolds) >= _SCAFFOLDS:  # rows repeat every epoch: keep the recent
+                self._scaffolds.pop(next(iter(self._scaffolds)))
+            self._scaffolds[key] = self._scaffold(prompt)
+        head, tail = self._scaffolds[key]
+        return list(head), list(tail)
+
+    def _scaffold(self, prompt: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         msgs = [{"role": m["role"], "content": _SENTINEL.format(i)} for i, m in enumerate(prompt)]
+        msgs.append({"role": "assistant", "content": _SENTINEL.format(len(prompt))})
         if self.tok.chat_template:
-            msgs.append({"role": "assistant", "content": _SENTINEL.format(len(prompt))})
             rendered = self.tok.apply_chat_template(msgs, tokenize=False)
         else:
-            rendered = self._gemma_turns(msgs)
+            from pipeline.prompting import CHAT_FALLBACK, render_prompt
+
+            rendered = render_prompt(
+                CHAT_FALLBACK,
+                messages=msgs,
+                bos_token=self.tok.bos_token or "",
+                add_generation_prompt=False,
+            )
         ids: list[int] = []
         rest = rendered
         for i, m in enumerate(prompt):
@@ -88,17 +174,59 @@ class Encoder:
             tail = tail[: tail.index(self.eot) + 1]
         return ids, tail
 
-    def _gemma_turns(self, msgs: list[dict[str, str]]) -> str:
-        out = self.tok.bos_token or ""
-        system = ""
-        for m in msgs:
-            if m["role"] == "system":
-                system = m["content"] + "\n\n"
+    def turn(self, segments: list[dict[str, Any]]) -> _Turn | str:
+        """The assistant content tokenised, or a drop reason. Text between control segments is
+        tokenised in one piece; a token whose chars fall in several segments is trained only if
+        all of them are."""
+        out = _Turn([], [], [], [])
+        run: list[int] = []
+        said = ""  # the turn's text so far, control tokens left out
+
+        def flush() -> None:
+            nonlocal said
+            if not run:
+                return
+            texts = [segments[j]["text"] for j in run]
+            starts = [0]
+            for t in texts:
+                starts.append(starts[-1] + len(t))
+            joined = "".join(texts)
+            piece, spans = self.offsets(joined)
+            for tid, (a, b) in zip(piece, spans, strict=True):
+                first = _segment_at(starts, a)
+                last = _segment_at(starts, max(a, b - 1))
+                before = (said + joined[:a])[-8:]
+                out.ids.append(tid)
+                out.trained.append(all(segments[run[j]]["train"] for j in range(first, last + 1)))
+                out.where.append(run[first])
+                out.decision.append(
+                    bool(joined[a:b].strip() and before.strip() and _SENTENCE_END.search(before))
+                )
+            said += joined
+            run.clear()
+
+        for j, seg in enumerate(segments):
+            if seg["role"] != "control":
+                if seg["text"]:
+                    run.append(j)
                 continue
-            role = "model" if m["role"] == "assistant" else m["role"]
-            out += _TURN.format(role=role) + system + m["content"] + _END
-            system = ""
-        return out + _TURN.format(role="model") + _SENTINEL.format(len(msgs)) + _END
+            flush()
+            if seg["text"] not in self.control:
+                return "unknown_control_token"
+            out.ids.append(self.control[seg["text"]])
+            out.trained.append(bool(seg["train"]))
+            out.where.append(j)
+            out.decision.append(True)
+        flush()
+        # A lone whitespace token trained right before an untrained one (a tokenizer that splits
+        # " Bad" into " " + "Bad") would teach emitting the space that leads into a harmful span.
+        for i in range(len(out.ids) - 1):
+            if out.trained[i] and not out.trained[i + 1] and self._blank(out.ids[i]):
+                out.trained[i] = False
+        return out
+
+    def _blank(self, tid: int) -> bool:
+        return tid not in self._control_ids and not self.tok.decode([tid]).strip()
 
     # --- a row --------------------------------------------------------------------------------
 
@@ -106,51 +234,80 @@ class Encoder:
         self, row: dict[str, Any], config: str, redraw: tuple[int, int] | None = None
     ) -> Doc | str:
         """The row as a Doc, or a drop reason. `redraw=(seed, epoch)` redraws a recovery k."""
-        head, tail = self.scaffold(row["prompt"])
-        ids, trained = list(head), [False] * len(head)
         segments = row["segments"]
-        meta = row.get("meta") or {}
-        if redraw is not None and row.get("kind") == "recovery" and meta.get("harmful"):
-            segments = [s for s in segments if s["role"] != "harmful"]
-            prefix = self.recovery_prefix(meta["harmful"], row["id"], *redraw)
-            ids += prefix
-            trained += [False] * len(prefix)
-            if not prefix and segments:
-                # The format stage puts the prefix/refusal joint (a space or separator) on the
-                # refusal's side; with no prefix the turn starts with the refusal itself.
-                segments = [{**segments[0], "text": segments[0]["text"].lstrip()}, *segments[1:]]
-        for seg in segments:
-            if seg["role"] == "control":
-                if seg["text"] not in self.control:
-                    return "unknown_control_token"
-                piece = [self.control[seg["text"]]]
-            else:
-                piece = self.text(seg["text"])
-            ids += piece
-            trained += [bool(seg["train"])] * len(piece)
+        if redraw is not None and row.get("kind") == "recovery":
+            segments = self.redrawn(row, *redraw)
+        turn = self.turn(segments)
+        if isinstance(turn, str):
+            return turn
+        body, flags, where = turn.ids, turn.trained, turn.where
         # A row with no trained segment would teach only its end of turn (ending right after an
         # unsafe prefix, say): drop it rather than train that.
-        if not any(trained[1:]):  # token 0 is never predicted
+        if not any(flags):
             return "no_trained_tokens"
-        ids += tail
-        trained += [True] * len(tail)
-        if len(ids) > self.max_length:
-            # Truncation keeps the front; a row whose trained tokens all fall past the cut would
-            # teach nothing (and could teach continuing an unsafe prefix), so it is dropped.
-            ids, trained = ids[: self.max_length], trained[: self.max_length]
-            if not any(trained[1:]):
-                return "truncated_all_trained"
-        return Doc(ids, trained, config)
+        head, tail = self.scaffold(row["prompt"])
+        # decision_weight on control tokens and on the first token after each sentence end (a
+        # decision point: a backtrack could come instead).
+        weights = [self.decision_weight if d else 1.0 for d in turn.decision]
+        edited = [i for i, j in enumerate(where) if segments[j]["role"] in _EDIT_ROLES]
+        cut = len(head) + len(body) + len(tail) - self.max_length
+        left = right = 0
+        if cut > 0:
+            if not edited:  # nothing to protect: keep the front, as any trainer would
+                right = cut
+            else:
+                left = min(cut, edited[0])
+                right = cut - left
+                if right > len(body) - 1 - edited[-1] + len(tail):
+                    return "edits_too_long"
+        ids = head + body + tail
+        trained = [False] * len(head) + flags + [True] * len(tail)
+        weight = [1.0] * len(head) + weights + [1.0] * len(tail)
+        if left:
+            s = slice(len(head), len(head) + left)
+            del ids[s], trained[s], weight[s]
+        if right:
+            ids, trained, weight = ids[:-right], trained[:-right], weight[:-right]
+        if not any(trained[1:]):  # token 0 is never predicted
+            return "truncated_all_trained"
+        return Doc(ids, trained, config, len(head), weight, component(row), left + right)
 
-    def recovery_prefix(self, harmful: str, row_id: str, seed: int, epoch: int) -> list[int]:
-        """The first k tokens of h: P(k=0)=0.5, else k ~ U{1..min(100, |h|)} (Qi et al.).
+    def redrawn(self, row: dict[str, Any], seed: int, epoch: int) -> list[dict[str, Any]]:
+        """A recovery row's segments with k drawn afresh for (seed, epoch): the format stage's
+        draw (pipeline/recovery.py) under the row's own k_max, seeded by row and epoch so a row's
+        k does not depend on batch order and a resumed run redraws the same k."""
+        meta = row.get("meta") or {}
+        h = meta.get("harmful")
+        cfg = self.recovery
+        refusal = recovery.refusal_of(row["segments"], cfg.separator)
+        if not h or refusal is None:
+            return row["segments"]
+        _, offsets = self.offsets(h)
+        # The row's own bound when this tokenizer counts h as the format stage's did; a row made
+        # for another tokenizer is redrawn under the configured cap in this one's tokens.
+        same = meta.get("h_tokens") == len(offsets) and meta.get("k_max") is not None
+        cap = meta["k_max"] if same else cfg.k_cap
+        rng = seeds.rng(seed, row["id"], "recovery_k", epoch)
+        segments, _, _, _ = recovery.draw(h, offsets, refusal, rng, cfg.p_zero, cap, cfg.separator)
+        return segments
 
-        |h| is counted in this tokenizer's tokens with no end of sequence, so the prefix never
-        includes h's end of sequence (the authors' code can). Seeded by row and epoch, so a row's
-        k does not depend on batch order and a resumed run redraws the same k.
-        """
-        h = self.text(harmful)
-        rng = seeds.rng(seed, row_id, "recovery_k", epoch)
-        if not h or rng.random() < 0.5:
-            return []
-        return h[: rng.randint(1, min(100, len(h)))]
+
+def component(row: dict[str, Any]) -> str:
+    """The mixture component a row belongs to: its kind, except that a utility row whose answer a
+    generator wrote (meta.generator set) is Qi et al.'s anchor (blend publishes it as utility)."""
+    kind = row.get("kind") or ""
+    if kind == "utility" and (row.get("meta") or {}).get("generator"):
+        return "anchor"
+    return kind
+
+
+def _segment_at(starts: list[int], char: int) -> int:
+    """Index of the piece holding `char`, given the pieces' start offsets (and the total end)."""
+    lo, hi = 0, len(starts) - 2
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if starts[mid] <= char:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,10 +1,10 @@
 """Train a backtracking model on a published retrace dataset folder.
 
-CPU example (a tiny random Gemma 3 with the embedded Gemma tokenizer; ~10 s a step on 2 shared
-cores, nearly all of it the 262k-token output layer):
+CPU example (a tiny random Gemma 3 with a 2k-entry BPE built for the corpus, as `make train`
+does; with the embedded 262k tokenizer nearly all the compute is the output layer):
 
     python -m trainer.train --data runs/default/publish/files --out /tmp/ckpt \\
-        --set model=random:tiny --set steps=40
+        --set model=random:tiny --set tokenizer=corpus:2048 --set steps=300
 
 Fine-tune the embedded Gemma 3 270M on a GPU, packed, with the constrained objective:
 
@@ -14,13 +14,17 @@ Fine-tune the embedded Gemma 3 270M on a GPU, packed, with the constrained objec
 Through the pipeline: `retrace train [--set train.k=v]` or `make train`. Rerunning with the same
 --out resumes from the latest checkpoint and continues exactly as an uninterrupted run would.
 Writes <out>/checkpoints/step-N/ (HF model + tokenizer with the control tokens + trainer_state.pt),
-<out>/final/ (HF model + tokenizer) and <out>/log.jsonl (one record per step and per eval).
+<out>/final/ (HF model + tokenizer) and <out>/log.jsonl (one record per step and per eval: loss,
+the step's rows and trained-token share per component, rows dropped or cut, and for `controlled`
+the KL term and the share of positions it weights). A checkpoint belongs to its data: resuming
+on other data, or a second training into the same --out, is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import random
@@ -33,15 +37,19 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import ValidationError
 
+from trainer import data as data_mod
 from trainer import tokens
+from trainer.batching import IGNORE
 from trainer.config import TrainConfig
-from trainer.data import DataError, Position, eval_batches, open_folder, train_batches
+from trainer.data import DataError, Position, eval_batches, open_folder, train_steps
 from trainer.encode import Encoder
 from trainer.flops import flops_per_token, peak_flops
 from trainer.objectives import Heads, Objective, logits_fn
 
-# Settings that may change between an interrupted run and its resume without changing the result.
+# Settings that may change between an interrupted run and its resume without changing the result
+# (`data` may move: the data's identity is checked by content instead).
 _RESUME_FREE = ("data", "save_every", "keep_checkpoints", "eval_every", "device")
 
 
@@ -56,14 +64,38 @@ def train(
     """Train per `cfg` on the dataset folder `data`; checkpoints and logs in `out`.
 
     `stop_after` ends this call after that many optimizer steps (for preemptible jobs and tests);
-    a later call with the same `out` resumes. Returns the final model folder (or the checkpoint
-    it stopped at).
+    a later call with the same `out` and data resumes. Returns the final model folder (or the
+    checkpoint it stopped at). Two trainings into one `out` at once are refused.
     """
-    # ---------------------------------------------------------------------------- setup
-    seed = cfg.seed if cfg.seed is not None else seed
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sources = open_folder(Path(data), cfg.configs)  # fails here, before any model is loaded
+    with _lock(out):
+        return _train(cfg, Path(data), out, seed, stop_after, log)
+
+
+def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -> Path:
+    # ---------------------------------------------------------------------------- setup
+    seed = cfg.seed if cfg.seed is not None else seed
+    sources = open_folder(data, cfg.configs)  # fails here, before any model is loaded
+    have = data_mod.component_rows(sources)
+    if cfg.per_step:
+        missing = [c for c in cfg.per_step if not have[c]]
+        if missing:
+            raise DataError(
+                f"train.per_step names {missing}, but {data} has no such rows (it has "
+                f"{dict(have)}); fix train.per_step or train.configs"
+            )
+        left_out = {c: n for c, n in have.items() if c not in cfg.per_step}
+        if left_out:
+            log(f"per_step trains only {', '.join(cfg.per_step)}; not trained: {left_out}")
+    # Control tokens the corpus uses beyond the taxonomy (a corpus from elsewhere may name its own
+    # policies) become control tokens too, said here, rather than rows dropped in silence.
+    known = set(tokens.control_tokens())
+    extra = tuple(t for t in data_mod.corpus_controls(sources) if t not in known)
+    if extra:
+        log(f"control tokens from the corpus, not in the taxonomy, added: {', '.join(extra)}")
+    data_id = data_mod.identity(sources)
+    draw, draw_source = data_mod.recovery_draw(data, cfg)
     device = _device(cfg.device)
     cuda = device.type == "cuda"
     autocast = (
@@ -83,15 +115,27 @@ def train(
                 f"train: checkpoint {resume} was made with seed {state['seed']}, not {seed}; "
                 "resume with the same run seed or train into a new folder"
             )
+        if state.get("data") != data_id:
+            raise RuntimeError(
+                f"train: checkpoint {resume} was trained on other data than {data}; train into "
+                "a new folder (retrace train --data gives each dataset its own)"
+            )
         model, tok = tokens.load_checkpoint(resume, cfg.attn_implementation)
         log(f"resuming from {resume} (step {state['step']})")
     else:
         state = None
         model, tok = tokens.load_for_training(
-            cfg.model, cfg.tokenizer, seed, cfg.revision, cfg.attn_implementation
+            cfg.model,
+            cfg.tokenizer,
+            seed,
+            cfg.revision,
+            cfg.attn_implementation,
+            extra,
+            lambda: data_mod.corpus_text(sources),
         )
-    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok))
-    reference = _reference(cfg, tok, seed, device) if objective.needs_reference else None
+    tokens.set_generation_stops(model, tok)  # saved with every checkpoint
+    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok, extra))
+    reference = _reference(cfg, tok, seed, device, extra) if objective.needs_reference else None
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -99,13 +143,15 @@ def train(
     decoder = model.get_decoder()
     forward = torch.compile(decoder) if cfg.compile else decoder
     heads = Heads(logits_fn(model), logits_fn(reference) if reference is not None else None)
-    encoder = Encoder(tok, cfg.max_length, tokens.control_tokens())
+    controls = tokens.control_tokens(extra)
+    encoder = Encoder(tok, cfg.max_length, controls, cfg.decision_weight, draw)
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"model {cfg.model}: {n_params / 1e6:.1f}M params, vocab {len(tok)}, device {device}, "
         f"objective {cfg.objective}, configs "
         + ", ".join(f"{s.config} ({s.rows} rows x {s.weight:g})" for s in sources)
     )
+    log(draw_source)
 
     # ---------------------------------------------------------------------------- optimizer
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -120,11 +166,11 @@ def train(
         **({"fused": True} if cuda else {}),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    step, position, dropped = 0, Position(), Counter()
+    step, position, counts = 0, Position(), Counter()
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, position, dropped = state["step"], Position(**state["position"]), state["dropped"]
+        step, position, counts = state["step"], Position(**state["position"]), state["counts"]
         _set_rng(state["rng"])
         _truncate_log(out / "log.jsonl", step)
     else:
@@ -134,17 +180,18 @@ def train(
     peak = peak_flops(device)
 
     # ---------------------------------------------------------------------------- loop
-    batches = train_batches(sources, encoder, cfg, seed, position, dropped)
+    steps = train_steps(sources, encoder, cfg, seed, position, counts)
     journal = (out / "log.jsonl").open("a")
     model.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        taken = next(steps)
         # Normalise by the trained tokens of the whole step, not per micro-batch (FORMATS).
-        n_step = sum(b.n_trained for _, b in micro)
+        n_step = sum(b.n_trained for b in taken.batches)
         loss_sum = torch.zeros((), device=device)
+        objective.stats = {"kl": 0.0, "kl_positions": 0, "alpha": 0.0}
         flops = 0.0
-        for _, batch in micro:
+        for batch in taken.batches:
             batch = batch.to(device)
             with autocast():
                 hidden = _hidden(forward, batch)
@@ -162,11 +209,12 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        position = micro[-1][0]
+        position = taken.position
         loss_value = loss_sum.item() / n_step  # .item() syncs, so dt below is real time
         dt = time.perf_counter() - t0
-        n_tok = sum(b.n_tokens for _, b in micro)
+        n_tok = sum(b.n_tokens for b in taken.batches)
         mfu = flops / dt / peak if peak else None
+        n_rows = sum(taken.rows.values())
         record = {
             "step": step,
             "epoch": position.epoch,
@@ -177,15 +225,34 @@ def train(
             "trained_tokens": n_step,
             "tokens_per_s": n_tok / dt,
             "mfu": mfu,
-            "dropped": sum(dropped.values()),
+            # The realised mixture of this step, by documents and by trained tokens.
+            "rows": dict(sorted(taken.rows.items())),
+            "row_share": {c: n / n_rows for c, n in sorted(taken.rows.items())},
+            "token_share": {c: n / n_step for c, n in sorted(taken.tokens.items())},
+            "dropped": sum(n for k, n in counts.items() if not k.endswith(":cut_to_max_length")),
+            "cut": sum(n for k, n in counts.items() if k.endswith(":cut_to_max_length")),
         }
+        if cfg.objective == "controlled":
+            # The KL term per trained token, the share of trained positions it weights (α_t > 0)
+            # and their mean α_t.
+            record["kl"] = float(objective.stats["kl"]) / n_step
+            record["kl_share"] = int(objective.stats["kl_positions"]) / n_step
+            positions = max(1, int(objective.stats["kl_positions"]))
+            record["kl_mean_alpha"] = float(objective.stats["alpha"]) / positions
         journal.write(json.dumps(record) + "\n")
         journal.flush()
+        shares = " ".join(f"{c} {v:.0%}" for c, v in record["token_share"].items())
         log(
             f"step {step:5d}/{cfg.steps} | epoch {position.epoch} | loss {loss_value:.4f} | "
-            f"lr {lr:.2e} | gnorm {float(grad_norm):.3f} | {n_tok / dt:,.0f} tok/s | "
+            + (
+                f"kl {record['kl']:.4f} on {record['kl_share']:.0%} "
+                f"(mean α {record['kl_mean_alpha']:.2f}) | "
+                if "kl" in record
+                else ""
+            )
+            + f"lr {lr:.2e} | gnorm {float(grad_norm):.3f} | {n_tok / dt:,.0f} tok/s | "
             + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
-            + f"dropped {sum(dropped.values())}"
+            + f"tokens {shares} | dropped {record['dropped']} | cut {record['cut']}"
         )
         if cfg.eval_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             losses = evaluate(model, forward, heads, sources, encoder, cfg, device, autocast)
@@ -197,12 +264,13 @@ def train(
             state = {
                 "step": step,
                 "position": asdict(position),
-                "dropped": dropped,
+                "counts": counts,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "rng": _get_rng(),
                 "config": cfg.model_dump(mode="json"),
                 "seed": seed,
+                "data": data_id,
             }
             last = _save_checkpoint(out, step, model, tok, state, cfg.keep_checkpoints)
         if stopping:
@@ -215,10 +283,24 @@ def train(
     final = out / "final"
     model.save_pretrained(final)
     tok.save_pretrained(final)
-    if dropped:
-        log("dropped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
+    if counts:
+        log("rows dropped or cut: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     log(f"final model in {final}")
     return final
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """Hold `out` for this process: two trainings into one folder would corrupt each other."""
+    with open(out / ".train.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"train: another training is writing to {out}; wait for it to finish or train "
+                "into another folder"
+            ) from None
+        yield
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -243,6 +325,7 @@ def evaluate(model, forward, heads, sources, encoder, cfg, device, autocast) -> 
         total, n = 0.0, 0
         for batch in eval_batches(src, encoder, cfg):
             batch = batch.to(device)
+            batch.weights = (batch.targets != IGNORE).float()  # plain cross-entropy
             with autocast():
                 total += ce(_hidden(forward, batch), None, batch, heads).item()
             n += batch.n_trained
@@ -273,10 +356,17 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return mult
 
 
-def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device):
+def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, extra: tuple[str, ...]):
     """The frozen reference: cfg.reference, or the start model rebuilt exactly (also on resume)."""
+    source = cfg.reference or cfg.model
     ref, ref_tok = tokens.load_for_training(
-        cfg.reference or cfg.model, cfg.tokenizer, seed, cfg.revision, cfg.attn_implementation
+        source,
+        cfg.tokenizer,
+        seed,
+        cfg.revision,
+        cfg.attn_implementation,
+        extra,
+        tok=tok if source.startswith("random:") else None,  # the same tokenizer, not retrained
     )
     if ref_tok.get_vocab() != tok.get_vocab():
         raise RuntimeError(
@@ -347,19 +437,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", required=True, type=Path, help="published dataset folder")
     ap.add_argument("--out", required=True, type=Path, help="checkpoint and log folder")
     ap.add_argument("--config", type=Path, help="a retrace YAML config; its train: section is used")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value (YAML)")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], help="train.key=value (YAML)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
     args = ap.parse_args(argv)
-    raw = yaml.safe_load(args.config.read_text()).get("train", {}) if args.config else {}
-    for item in args.sets:
-        key, _, value = item.partition("=")
-        raw[key.removeprefix("train.")] = yaml.safe_load(value)
+    from pipeline.config import ConfigError, apply_overrides
+
+    raw = yaml.safe_load(args.config.read_text()) if args.config else {}
+    # The engine's override parser: `train.lr=1e-4` or just `lr=1e-4`.
+    sets = [s if s.startswith("train.") else f"train.{s}" for s in args.sets]
     try:
-        cfg = TrainConfig.model_validate(raw)
+        section = apply_overrides({"train": dict((raw or {}).get("train") or {})}, sets)["train"]
+        cfg = TrainConfig.model_validate(section)
         train(cfg, args.data, args.out, args.seed, args.stop_after)
-    except DataError as e:
-        raise SystemExit(str(e)) from None
+    except (DataError, ConfigError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except ValidationError as e:
+        bad = "; ".join(f"train.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise SystemExit(f"error: {bad}") from None
 
 
 if __name__ == "__main__":

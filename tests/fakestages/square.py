@@ -1,25 +1,35 @@
 """Toy chunked stage: squares each value; rejects multiples of 7 (reason `multiple_of_seven`)."""
 
 import os
+import time
+from pathlib import Path
 
 import pyarrow as pa
 
+from fakestages.arith import square
 from pipeline import records
+from pipeline.backends import GeneratorSpec
 from pipeline.stage import StageConfig, StageSpec
 
-SPEC = StageSpec(
-    name="square", reads=("numbers.values",), writes=("squares",), chunked="numbers.values"
-)
 SCHEMA = pa.schema([("id", pa.string()), ("square", pa.int64())])
+SPEC = StageSpec(
+    name="square",
+    reads=("numbers.values",),
+    writes={"squares": SCHEMA},
+    chunked="numbers.values",
+)
 
 
 class Config(StageConfig):
     offset: int = 0
     chunk_size: int | None = None
+    generator: GeneratorSpec | None = None  # never loaded: here for its identity in the key
 
 
 def run(inputs, cfg, env):
     rows = inputs["numbers.values"].to_pylist()
+    if (hold := os.environ.get("RETRACE_TEST_HOLD")) and rows[0]["value"] == 0:
+        _wait_for(Path(hold))
     if os.environ.get("RETRACE_TEST_KILL_AT") == str(rows[0]["value"] if rows else None):
         os._exit(137)
     if log := os.environ.get("RETRACE_TEST_LOG"):
@@ -30,8 +40,17 @@ def run(inputs, cfg, env):
         if row["value"] % 7 == 0:
             rejected.append(records.reject(row, "square", "multiple_of_seven"))
         else:
-            kept.append({"id": row["id"], "square": row["value"] ** 2 + cfg.offset})
+            kept.append({"id": row["id"], "square": square(row["value"]) + cfg.offset})
     return {
         "squares": records.table(kept, SCHEMA),
         "rejected": records.table(rejected, records.REJECTED),
+        "stats": {"kept": len(kept)},
     }
+
+
+def _wait_for(go: Path) -> None:
+    """Say this process is inside the stage, then wait until the test lets it go on."""
+    go.with_suffix(".waiting").touch()
+    deadline = time.monotonic() + 60
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)

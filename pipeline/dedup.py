@@ -1,15 +1,22 @@
-"""Duplicate and contamination detection for the blend stage, vectorised over whole columns.
+"""Duplicate and contamination detection, vectorised over whole columns (blend and filter).
 
 Texts are split into words with pyarrow kernels (lower case, split on whitespace, punctuation
 trimmed from each word's ends: "Hello, World!" and "hello world" give the same words). Words
-become integer ids by dictionary-encoding the flattened words of everything compared in one call,
-so shingles, MinHash signatures and n-gram look-ups are numpy array operations with no Python
-loop per row. On 128K rows this takes seconds, where a per-row MinHash (datasketch's
-`MinHash.update`) spends that long hashing shingles one at a time.
+become integer ids by dictionary-encoding the flattened words, so shingles, MinHash signatures
+and n-gram look-ups are numpy array operations with no Python loop per row. On 128K rows this
+takes seconds, where a per-row MinHash (datasketch's `MinHash.update`) spends that long hashing
+shingles one at a time.
+
+Memory stays bounded by a constant per row: a corpus is read in chunks of rows, and only each
+row's 16-byte digest (exact duplicates) and its MinHash signature (near duplicates) are kept
+across chunks. A `Vocabulary` carries word ids from chunk to chunk in first-seen order, so
+signatures computed chunk by chunk equal those of one pass over everything.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +54,25 @@ class Words:
         return np.diff(self.offsets)
 
 
-def words(*columns: pa.Array) -> list[Words]:
-    """Word ids for several string columns, in one id space (so columns can be compared)."""
+class Vocabulary:
+    """Word -> id (from 1) in first-seen order, shared by every `words()` call given it."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+
+    def encode(self, tokens: pa.ChunkedArray) -> np.ndarray:
+        encoded = pc.dictionary_encode(tokens).combine_chunks()
+        # A chunk's dictionary lists its words in first-seen order, so new words get ids in the
+        # order one pass over all chunks would give them.
+        ids = self._ids
+        known = [ids.setdefault(w, len(ids) + 1) for w in encoded.dictionary.to_pylist()]
+        lookup = np.array(known, dtype=np.uint64)
+        return lookup[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def words(*columns: pa.Array, vocabulary: Vocabulary | None = None) -> list[Words]:
+    """Word ids for several string columns, in one id space (so columns can be compared), or in
+    `vocabulary`'s, which spans calls."""
     flat, lengths = [], []
     for column in columns:
         split = pc.utf8_split_whitespace(pc.utf8_lower(column))
@@ -57,8 +81,8 @@ def words(*columns: pa.Array) -> list[Words]:
         parents = pc.list_parent_indices(split).filter(keep).to_numpy(zero_copy_only=False)
         flat.append(tokens.filter(keep))
         lengths.append(np.bincount(parents, minlength=len(column)))
-    encoded = pc.dictionary_encode(pa.chunked_array(flat, type=pa.string())).combine_chunks()
-    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.uint64) + np.uint64(1)
+    tokens = pa.chunked_array(flat, type=pa.string())
+    ids = (vocabulary or Vocabulary()).encode(tokens)
     out, start = [], 0
     for f, n in zip(flat, lengths, strict=True):
         offsets = np.zeros(len(n) + 1, dtype=np.int64)
@@ -90,12 +114,21 @@ def ngrams(w: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
     return h[valid], rows[valid]
 
 
-def exact_duplicates(keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """For each row: is it a repeat of an earlier row with the same key, and that row's index."""
-    codes = pc.dictionary_encode(keys).indices.to_numpy(zero_copy_only=False)
-    _, first_index, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    first = first_index[inverse]
-    return first != np.arange(len(codes)), first
+def digests(keys: pa.Array) -> np.ndarray:
+    """A 16-byte BLAKE2b digest of each string (null as ""): what exact duplicates are judged
+    on, so the strings themselves need not be kept (a chance collision is ~2^-64 at 1M rows)."""
+    out = b"".join(
+        hashlib.blake2b((k or "").encode(), digest_size=16).digest() for k in keys.to_pylist()
+    )
+    return np.frombuffer(out, dtype=np.dtype((np.void, 16)))
+
+
+def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row: is it a repeat of an earlier row with the same key (any array np.unique
+    sorts, e.g. `digests`), and that row's index."""
+    _, first_index, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first = first_index[inverse.ravel()]
+    return first != np.arange(len(keys)), first
 
 
 def minhash(w: Words, shingle: int, num_perm: int) -> np.ndarray:
@@ -127,6 +160,20 @@ def minhash(w: Words, shingle: int, num_perm: int) -> np.ndarray:
         sig[:, present[lo:hi]] = np.minimum.reduceat(block, starts[lo:hi] - starts[lo], axis=1)
         lo = hi
     return sig.T.copy()
+
+
+def signatures(chunks: Iterable[pa.Array], rows: int, shingle: int, num_perm: int) -> np.ndarray:
+    """`minhash` of every row of several chunks of texts (`rows` in all), as one (rows x
+    num_perm) array filled in place: no second copy while it is assembled."""
+    vocabulary = Vocabulary()
+    sig = np.empty((rows, num_perm), dtype=np.uint32)
+    start = 0
+    for chunk in chunks:
+        part = minhash(words(chunk, vocabulary=vocabulary)[0], shingle, num_perm)
+        sig[start : start + len(part)] = part
+        start += len(part)
+    assert start == rows, f"the chunks held {start} rows, not {rows}"
+    return sig
 
 
 def near_duplicates(
