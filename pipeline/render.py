@@ -50,7 +50,7 @@ class _Grammar:
 @cache
 def _grammar() -> _Grammar:
     tax = taxonomy.load()
-    tokens = sorted(tax.control_tokens, key=len, reverse=True)  # longest first: no prefix wins
+    tokens = sorted(tax.all_tokens, key=len, reverse=True)  # longest first: no prefix wins
     by = {t: n for n, t in enumerate(tax.backtrack_by_tokens, start=1)}
     categories = frozenset(tax.category_tokens)
     special = {tax.replace_token, tax.reset_token, *categories, *by}
@@ -231,7 +231,7 @@ class StreamRenderer:
         self._hold = hold if hold is not None else (tax.backtrack_by_max if tokenizer else 0)
         if self._hold and tokenizer is None:
             raise ValueError("StreamRenderer: hold > 0 counts target tokens; pass tokenizer=")
-        tokens = tax.control_tokens
+        tokens = tax.all_tokens
         self._prefixes = frozenset(tok[:i] for tok in tokens for i in range(1, len(tok)))
         self._longest = max(map(len, tokens))
 

@@ -39,10 +39,20 @@ class Taxonomy:
 
     @property
     def control_tokens(self) -> tuple[str, ...]:
-        """Every control-token string, generic first: what the trainer adds to the vocabulary."""
+        """BSAFE's and reset's control tokens, generic first: what the trainer always adds."""
         per_policy = tuple(p.token for p in self.policies.values())
-        bsafe_reset = (self.generic_token, *per_policy, self.replace_token, self.reset_token)
-        return (*bsafe_reset, *self.category_tokens, *self.backtrack_by_tokens)
+        return (self.generic_token, *per_policy, self.replace_token, self.reset_token)
+
+    @property
+    def rlbf_tokens(self) -> tuple[str, ...]:
+        """RLBF's category and take-back tokens. The trainer adds them when its corpus uses them
+        (as any corpus control token), so a model not trained on rlbf keeps its vocabulary."""
+        return (*self.category_tokens, *self.backtrack_by_tokens)
+
+    @property
+    def all_tokens(self) -> tuple[str, ...]:
+        """Every control-token string of every format: what the renderer and records know."""
+        return (*self.control_tokens, *self.rlbf_tokens)
 
     @property
     def category_tokens(self) -> tuple[str, ...]:

@@ -389,12 +389,14 @@ def _context(
         "images": _plots(tables, policy_mix, env.workdir / "images"),
         "examples": [e for e in examples if e is not None],
         # The tokenizer(s) rlbf's [BACKTRACK_BY_<n>] counts: rendering those rows needs it.
-        "rlbf_tokenizers": sorted(
-            {
-                t
-                for t in pc.struct_field(tables["rlbf"].column("meta"), "tokenizer").to_pylist()
-                if t
-            }
+        "rlbf_tokenizers": card.portable(
+            sorted(
+                {
+                    t
+                    for t in pc.struct_field(tables["rlbf"].column("meta"), "tokenizer").to_pylist()
+                    if t
+                }
+            )
         ),
         "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
         "versions": _versions(),
@@ -440,8 +442,9 @@ def _tokenized(
                 names.append(f"{name}-{suffix}")
         entries.append(
             {
-                "source": source,
-                "model": model_id(source),
+                # a local folder is named as the card names any (no machine paths on the Hub)
+                "source": card.portable(source),
+                "model": card.portable(model_id(source)),
                 "suffix": suffix,
                 "folder": folder,
                 "configs": names,

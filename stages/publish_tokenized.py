@@ -42,13 +42,16 @@ def names(tokenizers: list[str]) -> list[tuple[str, str]]:
 
 def encoder(source: str) -> Any:
     """The trainer's Encoder over `source`'s tokenizer with the control tokens added."""
+    from pipeline import taxonomy
     from trainer import tokens
     from trainer.encode import Encoder
 
+    # RLBF's tokens too, after the taxonomy's (the ids the trainer gives them on an rlbf corpus).
+    rlbf = taxonomy.load().rlbf_tokens
     tok = tokens.load_tokenizer(source)
-    tokens.add_control_tokens(tok)
+    tokens.add_control_tokens(tok, rlbf)
     # No truncation: the export holds whole rows; TRL truncates to its own max_length.
-    return Encoder(tok, sys.maxsize, tokens.control_tokens())
+    return Encoder(tok, sys.maxsize, tokens.control_tokens(rlbf))
 
 
 def encode(table: pa.Table, config: str, enc: Any) -> tuple[pa.Table, list[dict[str, Any]]]:

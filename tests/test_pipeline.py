@@ -71,9 +71,12 @@ def test_tokenized_twins_equal_the_trainer_encoding_on_every_row(published, flue
     from trainer.encode import Encoder
 
     _, _, folder = published
+    from pipeline import taxonomy
+
+    rlbf = taxonomy.load().rlbf_tokens
     tok = tokens.load_tokenizer(str(fluent_model_dir))
-    tokens.add_control_tokens(tok)
-    enc = Encoder(tok, 1 << 30, tokens.control_tokens())
+    tokens.add_control_tokens(tok, rlbf)
+    enc = Encoder(tok, 1 << 30, tokens.control_tokens(rlbf))
     for config in records.CONFIGS:
         if config == "preference":
             continue

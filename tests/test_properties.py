@@ -18,7 +18,7 @@ TAX = taxonomy.load()
 # Pieces a hostile or unlucky source text could hold: every control token, look-alikes, halves
 # of tokens that could meet at a join, model special tokens, and ordinary words.
 PLANTED = [
-    *TAX.control_tokens,
+    *TAX.all_tokens,
     "[reset]",
     "[ RESET ]",
     "[RES",

@@ -44,9 +44,11 @@ def test_taxonomy_names_the_rlbf_tokens_and_the_trainer_adds_them(tok):
     assert TAX.backtrack_by_count("[BACKTRACK_BY_012]") is None
     with pytest.raises(ValueError, match="outside 1..128"):
         TAX.backtrack_by(129)
+    assert set(TAX.rlbf_tokens) == {*TAX.category_tokens, *TAX.backtrack_by_tokens}
+    # the trainer adds a corpus's control tokens (trainer.data.corpus_controls finds them)
     t = type(tok).from_pretrained(tok.name_or_path)
-    tokens.add_control_tokens(t)
-    assert {*TAX.category_tokens, *TAX.backtrack_by_tokens} <= set(t.all_special_tokens)
+    tokens.add_control_tokens(t, TAX.rlbf_tokens)
+    assert set(TAX.rlbf_tokens) <= set(t.all_special_tokens)
 
 
 def test_rlbf_one_violation_exact_row(tiny_model_dir, tok):
@@ -155,8 +157,8 @@ def _stream_pieces(row, tok):
     """The assistant turn as the trained model emits it: the trainer's own token ids, each
     decoded on its own (control tokens are single special tokens)."""
     t = type(tok).from_pretrained(tok.name_or_path)
-    tokens.add_control_tokens(t)
-    enc = Encoder(t, 4096, tokens.control_tokens())
+    tokens.add_control_tokens(t, TAX.rlbf_tokens)
+    enc = Encoder(t, 4096, tokens.control_tokens(TAX.rlbf_tokens))
     ids = [i for s in row["segments"] for i in _segment_ids(enc, s)]
     return [t.decode([i]) for i in ids], enc, t
 

@@ -16,7 +16,7 @@ from test_blend import make_inputs
 from test_blend import run as run_blend
 from test_publish import do_publish, publish_inputs
 
-from pipeline import card, records
+from pipeline import card, records, taxonomy
 from stages import publish_tokenized
 from trainer import tokens
 from trainer.batching import collate
@@ -36,8 +36,11 @@ def folder(tiny_model_dir, tmp_path_factory) -> Path:
     return do_publish(inputs, out, tokenized=[str(tiny_model_dir)])
 
 
+RLBF = taxonomy.load().rlbf_tokens
+
+
 def _encoder(tokenizer) -> Encoder:
-    return Encoder(tokenizer, 1 << 30, tokens.control_tokens())
+    return Encoder(tokenizer, 1 << 30, tokens.control_tokens(RLBF))
 
 
 def _load(folder: Path, config: str, split: str = "train"):
@@ -47,7 +50,7 @@ def _load(folder: Path, config: str, split: str = "train"):
 def test_every_sft_config_has_a_twin_equal_to_the_trainer_encoding(folder, tiny_model_dir):
     # The trainer's own tokenizer, built as `retrace train` builds it, not the saved one.
     trainer_tok = tokens.load_tokenizer(str(tiny_model_dir))
-    tokens.add_control_tokens(trainer_tok)
+    tokens.add_control_tokens(trainer_tok, RLBF)
     enc = _encoder(trainer_tok)
     for config in SFT:
         for split in records.SPLITS:
@@ -65,8 +68,8 @@ def test_every_sft_config_has_a_twin_equal_to_the_trainer_encoding(folder, tiny_
     # The saved tokenizer gives the same ids: control tokens at the same ids, as special tokens.
     saved = type(trainer_tok).from_pretrained(folder / "tokenizer")
     assert len(saved) == len(trainer_tok)
-    assert tokens.control_ids(saved) == tokens.control_ids(trainer_tok)
-    assert set(tokens.control_tokens()) <= set(saved.all_special_tokens)
+    assert tokens.control_ids(saved, RLBF) == tokens.control_ids(trainer_tok, RLBF)
+    assert set(tokens.control_tokens(RLBF)) <= set(saved.all_special_tokens)
 
 
 def test_masks_leave_harmful_spans_and_recovery_prefixes_untrained(folder):
