@@ -127,6 +127,7 @@ def test_from_card_rebuilds_byte_identical_shards(published, tmp_path, fluent_mo
         f"{key}={model}"
         for key in ("sample.generator.model", "rewrite.generator.model", "format.target_tokenizer")
     ]
+    local.append(f"publish.tokenized=[{model}]")  # the tokenized twins' tokenizer, too
     sets = [arg for item in [f"run.runs_dir={again}", *local] for arg in ("--set", item)]
     result = runner.invoke(app, ["run", "--from-card", str(folder / "README.md"), *sets])
     assert result.exit_code == 0, result.output
