@@ -25,7 +25,7 @@ SEGMENT = pa.struct([("text", pa.string()), ("role", pa.string()), ("train", pa.
 
 # Kinds of published row: the recipes `format` writes as SFT rows, plain utility SFT rows, and
 # preference pairs; each has its own config, and `mixture` mixes the SFT kinds.
-RECIPE_KINDS = ("bsafe", "reset", "recovery")
+RECIPE_KINDS = ("bsafe", "rlbf", "reset", "recovery")
 SFT_KINDS = (*RECIPE_KINDS, "utility")
 KINDS = (*SFT_KINDS, "preference")
 CONFIGS = (*KINDS, "mixture")
@@ -53,7 +53,8 @@ META = pa.struct(
         ("k_max", pa.int64()),  # recovery: min(100, h_tokens), the bound k was drawn under
         ("h_tokens", pa.int64()),  # recovery: tokens of h, end of sequence not counted
         ("harmful", pa.string()),  # recovery: the whole h, so the trainer can redraw k
-        ("tokenizer", pa.string()),  # recovery: the target tokenizer's id
+        ("tokenizer", pa.string()),  # recovery, rlbf: the target tokenizer's id (k, X count it)
+        ("pair", pa.string()),  # preference: reset | no_reset_harmful | no_reset_benign
     ]
 )
 
@@ -86,6 +87,19 @@ PREFERENCE = pa.schema(
         ("chosen", MESSAGES),
         ("rejected", MESSAGES),
         ("meta", META),
+    ]
+)
+
+
+# A tokenized twin `<config>-tok` of an SFT config (publish.tokenized), TRL's pre-tokenized form:
+# completion_mask[i] = 1 exactly where the bundled trainer trains token i
+# (stages/publish_tokenized.py).
+TOKENIZED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("completion_mask", pa.list_(pa.int8())),
     ]
 )
 

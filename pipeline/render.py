@@ -9,10 +9,16 @@ sees, as a small editor with a cursor:
 - `[REPLACE]` cuts the last occurrence of that copy before the cursor and puts the cursor where it
   was, so the text that follows replaces it (BSAFE repeat-and-replace, FORMATS.md);
 - `[RESET]` clears everything shown so far: the visible text is what follows the last `[RESET]`
-  (Zhang et al.: the earlier text stays in the model's context but is hidden from the user).
+  (Zhang et al.: the earlier text stays in the model's context but is hidden from the user);
+- `[CATEGORY-<POLICY>]` then `[BACKTRACK_BY_<n>]` (RLBF, Sel et al. 2026) deletes the last n tokens
+  before the cursor and generation simply continues there. n counts tokens of the *target
+  tokenizer* (the trained model's), so rendering such a turn needs that tokenizer (`tokenizer=`;
+  the data card names it). Tokens are the canonical split of the visible text before the cursor,
+  the same split the format stage counts n with and checks every row against.
 
 `render(text)` applies a whole turn; `StreamRenderer` takes tokens one by one and gives the visible
-text so far, as a chat UI would show it. Both run the same `_Editor`, so they cannot disagree.
+text so far, as a chat UI would show it (holding back the last tokens an RLBF take-back could still
+delete). Both run the same `_Editor`, so they cannot disagree.
 Only the exact token strings of the taxonomy count; look-alikes never reach a record because
 `taxonomy.neutralise` defuses them first.
 """
@@ -20,6 +26,7 @@ Only the exact token strings of the taxonomy count; look-alikes never reach a re
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -30,18 +37,55 @@ class RenderError(ValueError):
     """A control-token sequence the renderer cannot apply (only raised with strict=True)."""
 
 
+@dataclass(frozen=True)
+class _Grammar:
+    pattern: re.Pattern[str]
+    backtracks: frozenset[str]  # BSAFE: generic and per-policy
+    replace: str
+    reset: str
+    categories: frozenset[str]  # RLBF
+    backtrack_by: dict[str, int]  # RLBF: token -> how many tokens it takes back
+
+
 @cache
-def _grammar() -> tuple[re.Pattern[str], frozenset[str], str, str]:
+def _grammar() -> _Grammar:
     tax = taxonomy.load()
-    tokens = sorted(tax.control_tokens, key=len, reverse=True)  # longest first: no prefix wins
-    backtracks = frozenset(t for t in tokens if t not in (tax.replace_token, tax.reset_token))
-    pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
-    return pattern, backtracks, tax.replace_token, tax.reset_token
+    tokens = sorted(tax.all_tokens, key=len, reverse=True)  # longest first: no prefix wins
+    by = {t: n for n, t in enumerate(tax.backtrack_by_tokens, start=1)}
+    categories = frozenset(tax.category_tokens)
+    special = {tax.replace_token, tax.reset_token, *categories, *by}
+    return _Grammar(
+        pattern=re.compile("(" + "|".join(map(re.escape, tokens)) + ")"),
+        backtracks=frozenset(t for t in tokens if t not in special),
+        replace=tax.replace_token,
+        reset=tax.reset_token,
+        categories=categories,
+        backtrack_by=by,
+    )
 
 
 def split(text: str) -> list[str]:
     """`text` as alternating plain pieces and control tokens (odd indices are tokens)."""
-    return _grammar()[0].split(text)
+    return _grammar().pattern.split(text)
+
+
+def token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """`text`'s target-tokenizer tokens as char spans (no special tokens added): the tokens an
+    RLBF take-back counts."""
+    if not text:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [tuple(o) for o in enc["offset_mapping"]]
+
+
+def token_cut(tokenizer: Any, text: str, n: int) -> int:
+    """Where the last n tokens of `text` begin: the end of the token before them (0 when n covers
+    every token), so whitespace between two tokens goes with the taken-back one."""
+    return _cut(token_spans(tokenizer, text), n)
+
+
+def _cut(spans: list[tuple[int, int]], n: int) -> int:
+    return spans[-n - 1][1] if n < len(spans) else 0
 
 
 def control_tokens(text: str) -> list[str]:
@@ -50,11 +94,13 @@ def control_tokens(text: str) -> list[str]:
 
 
 class _Editor:
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, tokenizer: Any = None) -> None:
         self.strict = strict
+        self.tokenizer = tokenizer
         self.visible = ""
         self.cursor = 0
         self.copy: list[str] | None = None  # the pointer text of an open [BACKTRACK], if any
+        self.category: str | None = None  # an RLBF category token waiting for its take-back
 
     def _fail(self, message: str) -> None:
         if self.strict:
@@ -63,6 +109,9 @@ class _Editor:
     def text(self, piece: str) -> None:
         if not piece:
             return
+        if self.category is not None:
+            self._fail(f"text after {self.category} where a [BACKTRACK_BY_<n>] token belongs")
+            self.category = None
         if self.copy is not None:
             self.copy.append(piece)
             return
@@ -70,10 +119,24 @@ class _Editor:
         self.cursor += len(piece)
 
     def control(self, token: str) -> None:
-        _, backtracks, replace, reset = _grammar()
-        if token == reset:
-            self.visible, self.cursor, self.copy = "", 0, None
-        elif token in backtracks:
+        g = _grammar()
+        replace = g.replace
+        if self.category is not None and token not in g.backtrack_by:
+            self._fail(f"{token} after {self.category} where a [BACKTRACK_BY_<n>] token belongs")
+            self.category = None
+        if token == g.reset:
+            self.visible, self.cursor, self.copy, self.category = "", 0, None, None
+        elif token in g.categories or token in g.backtrack_by:
+            if self.copy is not None:
+                self._fail(f"{token} inside an open backtrack (no {replace} yet)")
+            elif token in g.categories:
+                self.category = token
+            else:
+                if self.category is None:
+                    self._fail(f"{token} without a category token before it")
+                self.category = None
+                self._take_back(token, g.backtrack_by[token])
+        elif token in g.backtracks:
             if self.copy is not None:
                 self._fail(f"{token} opened while an earlier backtrack has no {replace}")
             self.copy = []
@@ -81,10 +144,10 @@ class _Editor:
             if self.copy is None:
                 self._fail(f"{replace} without a backtrack token before it")
                 return
-            self._cut("".join(self.copy))
+            self._cut_copy("".join(self.copy))
             self.copy = None
 
-    def _cut(self, copy: str) -> None:
+    def _cut_copy(self, copy: str) -> None:
         at = self.visible.rfind(copy, 0, self.cursor)
         if at < 0:
             self._fail(f"backtracked text {copy[:60]!r} is not in the visible text before it")
@@ -92,12 +155,30 @@ class _Editor:
         self.visible = self.visible[:at] + self.visible[at + len(copy) :]
         self.cursor = at
 
+    def _take_back(self, token: str, n: int) -> None:
+        if self.tokenizer is None:
+            # No lenient reading exists: how much text n tokens are depends on the tokenizer.
+            raise RenderError(
+                f"{token} takes back {n} target-tokenizer tokens; pass tokenizer= (the "
+                "tokenizer the data card names) to render this turn"
+            )
+        before = self.visible[: self.cursor]
+        spans = token_spans(self.tokenizer, before)
+        if n > len(spans):
+            self._fail(f"{token} takes back {n} tokens but only {len(spans)} are visible before it")
+        cut = _cut(spans, n)
+        self.visible = before[:cut] + self.visible[self.cursor :]
+        self.cursor = cut
+
     def finish(self) -> str:
+        if self.category is not None:
+            self._fail(f"the turn ends after {self.category} with no [BACKTRACK_BY_<n>]")
+            self.category = None
         if self.copy is not None:
             # The model flagged text and stopped before rewriting it: taking it back is the safe
             # reading, so the copy is cut with an empty replacement.
             self._fail("the turn ends inside a backtrack (no [REPLACE])")
-            self._cut("".join(self.copy))
+            self._cut_copy("".join(self.copy))
             self.copy = None
         return self.visible
 
@@ -108,19 +189,22 @@ def _content(completion: str | list[dict[str, Any]]) -> str:
     return completion[-1]["content"]
 
 
-def render(completion: str | list[dict[str, Any]], strict: bool = False) -> str:
+def render(
+    completion: str | list[dict[str, Any]], strict: bool = False, tokenizer: Any = None
+) -> str:
     """The visible text of an assistant turn (a string, or a `[{role, content}]` list).
 
     strict=True raises RenderError on a malformed sequence (a [REPLACE] without a backtrack, a
-    copy that is not in the visible text, an unclosed backtrack) instead of applying the lenient
-    reading a chat UI would.
+    copy that is not in the visible text, an unclosed backtrack, a category token not followed
+    by its take-back) instead of applying the lenient reading a chat UI would. `tokenizer` (a
+    fast Hugging Face tokenizer) is needed only for RLBF's `[BACKTRACK_BY_<n>]` tokens.
     """
-    return render_pieces(split(_content(completion)), strict)
+    return render_pieces(split(_content(completion)), strict, tokenizer)
 
 
-def render_pieces(pieces: list[str], strict: bool = False) -> str:
+def render_pieces(pieces: list[str], strict: bool = False, tokenizer: Any = None) -> str:
     """`render` of a turn already `split` into plain pieces and control tokens."""
-    editor = _Editor(strict)
+    editor = _Editor(strict, tokenizer)
     for i, piece in enumerate(pieces):
         if i % 2:
             editor.control(piece)
@@ -133,13 +217,21 @@ class StreamRenderer:
     """Feed decoded tokens as they arrive; `visible` is the text a chat UI shows so far.
 
     A token string may be split across several decoded pieces (`[BACK`, `TRACK]`), so a tail that
-    could still become a control token is held back until it is decided.
+    could still become a control token is held back until it is decided. With a `tokenizer`
+    (needed for RLBF's take-backs) the last `hold` target tokens before the cursor are held back
+    too, since a `[BACKTRACK_BY_<n>]` could still delete them; `hold` defaults to the taxonomy's
+    largest n with a tokenizer and to 0 without one (then text an RLBF take-back deletes has been
+    shown, as BSAFE's [REPLACE] edits text already shown).
     """
 
-    def __init__(self, strict: bool = False) -> None:
-        self._editor = _Editor(strict)
+    def __init__(self, strict: bool = False, tokenizer: Any = None, hold: int | None = None):
+        self._editor = _Editor(strict, tokenizer)
         self._pending = ""
-        tokens = taxonomy.load().control_tokens
+        tax = taxonomy.load()
+        self._hold = hold if hold is not None else (tax.backtrack_by_max if tokenizer else 0)
+        if self._hold and tokenizer is None:
+            raise ValueError("StreamRenderer: hold > 0 counts target tokens; pass tokenizer=")
+        tokens = tax.all_tokens
         self._prefixes = frozenset(tok[:i] for tok in tokens for i in range(1, len(tok)))
         self._longest = max(map(len, tokens))
 
@@ -167,7 +259,12 @@ class StreamRenderer:
 
     @property
     def visible(self) -> str:
-        return self._editor.visible
+        editor = self._editor
+        if not self._hold:
+            return editor.visible
+        # Only text before the cursor can be taken back; a BSAFE edit's kept tail stays shown.
+        before, after = editor.visible[: editor.cursor], editor.visible[editor.cursor :]
+        return before[: token_cut(editor.tokenizer, before, self._hold)] + after
 
     @property
     def cursor(self) -> int:

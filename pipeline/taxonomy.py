@@ -31,12 +31,61 @@ class Taxonomy:
     replace_token: str
     reset_token: str
     policies: dict[str, Policy]
+    # RLBF (Sel et al. 2026): a category token per policy, then "take back the last n tokens",
+    # one privileged token per n = 1..backtrack_by_max (FORMATS.md: spelling decided here).
+    category_token: str = "[CATEGORY-{tag}]"
+    backtrack_by_token: str = "[BACKTRACK_BY_{n}]"
+    backtrack_by_max: int = 128
 
     @property
     def control_tokens(self) -> tuple[str, ...]:
-        """Every control-token string, generic first: what the trainer adds to the vocabulary."""
+        """BSAFE's and reset's control tokens, generic first: what the trainer always adds."""
         per_policy = tuple(p.token for p in self.policies.values())
         return (self.generic_token, *per_policy, self.replace_token, self.reset_token)
+
+    @property
+    def rlbf_tokens(self) -> tuple[str, ...]:
+        """RLBF's category and take-back tokens. The trainer adds them when its corpus uses them
+        (as any corpus control token), so a model not trained on rlbf keeps its vocabulary."""
+        return (*self.category_tokens, *self.backtrack_by_tokens)
+
+    @property
+    def all_tokens(self) -> tuple[str, ...]:
+        """Every control-token string of every format: what the renderer and records know."""
+        return (*self.control_tokens, *self.rlbf_tokens)
+
+    @property
+    def category_tokens(self) -> tuple[str, ...]:
+        """RLBF's category tokens, one per policy, in taxonomy order."""
+        return tuple(self.category(name) for name in self.policies)
+
+    @property
+    def backtrack_by_tokens(self) -> tuple[str, ...]:
+        """RLBF's take-back tokens for n = 1..backtrack_by_max."""
+        return tuple(self.backtrack_by(n) for n in range(1, self.backtrack_by_max + 1))
+
+    def category(self, policy: str) -> str:
+        """RLBF's category token: the policy name in capitals with dashes (`[CATEGORY-HATE]`)."""
+        self.backtrack_token(policy)  # the same error for an unknown policy
+        return self.category_token.format(tag=policy.upper().replace("_", "-"))
+
+    def backtrack_by(self, n: int) -> str:
+        if not 1 <= n <= self.backtrack_by_max:
+            raise ValueError(
+                f"backtrack-by count {n} is outside 1..{self.backtrack_by_max} "
+                f"(backtrack_by_max in {TAXONOMY_FILE.name})"
+            )
+        return self.backtrack_by_token.format(n=n)
+
+    def backtrack_by_count(self, token: str) -> int | None:
+        """n for a `[BACKTRACK_BY_<n>]` token, None for any other string."""
+        head, _, tail = self.backtrack_by_token.partition("{n}")
+        if not (token.startswith(head) and token.endswith(tail)):
+            return None
+        digits = token[len(head) : len(token) - len(tail)]
+        if not digits.isdigit() or str(int(digits)) != digits:
+            return None
+        return int(digits) if 1 <= int(digits) <= self.backtrack_by_max else None
 
     def backtrack_token(self, policy: str, per_policy: bool = True) -> str:
         if not per_policy:
@@ -62,14 +111,21 @@ def load(path: Path = TAXONOMY_FILE) -> Taxonomy:
         name: Policy(name, p["token"], p.get("description", ""), tuple(p.get("beavertails", ())))
         for name, p in raw["policies"].items()
     }
-    return Taxonomy(raw["generic_token"], raw["replace_token"], raw["reset_token"], policies)
+    rlbf = {
+        k: raw[k] for k in ("category_token", "backtrack_by_token", "backtrack_by_max") if k in raw
+    }
+    return Taxonomy(
+        raw["generic_token"], raw["replace_token"], raw["reset_token"], policies, **rlbf
+    )
 
 
-# Bracketed control-token look-alikes ([RESET], [backtrack-hate], [ REPLACE ]), Gemma 3's bracketed
-# `[multimodal]` token, and the Gemma turn and special tokens. Case and inner spaces vary so
-# near-misses are caught too.
+# Bracketed control-token look-alikes ([RESET], [backtrack-hate], [ REPLACE ], [backtrack_by_7],
+# [CATEGORY-HATE]), Gemma 3's bracketed `[multimodal]` token, and the Gemma turn and special
+# tokens. Case and inner spaces vary so near-misses are caught too.
 _CONTROL = re.compile(
-    r"\[\s*(BACKTRACK(?:\s*-\s*[A-Z_\-]+)?|REPLACE|RESET|multimodal)\s*\]", re.IGNORECASE
+    r"\[\s*(BACKTRACK(?:\s*[-_]\s*[A-Z0-9_\-]+)?|CATEGORY\s*[-_]\s*[A-Z0-9_\-]+"
+    r"|REPLACE|RESET|multimodal)\s*\]",
+    re.IGNORECASE,
 )
 _SPECIAL = re.compile(
     r"<(/?(?:start_of_turn|end_of_turn|bos|eos|pad|unk|mask|start_of_image|end_of_image"

@@ -1,9 +1,9 @@
 """blend: the recipe examples plus utility data, deduplicated, decontaminated, split and mixed.
 
-Reads the formatted examples (format.bsafe/reset/recovery/preference), the utility pairs
+Reads the formatted examples (format.bsafe/rlbf/reset/recovery/preference), the utility pairs
 (sources.utility: Alpaca, GSM8K, MATH answers already joined by the sources stage), the Qi et al.
 anchor (filter.responses: benign prompts answered by the generator) and the eval prompts
-(sources.eval). Writes one table per published config (bsafe, reset, recovery, utility,
+(sources.eval). Writes one table per published config (bsafe, rlbf, reset, recovery, utility,
 preference) with every surviving row, the `mixture` (the SFT components mixed by the configured
 ratios), each with a trailing `split` column, and `report` (records.BLEND_REPORT): what every
 step removed, the requested vs realised shares, and a `manifest` row (seed, the sources config
@@ -50,6 +50,7 @@ SPEC = StageSpec(
     name="blend",
     reads=(
         "format.bsafe",
+        "format.rlbf",
         "format.reset",
         "format.recovery",
         "format.preference",
@@ -64,8 +65,10 @@ SPEC = StageSpec(
 )
 
 # Mixture components: the SFT kinds plus Qi et al.'s anchor, which is published as `utility`.
-MIXED = ("bsafe", "reset", "recovery", "utility", "anchor")
-COMPONENTS = ("bsafe", "reset", "recovery", "preference", "utility", "anchor")
+# rlbf teaches another way to backtrack from the same violations as bsafe, so the default ratios
+# leave it out of the mixture (its own config is always published); give it a weight to mix it.
+MIXED = ("bsafe", "rlbf", "reset", "recovery", "utility", "anchor")
+COMPONENTS = ("bsafe", "rlbf", "reset", "recovery", "preference", "utility", "anchor")
 CONFIG_OF = {c: ("utility" if c == "anchor" else c) for c in COMPONENTS}
 # Rows whose key texts, words and n-grams the duplicate passes hold at once: their working set
 # (~60 MB of numpy arrays for 100-word rows, measured: 4x that at 16K rows) whatever the corpus
@@ -76,7 +79,7 @@ CHUNK_ROWS = 4096
 class Config(StageConfig):
     # Mixture weights, normalised to shares. recovery 1 : anchor 4 is Qi et al.'s alpha = 0.2
     # (16 safety : 64 anchor examples per step); a component left out or at 0 is not mixed.
-    ratios: dict[Literal["bsafe", "reset", "recovery", "utility", "anchor"], float] = {
+    ratios: dict[Literal["bsafe", "rlbf", "reset", "recovery", "utility", "anchor"], float] = {
         "bsafe": 1.0,
         "reset": 1.0,
         "recovery": 1.0,
@@ -335,7 +338,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
 
     outputs = {
         config: _output(tables, kept, shuffle, [c for c in COMPONENTS if CONFIG_OF[c] == config])
-        for config in ("bsafe", "reset", "recovery", "utility", "preference")
+        for config in ("bsafe", "rlbf", "reset", "recovery", "utility", "preference")
     }
     mixed = _mixture(tables, kept, cfg, report, env)
     outputs["mixture"] = _output(tables, mixed, shuffle, list(mixed))

@@ -1,17 +1,21 @@
 """format: build the published examples of each recipe, render and check every one.
 
 Reads `inject.violations`, `rewrite.replacements`, `rewrite.refusals`, `rewrite.safe_responses`,
-`sources.harmful` and `filter.responses`; writes `bsafe`, `reset`, `recovery` (records.SFT) and
-`preference` (records.PREFERENCE), TRL's conversational formats with `segments` carrying the loss
-flags (layouts in stages/format_build.py):
+`sources.harmful` and `filter.responses`; writes `bsafe`, `rlbf`, `reset`, `recovery`
+(records.SFT) and `preference` (records.PREFERENCE), TRL's conversational formats with `segments`
+carrying the loss flags (layouts in stages/format_build.py):
 
 - bsafe (Sel et al.): benign text · harmful span · [BACKTRACK-P] · span repeated · [REPLACE] ·
   safe alternative · rest, one edit per injected violation;
+- rlbf (Sel et al. 2026), from the same violations: benign text · harmful span · [CATEGORY-P] ·
+  [BACKTRACK_BY_X] · the rest of the benign text, X the span's target-tokenizer tokens;
 - reset (Zhang et al.): prefix(y-) · [RESET] · y+, plus the plain (x, y+) example;
 - recovery (Qi et al.): h≤k · r, k in target-tokenizer tokens, `variants_per_triplet` draws, with
   the whole h and k in meta so the trainer can redraw k;
 - preference (Zhang et al., DPO): prefix(y-)+[RESET]+y+ over y-, and y+ over a safe prefix with a
-  spurious [RESET].
+  spurious [RESET], on harmful prompts; and on benign prompts (filter.responses) the benign answer
+  over a prefix of it with a spurious [RESET]. `meta.pair` names the type: `reset`,
+  `no_reset_harmful`, `no_reset_benign`.
 
 Every row is rendered and checked before it is kept: `render(completion) == visible` equals the
 visible text the recipe intends (for bsafe the clean response with the safe alternatives, which
@@ -28,8 +32,9 @@ no one input's chunks cover every row; the stage is CPU-only and fast (scripts/b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from typing import Any
 
 import pyarrow as pa
@@ -51,7 +56,7 @@ SPEC = StageSpec(
         "sources.harmful",
         "filter.responses",
     ),
-    writes={k: records.config_schema(k) for k in ("bsafe", "reset", "recovery", "preference")},
+    writes={k: records.config_schema(k) for k in (*records.RECIPE_KINDS, "preference")},
     hooks=("fingerprints",),
 )
 
@@ -63,6 +68,10 @@ class Config(StageConfig):
     train_copy: bool = (
         True  # train on the repeated span (the model must point at what it takes back)
     )
+    # rlbf (Sel et al. 2026), from the same violations; X counts target_tokenizer tokens
+    rlbf: bool = True
+    rlbf_train_prefix: bool = False  # RLBF: p ⊕ part1 ⊕ v is input, only what follows is target
+    rlbf_max_x: int = Field(128, ge=1)  # a span of more tokens gives no rlbf row (span_too_long)
     # reset: prefix(y-) is j words of y-'s n, j ~ U{ceil(lo·n)..floor(hi·n)} (Zhang et al. leave
     # the distribution open; FORMATS.md)
     reset_prefix: tuple[float, float] = (0.0, 1.0)
@@ -77,12 +86,20 @@ class Config(StageConfig):
     # preference
     preference_reset_pairs: bool = True  # prefix(y-)+[RESET]+y+ over y-
     preference_spurious_pairs: bool = True  # y+ over prefix(y+)+[RESET]
+    # Zhang et al.'s false-reset pairs on benign prompts: a benign answer y over prefix(y)+[RESET]
+    preference_benign_pairs: bool = True
 
     @model_validator(mode="after")
     def _fractions(self) -> Config:
         lo, hi = self.reset_prefix
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"reset_prefix must be 0 <= lo <= hi <= 1, got {self.reset_prefix}")
+        top = taxonomy.load().backtrack_by_max
+        if self.rlbf_max_x > top:
+            raise ValueError(
+                f"rlbf_max_x {self.rlbf_max_x} exceeds the {top} [BACKTRACK_BY_<n>] tokens of "
+                f"{taxonomy.TAXONOMY_FILE.name} (backtrack_by_max)"
+            )
         return self
 
 
@@ -154,15 +171,17 @@ def _sft(kind, policy, origin, prompt, segments, expected, meta, *key) -> dict[s
     }
 
 
-def _check(content: str, expected: str, planted: list[str]) -> tuple[str, str] | None:
+def _check(
+    content: str, expected: str, planted: list[str], tokenizer: Any = None
+) -> tuple[str, str] | None:
     """Why a turn is wrong, or None: its control tokens must be exactly `planted`, in order, and
-    it must render strictly to `expected`."""
+    it must render strictly to `expected` (with the target tokenizer for RLBF take-backs)."""
     pieces = split(content)
     found = pieces[1::2]
     if found != planted:
         return "control_token_in_text", f"control tokens {found} where the recipe put {planted}"
     try:
-        shown = render_pieces(pieces, strict=True)
+        shown = render_pieces(pieces, strict=True, tokenizer=tokenizer)
     except RenderError as err:
         return "render_mismatch", str(err)
     if shown != expected:
@@ -170,10 +189,12 @@ def _check(content: str, expected: str, planted: list[str]) -> tuple[str, str] |
     return None
 
 
-def _check_sft(row: dict[str, Any], spans: tuple[str, ...] = ()) -> tuple[str, str] | None:
+def _check_sft(
+    row: dict[str, Any], spans: tuple[str, ...] = (), tokenizer: Any = None
+) -> tuple[str, str] | None:
     segments = row["segments"]
     planted = [s["text"] for s in segments if s["role"] == "control"]
-    problem = _check(row["completion"][0]["content"], row["visible"], planted)
+    problem = _check(row["completion"][0]["content"], row["visible"], planted, tokenizer)
     if problem:
         return problem
     if build.untrained_space(segments):
@@ -187,56 +208,116 @@ def _check_sft(row: dict[str, Any], spans: tuple[str, ...] = ()) -> tuple[str, s
 # --- the recipes -----------------------------------------------------------------------------
 
 
-def _bsafe(inputs, cfg: Config, out, rejected) -> None:
-    tax = taxonomy.load()
+@dataclass(frozen=True)
+class _Injected:
+    """One inject.violations row, neutralised: what its bsafe and rlbf rows are built from."""
+
+    row: dict[str, Any]
+    text: str  # the clean benign response
+    ats: list[int]  # each violation's insertion point in `text`
+    spans: list[str]
+    prompt: str
+    origin: dict[str, Any]
+    meta: dict[str, Any]  # the response's meta with the spans' offsets and scores
+
+
+def _violations(inputs, cfg: Config, out, rejected) -> None:
+    """bsafe and rlbf rows: one inject.violations row gives one of each."""
     responses = {r["id"]: r for r in inputs["filter.responses"].to_pylist()}
     replacements = {
         (r["violation_id"], r["index"]): r for r in inputs["rewrite.replacements"].to_pylist()
     }
-    for row in inputs["inject.violations"].to_pylist():
+    rows = inputs["inject.violations"].to_pylist()
+    tokenizer = _tokenizer(cfg.target_tokenizer, cfg.target_revision) if cfg.rlbf and rows else None
+    for row in rows:
         response = responses.get(row["response_id"])
         if response is None:
             rejected.append(records.reject(row, "format", "missing_response", row["response_id"]))
             continue
         violations = row["violations"]
-        reps = [replacements.get((row["id"], i)) for i in range(len(violations))]
-        if any(r is None for r in reps):
-            rejected.append(records.reject(row, "format", "missing_replacement"))
-            continue
         if any(row["injected"][v["start"] : v["end"]] != v["span"] for v in violations):
             rejected.append(records.reject(row, "format", "offset_mismatch"))
             continue
-        # Pieces are neutralised one by one (the check below catches a control token that only
-        # appears where two pieces meet), so the insertion points move with them.
-        cuts = [0, *(v["at"] for v in violations), len(row["response"])]
-        pieces = [clean(row["response"][a:b]) for a, b in pairwise(cuts)]
-        edits, at = [], 0
-        for v, rep, piece in zip(violations, reps, pieces[:-1], strict=True):
-            at += len(piece)
-            token = tax.backtrack_token(v["policy"], cfg.per_policy_tokens)
-            edits.append((at, clean(v["span"]), token, clean(rep["replacement"])))
-        segments, visible = build.bsafe("".join(pieces), edits, cfg.train_prefix, cfg.train_copy)
-        origin = {
+        injected = _prepare(row, response)
+        reps = [replacements.get((row["id"], i)) for i in range(len(violations))]
+        if any(r is None for r in reps):
+            rejected.append(records.reject(row, "format", "missing_replacement"))
+        else:
+            _bsafe(injected, reps, cfg, out["bsafe"], rejected)
+        if tokenizer is not None:
+            _rlbf(injected, cfg, tokenizer, out["rlbf"], rejected)
+
+
+def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
+    violations = row["violations"]
+    # Pieces are neutralised one by one (the checks catch a control token that only appears
+    # where two pieces meet), so the insertion points move with them.
+    cuts = [0, *(v["at"] for v in violations), len(row["response"])]
+    pieces = [clean(row["response"][a:b]) for a, b in pairwise(cuts)]
+    licenses = [response["license"], *(v["license"] for v in violations)]
+    meta = _meta(
+        response["meta"],
+        offsets=row["meta"]["offsets"] if row["meta"] else None,
+        scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
+        + _labelled("span", [v["scores"] for v in violations]),
+    )
+    return _Injected(
+        row=row,
+        text="".join(pieces),
+        ats=list(accumulate(len(p) for p in pieces[:-1])),
+        spans=[clean(v["span"]) for v in violations],
+        prompt=clean(response["prompt"]),
+        origin={
             "source": response["source"],
             "source_id": response["source_id"],
-            "license": records.license_expr(
-                response["license"], *(v["license"] for v in violations)
-            ),
-        }
-        rep_meta = [r["meta"] or {} for r in reps]
-        meta = _meta(
-            response["meta"],
-            template=",".join(sorted({m.get("template") or "" for m in rep_meta} - {""})) or None,
-            fallback=any(m.get("fallback") for m in rep_meta),
-            offsets=row["meta"]["offsets"] if row["meta"] else None,
-            scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
-            + _labelled("span", [v["scores"] for v in violations])
-            + _labelled("replacement", [m.get("scores") or [] for m in rep_meta]),
-        )
-        sft = _sft(
-            "bsafe", row["policy"], origin, clean(response["prompt"]), segments, visible, meta
-        )
-        _keep(sft, _check_sft(sft, tuple(e[1] for e in edits)), out["bsafe"], rejected)
+            "license": records.license_expr(*licenses),
+        },
+        meta=meta,
+    )
+
+
+def _bsafe(inj: _Injected, reps: list[dict[str, Any]], cfg: Config, kept, rejected) -> None:
+    tax = taxonomy.load()
+    policies = [v["policy"] for v in inj.row["violations"]]
+    edits = [
+        (at, span, tax.backtrack_token(policy, cfg.per_policy_tokens), clean(r["replacement"]))
+        for at, span, policy, r in zip(inj.ats, inj.spans, policies, reps, strict=True)
+    ]
+    segments, visible = build.bsafe(inj.text, edits, cfg.train_prefix, cfg.train_copy)
+    rep_meta = [r["meta"] or {} for r in reps]
+    templates = sorted({m.get("template") or "" for m in rep_meta} - {""})
+    meta = {
+        **inj.meta,
+        "template": ",".join(templates) or None,
+        "fallback": any(m.get("fallback") for m in rep_meta),
+        "scores": inj.meta["scores"]
+        + _labelled("replacement", [m.get("scores") or [] for m in rep_meta]),
+    }
+    sft = _sft("bsafe", inj.row["policy"], inj.origin, inj.prompt, segments, visible, meta)
+    _keep(sft, _check_sft(sft, tuple(inj.spans)), kept, rejected)
+
+
+def _rlbf(inj: _Injected, cfg: Config, tokenizer: Any, kept, rejected) -> None:
+    """X is the harmful segment's target-tokenizer tokens: exactly the tokens the trainer puts
+    before the category token (it tokenises segment by segment). The render check then proves
+    the renderer's take-back over the whole visible text cuts at the span's start."""
+    from pipeline.models import model_id
+
+    tax = taxonomy.load()
+    xs = [len(o) for o in token_offsets(tokenizer, [" " + span for span in inj.spans])]
+    if max(xs) > cfg.rlbf_max_x:
+        detail = f"a span is {max(xs)} target tokens; format.rlbf_max_x is {cfg.rlbf_max_x}"
+        rejected.append(records.reject(inj.row, "format", "span_too_long", detail))
+        return
+    policies = [v["policy"] for v in inj.row["violations"]]
+    edits = [
+        (at, span, tax.category(policy), tax.backtrack_by(x))
+        for at, span, policy, x in zip(inj.ats, inj.spans, policies, xs, strict=True)
+    ]
+    segments, visible = build.rlbf(inj.text, edits, cfg.rlbf_train_prefix)
+    meta = {**inj.meta, "tokenizer": model_id(cfg.target_tokenizer, cfg.target_revision)}
+    sft = _sft("rlbf", inj.row["policy"], inj.origin, inj.prompt, segments, visible, meta)
+    _keep(sft, _check_sft(sft, tuple(inj.spans), tokenizer), kept, rejected)
 
 
 def _labelled(prefix: str, score_lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -310,7 +391,12 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
                 if cfg.preference_reset_pairs:
                     chosen = prefix + reset_token + y_plus
                     pair = _preference(
-                        policy, row, x, chosen, h, _meta(meta, prefix_chars=len(prefix))
+                        policy,
+                        row,
+                        x,
+                        chosen,
+                        h,
+                        _meta(meta, prefix_chars=len(prefix), pair="reset"),
                     )
                     problem = _check_pair(pair, (y_plus, [reset_token]), (h, []))
                     _keep(pair, problem, out["preference"], rejected)
@@ -322,7 +408,7 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
                 spurious = build.word_prefix(
                     y_plus, lo, hi, seeds.rng(env.seed, row["id"], "spurious")
                 )
-                pair_meta = _meta(meta, prefix_chars=len(spurious))
+                pair_meta = _meta(meta, prefix_chars=len(spurious), pair="no_reset_harmful")
                 pair = _preference(policy, row, x, y_plus, spurious + reset_token, pair_meta)
                 problem = _check_pair(pair, (y_plus, []), ("", [reset_token]))
                 _keep(pair, problem, out["preference"], rejected)
@@ -348,10 +434,29 @@ def _harmful(inputs, cfg: Config, env: Any, out, rejected) -> None:
             _keep(sft, _check_sft(sft), out["recovery"], rejected)
 
 
+def _benign_pairs(inputs, cfg: Config, env: Any, kept, rejected) -> None:
+    """Continuing a benign answer is preferred over a [RESET] after a safe prefix of it (Zhang et
+    al.'s second pair type, on benign prompts: it keeps false resets down). One pair per
+    filter.responses row, the prefix drawn as reset's."""
+    reset_token = taxonomy.load().reset_token
+    lo, hi = cfg.reset_prefix
+    for row in inputs["filter.responses"].to_pylist():
+        y, x = clean(row["response"]), clean(row["prompt"])
+        if not y.strip():
+            rejected.append(records.reject(row, "format", "missing_response", "empty answer"))
+            continue
+        prefix = build.word_prefix(y, lo, hi, seeds.rng(env.seed, row["id"], "benign_reset"))
+        meta = _meta(row["meta"], prefix_chars=len(prefix), pair="no_reset_benign")
+        pair = _preference([], row, x, y, prefix + reset_token, meta)
+        _keep(pair, _check_pair(pair, (y, []), ("", [reset_token])), kept, rejected)
+
+
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
     out: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SPEC.writes}
     rejected: list[dict[str, Any]] = []
-    _bsafe(inputs, cfg, out, rejected)
+    _violations(inputs, cfg, out, rejected)
     _harmful(inputs, cfg, env, out, rejected)
+    if cfg.preference_benign_pairs:
+        _benign_pairs(inputs, cfg, env, out["preference"], rejected)
     tables = {kind: records.table(rows, records.config_schema(kind)) for kind, rows in out.items()}
     return {**tables, "rejected": records.table(rejected, records.REJECTED)}

@@ -65,6 +65,33 @@ def bsafe(
     return _compact(segments), "".join(visible)
 
 
+def rlbf(
+    text: str, edits: list[tuple[int, str, str, str]], train_prefix: bool
+) -> tuple[list[Segment], str]:
+    """Benign text with RLBF take-backs (Sel et al. 2026): for each (at, span, category_token,
+    backtrack_by_token), sorted by `at`: text up to `at` · a space and the span (never trained) ·
+    category token · backtrack-by token; then the rest of the text, the safe continuation.
+
+    No repeated span, no [REPLACE]: the take-back deletes the span's tokens and generation goes
+    on where the benign text left off, so the visible text is the clean benign text. RLBF's input
+    is p ⊕ part1 ⊕ v and its target `[CATEGORY_c]` ⊕ `[BACKTRACK_BY_X]` ⊕ part2, so the text
+    before the first violation is untrained unless `train_prefix`; text between two violations is
+    the first one's continuation and trained.
+    """
+    segments: list[Segment] = []
+    prev = 0
+    for i, (at, span, category, backtrack_by) in enumerate(edits):
+        segments += [
+            seg(text[prev:at], "text", train_prefix or i > 0),
+            seg(" " + span, "harmful", False),
+            seg(category, "control", True),
+            seg(backtrack_by, "control", True),
+        ]
+        prev = at
+    segments.append(seg(text[prev:], "text", True))
+    return _compact(segments), text
+
+
 def word_prefix(text: str, lo: float, hi: float, rng: random.Random) -> str:
     """A prefix of `text` ending at a word end, of j words with j ~ U{ceil(lo·n)..floor(hi·n)},
     at least one word; no trailing space (it would sit on the untrained side)."""

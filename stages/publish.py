@@ -33,6 +33,7 @@ from pydantic import Field
 from pipeline import card, records
 from pipeline.stage import StageConfig, StageSpec
 from stages import DATASET_STAGES
+from stages import publish_tokenized as tokenized
 
 UPSTREAM = DATASET_STAGES[: DATASET_STAGES.index("publish")]
 SPEC = StageSpec(
@@ -43,7 +44,7 @@ SPEC = StageSpec(
         *(f"{s}.rejected" for s in UPSTREAM),
     ),
     required=("blend.mixture",),
-    hooks=("external_files",),
+    hooks=("external_files", "fingerprints"),
 )
 DEFAULT_CONFIG = "mixture"
 RECIPE_SECTIONS = ("sample", "filter", "inject", "rewrite", "format", "blend")
@@ -60,12 +61,29 @@ class Config(StageConfig):
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     pretty_name: str = "retrace backtracking safety corpus"
     language: list[str] = ["en"]
+    # Tokenizers (embedded, a Hub id or a folder) to publish every SFT config pre-tokenized
+    # with, as `<config>-tok`: what TRL trains exactly (stages/publish_tokenized.py).
+    tokenized: list[str] = []
 
 
 def external_files(cfg: Config) -> list[Path]:
-    """The card's code and template: changing either changes the published folder, so both go
-    into this stage's cache key."""
-    return [Path(card.__file__), card.CARD_DIR / card.TEMPLATE]
+    """The card's code and template, and with tokenized configs the trainer's encoder and the
+    control tokens: changing any changes the published folder, so all go into the cache key."""
+    files = [Path(card.__file__), card.CARD_DIR / card.TEMPLATE]
+    if cfg.tokenized:
+        from pipeline import taxonomy
+
+        trainer = Path(__file__).resolve().parents[1] / "trainer"
+        files += [Path(tokenized.__file__), trainer / "encode.py", trainer / "tokens.py"]
+        files.append(taxonomy.TAXONOMY_FILE)
+    return files
+
+
+def fingerprints(cfg: Config) -> list[dict[str, Any]]:
+    """Each tokenizer of `tokenized` defines the ids: its identity belongs in the cache key."""
+    from pipeline.models import fingerprint
+
+    return [fingerprint(t) for t in cfg.tokenized]
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -346,6 +364,17 @@ def _context(
         "configs": configs,
         "empty_configs": empty,
         "mixture_kinds": _count(tables["mixture"], ["kind", "split"]),
+        "pairs": _count(
+            pa.table(
+                {
+                    "pair": pc.fill_null(
+                        pc.struct_field(tables["preference"].column("meta"), "pair"), "-"
+                    ),
+                    "split": tables["preference"].column("split"),
+                }
+            ),
+            ["pair", "split"],
+        ),
         "ratios": [r for r in report_rows if r["step"] == "mixture"],
         "policies": policy_rows,
         "licenses": license_counts,
@@ -359,36 +388,91 @@ def _context(
         "scorers": _scorers(run_config),
         "images": _plots(tables, policy_mix, env.workdir / "images"),
         "examples": [e for e in examples if e is not None],
+        # The tokenizer(s) rlbf's [BACKTRACK_BY_<n>] counts: rendering those rows needs it.
+        "rlbf_tokenizers": card.portable(
+            sorted(
+                {
+                    t
+                    for t in pc.struct_field(tables["rlbf"].column("meta"), "tokenizer").to_pylist()
+                    if t
+                }
+            )
+        ),
         "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
         "versions": _versions(),
         "run_config": run_config,
     }
 
 
+def _publish_config(
+    name: str, table: pa.Table, schema: pa.Schema, out: Path, cfg: Config, env: Any
+) -> list[dict[str, Any]]:
+    """Shards of one config per split; the card's counts for each split written."""
+    splits = []
+    for split in records.SPLITS:
+        rows = _split_rows(table, split)
+        if rows.num_rows == 0:
+            continue
+        files = write_shards(rows, schema, out / "data" / name, split, cfg)
+        size = sum(f.stat().st_size for f in files)
+        splits.append({"split": split, "rows": rows.num_rows, "shards": len(files), "bytes": size})
+        env.log(f"publish: {name}/{split}: {rows.num_rows} rows in {len(files)} shard(s)")
+    return splits
+
+
+def _tokenized(
+    inputs: dict[str, Any], sft: list[str], out: Path, cfg: Config, env: Any
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Each tokenizer's `<config>-tok` twins and tokenizer folder: (configs, card entries,
+    rejected rows)."""
+    from pipeline.models import model_id
+
+    configs, entries, rejected = [], [], []
+    for source, (suffix, folder) in zip(cfg.tokenized, tokenized.names(cfg.tokenized), strict=True):
+        enc = tokenized.encoder(source)
+        tokenized.save_tokenizer(enc, out / folder)
+        names, dropped = [], 0
+        for name in sft:
+            table, refused = tokenized.encode(inputs[f"blend.{name}"], name, enc)
+            rejected += refused
+            dropped += len(refused)
+            splits = _publish_config(f"{name}-{suffix}", table, records.TOKENIZED, out, cfg, env)
+            if splits:
+                configs.append({"name": f"{name}-{suffix}", "splits": splits})
+                names.append(f"{name}-{suffix}")
+        entries.append(
+            {
+                # a local folder is named as the card names any (no machine paths on the Hub)
+                "source": card.portable(source),
+                "model": card.portable(model_id(source)),
+                "suffix": suffix,
+                "folder": folder,
+                "configs": names,
+                "dropped": dropped,
+            }
+        )
+    return configs, entries, rejected
+
+
 def run(inputs: dict[str, Any], cfg: Config, env: Any) -> dict[str, pa.Table]:
     out = Path(env.workdir)
     # A resumed attempt gets the same folder back: clear what an earlier attempt wrote.
-    for stale in ("data", "images"):
+    for stale in ("data", "images", *(f for _, f in tokenized.names(cfg.tokenized))):
         shutil.rmtree(out / stale, ignore_errors=True)
     (out / "README.md").unlink(missing_ok=True)
     configs, empty = [], []
     for name in records.CONFIGS:
         table, schema = inputs[f"blend.{name}"], records.config_schema(name)
-        splits = []
-        for split in records.SPLITS:
-            rows = _split_rows(table, split)
-            if rows.num_rows == 0:
-                continue
-            files = write_shards(rows, schema, out / "data" / name, split, cfg)
-            size = sum(f.stat().st_size for f in files)
-            splits.append(
-                {"split": split, "rows": rows.num_rows, "shards": len(files), "bytes": size}
-            )
-            env.log(f"publish: {name}/{split}: {rows.num_rows} rows in {len(files)} shard(s)")
+        splits = _publish_config(name, table, schema, out, cfg, env)
         if splits:
             configs.append({"name": name, "splits": splits})
         else:
             empty.append(name)
-    text = card.render_card(_context(inputs, configs, empty, cfg, env))
+    sft = [c["name"] for c in configs if c["name"] != "preference"]
+    tok_configs, tok_entries, rejected = (
+        _tokenized(inputs, sft, out, cfg, env) if cfg.tokenized else ([], [], [])
+    )
+    context = _context(inputs, configs + tok_configs, empty, cfg, env)
+    text = card.render_card({**context, "tokenized": tok_entries})
     (out / "README.md").write_text(text, encoding="utf-8")
-    return {"rejected": records.table([], records.REJECTED)}
+    return {"rejected": records.table(rejected, records.REJECTED)}

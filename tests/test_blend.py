@@ -52,6 +52,21 @@ def segments_row(kind: str, prompt: str, segments: list[tuple[str, str, bool]], 
     return row
 
 
+def rlbf_row(rng: random.Random) -> dict:
+    return segments_row(
+        "rlbf",
+        words(rng, 12),
+        [
+            (words(rng, 20), "text", False),
+            (" " + words(rng, 6), "harmful", False),
+            ("[CATEGORY-HATE]", "control", True),
+            ("[BACKTRACK_BY_6]", "control", True),
+            (" " + words(rng, 15), "text", True),
+        ],
+        scores=records.scores({"span.toxicity": 0.9}),
+    )
+
+
 def bsafe_row(rng: random.Random) -> dict:
     harm = " " + words(rng, 6)
     return segments_row(
@@ -98,7 +113,7 @@ def preference_row(rng: random.Random) -> dict:
         "prompt": [records.message("user", prompt)],
         "chosen": [records.message("assistant", words(rng, 8) + "[RESET]" + words(rng, 20))],
         "rejected": [records.message("assistant", words(rng, 25))],
-        "meta": {"generator": "tiny"},
+        "meta": {"generator": "tiny", "pair": "reset"},
     }
 
 
@@ -175,6 +190,7 @@ def make_inputs(
     """blend's inputs; `plant` appends hand-made rows to an input (keyed by its read name)."""
     sizes = {
         "bsafe": 30,
+        "rlbf": 10,
         "reset": 20,
         "recovery": 25,
         "preference": 10,
@@ -183,11 +199,14 @@ def make_inputs(
         **(sizes or {}),
     }
     rng = random.Random(seed)
+    # rlbf rows have their own generator, so adding the config left every other row as it was.
+    rlbf_rng = random.Random(f"rlbf{seed}")
     tables = {
         "format.bsafe": [bsafe_row(rng) for _ in range(sizes["bsafe"])],
         "format.reset": [reset_row(rng) for _ in range(sizes["reset"])],
         "format.recovery": [recovery_row(rng) for _ in range(sizes["recovery"])],
         "format.preference": [preference_row(rng) for _ in range(sizes["preference"])],
+        "format.rlbf": [rlbf_row(rlbf_rng) for _ in range(sizes["rlbf"])],
         "sources.utility": utility_source_rows(rng, sizes["utility"]),
         "filter.responses": anchor_rows(rng, sizes["anchor"]),
         "sources.eval": [

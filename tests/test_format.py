@@ -130,7 +130,8 @@ def run(
         "sources.harmful": harm if harm is not None else harmful(),
         "filter.responses": resp if resp is not None else responses(("r1", "About tea?", TEA)),
     }
-    return fmt.run(inputs, cfg or fmt.Config(), LocalEnv(seed=seed))
+    # rlbf rows count target-tokenizer tokens: tests/test_rlbf.py covers them with a real one.
+    return fmt.run(inputs, cfg or fmt.Config(rlbf=False), LocalEnv(seed=seed))
 
 
 def strip(row):
@@ -184,7 +185,7 @@ def test_bsafe_one_violation_exact_row():
 
 def test_bsafe_two_violations_generic_token_and_untrained_prefix_and_copy():
     vs = [violation(13, "Bad one.", "hate", 14), violation(32, "Bad two.", "violence", 42)]
-    cfg = fmt.Config(per_policy_tokens=False, train_prefix=False, train_copy=False)
+    cfg = fmt.Config(per_policy_tokens=False, train_prefix=False, train_copy=False, rlbf=False)
     out = run(
         cfg,
         violations=violations_table(("v1", "r1", TEA, vs)),
@@ -280,11 +281,18 @@ def test_reset_exact_rows_with_a_fixed_prefix_fraction(words_tokenizer):
 
     pairs = out["preference"].to_pylist()
     assert out["preference"].schema == records.PREFERENCE
-    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
-        ("Sure, call them[RESET]" + SAFE, H),
-        (SAFE, "I won't do that.[RESET]"),  # 7 words: ceil(3.5) = 4
+    assert [
+        (p["meta"]["pair"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs
+    ] == [
+        ("reset", "Sure, call them[RESET]" + SAFE, H),
+        ("no_reset_harmful", SAFE, "I won't do that.[RESET]"),  # 7 words: ceil(3.5) = 4
+        ("no_reset_benign", TEA, "Tea is green. It grows[RESET]"),  # the benign answer r1
     ]
-    assert all(p["prompt"] == [{"role": "user", "content": "Insult my coworker."}] for p in pairs)
+    assert pairs[2]["policy"] == [] and pairs[2]["prompt"][0]["content"] == "About tea?"
+    assert pairs[2]["meta"]["generator"] == "stand-in"
+    assert all(
+        p["prompt"] == [{"role": "user", "content": "Insult my coworker."}] for p in pairs[:2]
+    )
     assert set(pairs[0]) == {
         "id",
         "kind",
@@ -316,7 +324,7 @@ def test_an_empty_harmful_answer_still_gets_a_plain_reset_and_a_refusal(words_to
     assert (rec["meta"]["k"], rec["meta"]["k_max"], rec["meta"]["h_tokens"]) == (0, 0, 0)
     assert [
         p["rejected"][0]["content"].endswith("[RESET]") for p in out["preference"].to_pylist()
-    ] == [True]
+    ] == [True, True]  # the harmful prompt's spurious pair and the benign answer's
 
 
 def test_missing_rewrites_are_rejected(words_tokenizer):

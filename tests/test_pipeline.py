@@ -41,6 +41,7 @@ def small_config(tmp_path: Path, model: Path) -> Path:
     cfg["inject"].update(max_rejected_share=0.9)
     cfg["rewrite"].update(generator=generator, max_new_tokens=12)
     cfg["format"].update(target_tokenizer=str(model))
+    cfg["publish"].update(tokenized=[str(model)])
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -65,6 +66,28 @@ def test_every_config_loads_with_datasets(published):
         assert train.column_names == expected
         assert "messages" not in train.column_names
         assert len(train) > 0, config
+
+
+def test_tokenized_twins_equal_the_trainer_encoding_on_every_row(published, fluent_model_dir):
+    from trainer import tokens
+    from trainer.encode import Encoder
+
+    _, _, folder = published
+    from pipeline import taxonomy
+
+    rlbf = taxonomy.load().rlbf_tokens
+    tok = tokens.load_tokenizer(str(fluent_model_dir))
+    tokens.add_control_tokens(tok, rlbf)
+    enc = Encoder(tok, 1 << 30, tokens.control_tokens(rlbf))
+    for config in records.CONFIGS:
+        if config == "preference":
+            continue
+        for split, rows in load_dataset(str(folder), config).items():
+            twins = load_dataset(str(folder), f"{config}-tok", split=split)
+            assert twins["id"] == rows["id"], config
+            for row, twin in zip(rows, twins, strict=True):
+                doc = enc.encode(row, config)
+                assert (twin["input_ids"], twin["completion_mask"]) == (doc.ids, doc.trained)
 
 
 def test_published_rows_keep_the_contract(published):
@@ -106,6 +129,7 @@ def test_from_card_rebuilds_byte_identical_shards(published, tmp_path, fluent_mo
         f"{key}={model}"
         for key in ("sample.generator.model", "rewrite.generator.model", "format.target_tokenizer")
     ]
+    local.append(f"publish.tokenized=[{model}]")  # the tokenized twins' tokenizer, too
     sets = [arg for item in [f"run.runs_dir={again}", *local] for arg in ("--set", item)]
     result = runner.invoke(app, ["run", "--from-card", str(folder / "README.md"), *sets])
     assert result.exit_code == 0, result.output

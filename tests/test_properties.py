@@ -1,5 +1,6 @@
-"""Properties over random inputs: format → render round-trips, and planted control-token strings
-never survive into a record as control tokens."""
+"""Properties over random inputs: format → render round-trips (rlbf's take-backs with a real
+target tokenizer), and planted control-token strings never survive into a record as control
+tokens."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ TAX = taxonomy.load()
 # Pieces a hostile or unlucky source text could hold: every control token, look-alikes, halves
 # of tokens that could meet at a join, model special tokens, and ordinary words.
 PLANTED = [
-    *TAX.control_tokens,
+    *TAX.all_tokens,
     "[reset]",
     "[ RESET ]",
     "[RES",
@@ -43,11 +44,11 @@ TEXT = st.builds(
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _check_sft_rows(table):
+def _check_sft_rows(table, tokenizer=None):
     for row in table.to_pylist():
         content = row["completion"][0]["content"]
         assert "".join(s["text"] for s in row["segments"]) == content
-        assert render(content, strict=True) == row["visible"]
+        assert render(content, strict=True, tokenizer=tokenizer) == row["visible"]
         assert control_tokens(content) == [
             s["text"] for s in row["segments"] if s["role"] == "control"
         ]
@@ -67,8 +68,8 @@ def _reasons(out):
     replacement=TEXT,
     prompt=SENTENCE,
 )
-def test_bsafe_round_trips_and_planted_tokens_never_become_control_tokens(
-    benign, answers, replacement, prompt
+def test_bsafe_and_rlbf_round_trip_and_planted_tokens_never_become_control_tokens(
+    tiny_model_dir, benign, answers, replacement, prompt
 ):
     resp = responses(*[(f"r{i}", prompt, text) for i, text in enumerate(benign)])
     harm = harmful(*[(f"h{i}", prompt, a, ["hate"]) for i, a in enumerate(answers)])
@@ -101,15 +102,32 @@ def test_bsafe_round_trips_and_planted_tokens_never_become_control_tokens(
         "sources.harmful": harmful(),
         "filter.responses": resp,
     }
-    out = fmt.run(inputs, fmt.Config(), StandInEnv())
+    out = fmt.run(inputs, fmt.Config(target_tokenizer=str(tiny_model_dir)), StandInEnv())
+    tokenizer = fmt._tokenizer(str(tiny_model_dir), None)
     _check_sft_rows(out["bsafe"])
-    assert out["bsafe"].num_rows + out["rejected"].num_rows == violations.num_rows
-    # the only rows format may refuse here: pieces that meet to spell a token, or a span that
-    # the benign text (or the replacement) also holds
-    assert _reasons(out) <= {"control_token_in_text", "span_in_visible"}
-    for row in out["bsafe"].to_pylist():
+    _check_sft_rows(out["rlbf"], tokenizer)
+    rejected = out["rejected"].column("reason").to_pylist()
+    assert out["bsafe"].num_rows + out["rlbf"].num_rows + len(rejected) == 2 * violations.num_rows
+    # the only rows format may refuse here: pieces that meet to spell a token, a span that the
+    # benign text (or the replacement) also holds, and for rlbf a span whose first token merges
+    # with the text before it (so no whole number of tokens takes back exactly the span), or one
+    # of more tokens than rlbf_max_x (byte-level pieces of rare characters add up)
+    allowed = {"control_token_in_text", "span_in_visible", "render_mismatch", "span_too_long"}
+    assert _reasons(out) <= allowed
+    for row in out["bsafe"].to_pylist() + out["rlbf"].to_pylist():
         spans = [s["text"] for s in row["segments"] if s["role"] == "harmful"]
         assert not any(span in row["visible"] for span in spans)
+    by_id = {r["id"]: r for r in violations.to_pylist()}
+    clean = {r["id"]: taxonomy.neutralise(r["response"])[0] for r in resp.to_pylist()}
+    for row in out["rlbf"].to_pylist():
+        # RLBF's continuation is the benign text itself: what the user sees is the clean answer
+        assert row["visible"] in clean.values()
+        harm = [s for s in row["segments"] if s["role"] == "harmful"]
+        takes = [s["text"] for s in row["segments"] if s["text"].startswith("[BACKTRACK_BY_")]
+        for seg, take in zip(harm, takes, strict=True):
+            n = len(tokenizer(seg["text"], add_special_tokens=False)["input_ids"])
+            assert take == TAX.backtrack_by(n)
+    assert by_id or not out["rlbf"].num_rows
 
 
 @SETTINGS

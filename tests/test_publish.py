@@ -175,7 +175,7 @@ def test_card_counts_are_tables_a_program_can_read(folder, blended):
     assert set(mixture.values()) == {0}
     assert {"stage": "blend", "reason": "duplicate", "rows": "1"} in tables["rejections"]
     ratios = [r for r in tables["ratios"] if r["split"] == "train"]
-    assert {r["component"] for r in ratios} == set(blend.MIXED)  # the default ratios
+    assert {r["component"] for r in ratios} == set(blend.Config().ratios)  # the defaults
     assert all(r["unit"] == "examples" for r in ratios)
     assert {r["policy"] for r in tables["policies"] if r["config"] == "bsafe"} == {"hate"}
     assert {"generator": "google/gemma-3-270m", "backend": "transformers"}.items() <= next(
