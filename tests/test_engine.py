@@ -227,8 +227,19 @@ DEPENDENTS = {
     "pipeline/backends.py": {"sample", "inject", "rewrite", "eval"},
     "pipeline/scorers.py": {"filter", "inject", "rewrite", "eval"},
     "pipeline/render.py": {"format", "eval"},
-    "pipeline/prompting.py": {"sample", "inject", "rewrite", "train", "eval"},
-    "pipeline/seeds.py": {"sample", "inject", "rewrite", "format", "blend", "train", "eval"},
+    # publish builds the tokenized twins with the trainer's encoder, which renders prompts and
+    # redraws k (prompting, seeds).
+    "pipeline/prompting.py": {"sample", "inject", "rewrite", "publish", "train", "eval"},
+    "pipeline/seeds.py": {
+        "sample",
+        "inject",
+        "rewrite",
+        "format",
+        "blend",
+        "publish",
+        "train",
+        "eval",
+    },
 }
 
 
