@@ -167,24 +167,26 @@ class _KillAfterFirstBatch(LocalEnv):
 def test_a_server_stopped_mid_run_gets_retries_then_each_row_is_rejected_with_its_reason(
     chat_model_dir, tmp_path
 ):
-    rows = prompt_rows()
+    # The stage hands the generator sample.CALL_BATCHES batches per call: one call's worth of
+    # prompts (batch size 1) plus a few more, so the server dies with requests still to come.
+    rows = prompt_rows([f"{t} {i}" for i in range(2) for t in TOPICS])[: sample.CALL_BATCHES + 4]
     with serving(chat_model_dir, tmp_path / "serve.log") as server:
-        spec = server.spec(max_retries=2)
+        spec = server.spec(max_retries=2, batch_size=1)
         cfg = sample.Config(generator=spec, n=1, max_new_tokens=6, fewshot=None)
         env = _KillAfterFirstBatch(server)
         started = time.monotonic()
         out = run_sample(cfg, rows, env=env)
         elapsed = time.monotonic() - started
     samples, rejected = out["samples"].to_pylist(), out["rejected"].to_pylist()
-    # The first batch (batch_size prompts) made it; every later row is rejected, none dropped.
-    assert len(samples) == spec.batch_size
+    # The first call made it; every later row is rejected, none dropped.
+    assert len(samples) == sample.CALL_BATCHES * spec.batch_size
     assert len(samples) + len(rejected) == len(rows)
     assert {r["reason"] for r in rejected} == {"generation_failed"}
     for r in rejected:
         assert r["detail"].startswith(f"{server.base_url}/completions: ConnectError")
         assert r["detail"].endswith("(after 3 attempts)")
-    # Two backoffs per request (0.25-0.5 s, then 0.5-1 s), two requests in flight at a time.
-    batches = (len(rows) - spec.batch_size) // spec.batch_size
+    # Two backoffs per request (0.25-0.5 s, then 0.5-1 s), one request in flight at a time.
+    batches = (len(rows) - len(samples)) // spec.batch_size
     assert elapsed > batches * 0.75
 
 

@@ -107,7 +107,7 @@ def test_a_ray_run_killed_mid_stage_resumes_from_its_finished_chunks(
     assert f"sample: resuming after {finished} finished chunk(s)" in output
     resumed = store.parts(done / "samples")
     ids = store.read_parts(done / "samples").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 10
+    assert len(ids) == len(set(ids)) == 20  # ten prompts, two samples each
     # What the uninterrupted local run wrote, part by part.
     expected = store.parts(local / "sample/samples")
     assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in expected]
