@@ -50,6 +50,19 @@ def rate(
     hits = sum(known)
     low, high = wilson(hits, len(known))
     value = hits / len(known) if known else math.nan
+    return _result(model, suite, setting, metric, judge, value, low, high, len(known))
+
+
+def mean(
+    model: str, suite: str, setting: str, metric: str, values: Iterable[float], judge: str = ""
+) -> dict[str, Any]:
+    vals = [float(v) for v in values]
+    value = sum(vals) / len(vals) if vals else math.nan
+    return _result(model, suite, setting, metric, judge, value, None, None, len(vals))
+
+
+def _result(model, suite, setting, metric, judge, value, low, high, n) -> dict[str, Any]:
+    """One RESULTS row."""
     return dict(
         model=model,
         suite=suite,
@@ -59,23 +72,5 @@ def rate(
         value=value,
         low=low,
         high=high,
-        n=len(known),
-    )
-
-
-def mean(
-    model: str, suite: str, setting: str, metric: str, values: Iterable[float], judge: str = ""
-) -> dict[str, Any]:
-    vals = [float(v) for v in values]
-    value = sum(vals) / len(vals) if vals else math.nan
-    return dict(
-        model=model,
-        suite=suite,
-        setting=setting,
-        metric=metric,
-        judge=judge,
-        value=value,
-        low=None,
-        high=None,
-        n=len(vals),
+        n=n,
     )

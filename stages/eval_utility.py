@@ -61,6 +61,18 @@ def normalise_math(answer: str) -> str:
     return re.sub(r"\s+", "", s).rstrip(".")
 
 
+def _gsm8k_gold(r: dict) -> str | None:
+    return gsm8k_answer(r["answer"]) if "####" in r["answer"] else None
+
+
+# setting -> (columns: the question first, the gold answer of a row, the reason when it has none);
+# the prompt is prompts/eval/<setting>.jinja with the question under its column's name.
+_TASKS = {
+    "gsm8k": (("question", "answer"), _gsm8k_gold, "no_final_answer"),
+    "math": (("problem", "solution"), lambda r: last_boxed(r["solution"]), "no_boxed_answer"),
+}
+
+
 def plan(
     cfg: UtilitySuite, model: EvalModel, seed: int, suite: str = "utility"
 ) -> tuple[list[Request], list[dict]]:
@@ -69,51 +81,33 @@ def plan(
     sampling = dict(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens
     )
-    gsm, bad = eval_data.column_rows(cfg.gsm8k, ("question", "answer"))
-    rejected += bad
-    for r in gsm:
-        gold = gsm8k_answer(r["answer"]) if "####" in r["answer"] else None
-        if gold is None:
-            rejected.append(eval_data.reject_row(cfg.gsm8k, r["id"], "no_final_answer"))
-            continue
-        if sum(q.setting == "gsm8k" for q in requests) >= cfg.n:
-            break
-        user = render_prompt("eval/gsm8k.jinja", question=r["question"])
-        requests.append(
-            Request(
-                suite=suite,
-                setting="gsm8k",
-                prompt_id=r["id"],
-                prompt=user,
-                context=tuple(model.prompt_ids(user)),
-                seed=seeds.derive(seed, "gsm8k", r["id"]),
-                extra={"gold": gold},
-                **sampling,
+    for setting, (columns, gold_of, no_gold) in _TASKS.items():
+        path = getattr(cfg, setting)
+        rows, bad = eval_data.column_rows(path, columns)
+        rejected += bad
+        taken = 0
+        for r in rows:
+            gold = gold_of(r)
+            if gold is None:
+                rejected.append(eval_data.reject_row(path, r["id"], no_gold))
+                continue
+            if taken >= cfg.n:
+                break
+            taken += 1
+            user = render_prompt(f"eval/{setting}.jinja", **{columns[0]: r[columns[0]]})
+            requests.append(
+                Request(
+                    suite=suite,
+                    setting=setting,
+                    prompt_id=r["id"],
+                    prompt=user,
+                    context=tuple(model.prompt_ids(user)),
+                    seed=seeds.derive(seed, setting, r["id"]),
+                    category=r.get("type") if setting == "math" else None,
+                    extra={"gold": gold},
+                    **sampling,
+                )
             )
-        )
-    maths, bad = eval_data.column_rows(cfg.math, ("problem", "solution"))
-    rejected += bad
-    for r in maths:
-        gold = last_boxed(r["solution"])
-        if gold is None:
-            rejected.append(eval_data.reject_row(cfg.math, r["id"], "no_boxed_answer"))
-            continue
-        if sum(q.setting == "math" for q in requests) >= cfg.n:
-            break
-        user = render_prompt("eval/math.jinja", problem=r["problem"])
-        requests.append(
-            Request(
-                suite=suite,
-                setting="math",
-                prompt_id=r["id"],
-                prompt=user,
-                context=tuple(model.prompt_ids(user)),
-                seed=seeds.derive(seed, "math", r["id"]),
-                category=r.get("type"),
-                extra={"gold": gold},
-                **sampling,
-            )
-        )
     return requests, rejected
 
 
