@@ -273,8 +273,9 @@ class StreamRenderer:
 
     @property
     def editing(self) -> bool:
-        """True while an edit is open (a backtrack still waiting for its [REPLACE])."""
-        return self._editor.copy is not None
+        """True while an edit is open: a backtrack still waiting for its [REPLACE], or an RLBF
+        category token waiting for its [BACKTRACK_BY_<n>]."""
+        return self._editor.copy is not None or self._editor.category is not None
 
     def finish(self) -> str:
         """End of the turn: flush held-back text and close any open edit; the final visible text."""

@@ -37,8 +37,8 @@ import stages.sample as sample
 import stages.sources as sources
 from pipeline import seeds
 from pipeline.backends import NucleusSampler, request_seed
+from pipeline.env import LocalEnv
 from pipeline.scorers import ScorerSpec
-from pipeline.stage import LocalEnv
 
 
 def with_batch_size(gen, env: LocalEnv, size: int):

@@ -20,13 +20,15 @@ from trainer.tokens import add_control_tokens
 FORCE = 1e4  # added to a scripted token's logit: it wins unless a bias sets it to -inf
 
 
-def control_model(out_dir: Path, sliding_window: int = 4, seed: int = 0) -> Path:
+def control_model(
+    out_dir: Path, sliding_window: int = 4, seed: int = 0, extra: tuple[str, ...] = ()
+) -> Path:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
-    add_control_tokens(tok)
+    add_control_tokens(tok, extra)  # extra: e.g. RLBF's tokens, as a corpus using them adds
     tok.save_pretrained(out_dir)
     config = Gemma3TextConfig(
         vocab_size=len(tok),

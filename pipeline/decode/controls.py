@@ -21,19 +21,26 @@ class PrivilegedTokenError(RetraceError, ValueError):
 
 
 def token_kind(token: str) -> str:
-    """What a control token does, by the taxonomy: backtrack, replace, reset, or control."""
+    """What a control token does, by the taxonomy: backtrack, replace, reset, RLBF's category and
+    backtrack_by, or control."""
     tax = taxonomy.load()
     if token == tax.reset_token:
         return "reset"
     if token == tax.replace_token:
         return "replace"
+    if token in tax.category_tokens:
+        return "category"
+    if tax.backtrack_by_count(token) is not None:
+        return "backtrack_by"
     if token == tax.generic_token or token in _policy_of_token():
         return "backtrack"
     return "control"
 
 
 def _policy_of_token() -> dict[str, str]:
-    return {p.token: name for name, p in taxonomy.load().policies.items()}
+    """Each policy's BSAFE backtrack token and its RLBF category token -> the policy."""
+    tax = taxonomy.load()
+    return {t: name for name, p in tax.policies.items() for t in (p.token, tax.category(name))}
 
 
 def token_policy(token: str) -> str | None:
@@ -68,7 +75,7 @@ class Controls:
     @classmethod
     def build(cls, tokenizer: Any, bias: dict[str, float], disable: tuple[str, ...]) -> Controls:
         vocab = tokenizer.get_vocab()
-        ids = {t: vocab[t] for t in taxonomy.load().control_tokens if t in vocab}
+        ids = {t: vocab[t] for t in taxonomy.load().all_tokens if t in vocab}
         offsets: dict[int, float] = {}
         for key, names in (("bias", list(bias)), ("disable", list(disable))):
             for name in names:

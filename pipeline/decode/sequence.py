@@ -153,7 +153,9 @@ class Sequence:
         self.raw = ""
         self._starts: list[int] = []  # raw offset of each emitted token's text
         self._detok = _Detokenizer(tokenizer)
-        self.renderer = StreamRenderer()
+        # With the tokenizer, RLBF's [BACKTRACK_BY_<n>] takes back n of this model's tokens; no
+        # hold: the decoder shows text as it comes and records the take-back as an edit.
+        self.renderer = StreamRenderer(tokenizer=tokenizer, hold=0)
         self.owners: list[int | None] = []  # emitted token of each visible char (None: prefill)
         self.events: list[Event] = []
         self.edits = 0
@@ -241,8 +243,9 @@ class Sequence:
                 return [Event("budget", position, name, detail=detail)]
         kind = token_kind(name)
         policy = token_policy(name)
-        if kind == "replace":
-            policy = next((e.policy for e in reversed(self.events) if e.kind == "backtrack"), None)
+        if kind in ("replace", "backtrack_by"):  # closes the edit its opener named
+            opener = ("backtrack", "category")
+            policy = next((e.policy for e in reversed(self.events) if e.kind in opener), None)
         events = [Event(kind, position, name, policy, removed)]
         if self.cfg.context == "drop" and not self.renderer.editing:
             self._drop_to_visible()
