@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_gemma import build_tokenizer
+from tiny_gemma import build_tokenizer, save_tiny_gemma
 
 from pipeline.backends import GeneratorSpec, load_generator
 from pipeline.decode import DecodeConfig, Decoder
@@ -23,35 +23,12 @@ FORCE = 1e4  # added to a scripted token's logit: it wins unless a bias sets it 
 def control_model(
     out_dir: Path, sliding_window: int = 4, seed: int = 0, extra: tuple[str, ...] = ()
 ) -> Path:
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
     add_control_tokens(tok, extra)  # extra: e.g. RLBF's tokens, as a corpus using them adds
     tok.save_pretrained(out_dir)
-    config = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=1024,
-        sliding_window=sliding_window,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=32,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out_dir)
-    return out_dir
+    layers = ["sliding_attention", "full_attention"]
+    return save_tiny_gemma(out_dir, tok, seed, sliding_window=sliding_window, layer_types=layers)
 
 
 def decoder(model_dir: Path, batch_size: int = 4, scorer=None, **cfg) -> Decoder:

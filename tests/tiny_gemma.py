@@ -56,26 +56,34 @@ def build_tokenizer(out_dir: Path):
 
 def build_tiny_gemma(out_dir: Path, seed: int = 0) -> Path:
     """Write a tokenizer and a random tiny Gemma 3 model to `out_dir`; return it."""
+    out_dir = Path(out_dir)
+    return save_tiny_gemma(out_dir, build_tokenizer(out_dir), seed)
+
+
+def save_tiny_gemma(out_dir: Path, tok, seed: int = 0, **config) -> Path:
+    """A random tiny Gemma 3 for `tok` saved to `out_dir`; `config` overrides its shape (the
+    decoder's fixtures shrink the sliding window)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    out_dir = Path(out_dir)
-    tok = build_tokenizer(out_dir)
     config = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=1024,
-        sliding_window=64,
-        query_pre_attn_scalar=32,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=True,
+        **{
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "max_position_embeddings": 1024,
+            "sliding_window": 64,
+            "query_pre_attn_scalar": 32,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "tie_word_embeddings": True,
+            **config,
+        }
     )
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)
