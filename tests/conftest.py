@@ -26,3 +26,14 @@ def control_model_dir(tmp_path_factory) -> Path:
     from decode_fixtures import control_model
 
     return control_model(tmp_path_factory.mktemp("control-gemma"))
+
+
+@pytest.fixture(scope="module")
+def control_tok(tiny_model_dir):
+    """The tiny model's tokenizer with the control tokens added, as the trainer adds them (one per
+    module: tests may add more tokens to it)."""
+    from trainer import tokens
+
+    t = tokens.load_tokenizer(str(tiny_model_dir))
+    tokens.add_control_tokens(t)
+    return t

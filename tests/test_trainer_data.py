@@ -25,10 +25,8 @@ pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    t = tokens.load_tokenizer(str(tiny_model_dir))
-    tokens.add_control_tokens(t)
-    return t
+def tok(control_tok):
+    return control_tok
 
 
 @pytest.fixture(scope="module")
