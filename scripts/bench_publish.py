@@ -69,6 +69,7 @@ def synthetic(rows: int) -> dict:
         f"format.{k}": records.table([f(rng) for _ in range(n[k])], records.SFT)
         for k, f in build.items()
     }
+    inputs["format.rlbf"] = records.SFT.empty_table()  # not mixed by default: left out here
     inputs["format.preference"] = records.PREFERENCE.empty_table()
     inputs["sources.utility"] = records.table(
         utility_source_rows(rng, n["utility"]), records.UTILITY

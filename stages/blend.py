@@ -44,7 +44,7 @@ from pipeline import dedup as dd
 from pipeline import records
 from pipeline.seeds import derive
 from pipeline.stage import StageConfig, StageSpec
-from stages.blend_rows import components, conform
+from stages.blend_rows import Rows, components, conform, gather
 
 SPEC = StageSpec(
     name="blend",
@@ -74,6 +74,9 @@ CONFIG_OF = {c: ("utility" if c == "anchor" else c) for c in COMPONENTS}
 # (~60 MB of numpy arrays for 100-word rows, measured: 4x that at 16K rows) whatever the corpus
 # size, while each numpy call still covers thousands of rows.
 CHUNK_ROWS = 4096
+# Rows per batch of an output table: the engine writes each batch as it comes, so the outputs
+# are never held whole (~14 MB a batch for 100-word rows).
+OUTPUT_ROWS = 8192
 
 
 class Config(StageConfig):
@@ -123,7 +126,7 @@ def _join(messages: pa.ChunkedArray | pa.Array, sep: str = "\n") -> pa.Array:
 
 
 def _keys(
-    table: pa.Table, component: str, fields: tuple[str, ...] = ("prompt", "body", "group")
+    table: pa.RecordBatch, component: str, fields: tuple[str, ...] = ("prompt", "body", "group")
 ) -> dict[str, pa.Array]:
     """The texts duplicate and contamination checks read: `prompt`, `body` (the answer, or chosen
     and rejected) and `group` (component and segment structure: only rows of one group are
@@ -142,7 +145,7 @@ def _keys(
         if component == "preference":
             structure = pa.array(["preference"] * table.num_rows, pa.string())
         else:
-            segs = table.column("segments").combine_chunks()
+            segs = table.column("segments")
             roles = pa.ListArray.from_arrays(segs.offsets, segs.values.field("role"))
             structure = pc.fill_null(pc.binary_join(roles, ","), "")
         out["group"] = pc.binary_join_element_wise(pa.scalar(component), structure, "|")
@@ -160,13 +163,13 @@ def _token_counts(texts: pa.Array, tokenizer: str | None) -> np.ndarray:
     return np.array([len(x) for x in ids], dtype=np.int64)
 
 
-def _units(table: pa.Table, rows: np.ndarray, component: str, unit: str, tok: str | None):
+def _units(table: Rows, rows: np.ndarray, component: str, unit: str, tok: str | None):
     """Each row's size in the mixture's unit: 1, or the tokens (words) of prompt and answer."""
     if unit == "examples":
         return np.ones(len(rows), dtype=np.int64)
     counts = [np.zeros(0, np.int64)]
     for lo in range(0, len(rows), CHUNK_ROWS):
-        chunk = table.take(pa.array(rows[lo : lo + CHUNK_ROWS], pa.int64()))
+        chunk = table.take(rows[lo : lo + CHUNK_ROWS])
         keys = _keys(chunk, component, ("prompt", "body"))
         counts.append(
             _token_counts(pc.binary_join_element_wise(keys["prompt"], keys["body"], "\n"), tok)
@@ -213,8 +216,8 @@ def _row(step: str, component: str, rows_in: int, rows_out: int, **extra: Any) -
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Table]:
-    tables, rejected = components(inputs)
+def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
+    tables, rejected = components(inputs, CHUNK_ROWS)
     report = []
     invalid = {
         "utility": inputs["sources.utility"].num_rows,
@@ -224,14 +227,14 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     order: dict[str, np.ndarray] = {}  # each component's rows in shuffle order
     for c in COMPONENTS:
         t = tables[c]
-        key = np.array(
-            [derive(env.seed, i, "shuffle") for i in t.column("id").to_pylist()], np.int64
-        )
+        key = np.zeros(t.num_rows, np.int64)
+        for lo in range(0, t.num_rows, CHUNK_ROWS):
+            ids = t.ids.slice(lo, CHUNK_ROWS).to_pylist()
+            key[lo : lo + len(ids)] = [derive(env.seed, i, "shuffle") for i in ids]
         # Rows stay where they are; `order` lists them in shuffle order (one nested-table take
         # for the outputs instead of two).
         order[c], shuffle[c] = np.argsort(key, kind="stable"), key
-        sources = pc.value_counts(t.column("source")).to_pylist() if t.num_rows else []
-        detail = {"sources": {s["values"]: s["counts"] for s in sources}}
+        detail = {"sources": t.source_counts()}
         rows_in = invalid.get(c, t.num_rows)
         report.append(_row("input", c, rows_in, rows_in, detail=detail))
         if c in invalid:
@@ -254,11 +257,11 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             for j, c in enumerate(COMPONENTS):
                 mine = local[chunk[(chunk >= starts[j]) & (chunk < starts[j + 1])]]
                 if len(mine):
-                    parts.append(_keys(tables[c].take(pa.array(mine)), c, fields))
+                    parts.append(_keys(tables[c].take(mine), c, fields))
             yield {f: pa.concat_arrays([p[f] for p in parts]) for f in fields}
 
     def row_id(position: int) -> str:
-        return tables[COMPONENTS[comp[position]]].column("id")[int(local[position])].as_py()
+        return tables[COMPONENTS[comp[position]]].ids[int(local[position])].as_py()
 
     def step(name: str, hit: np.ndarray, reason: str, details: list[dict], params: dict) -> None:
         before = np.bincount(comp[alive], minlength=len(COMPONENTS))
@@ -353,16 +356,21 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     }
     report.insert(0, _row("manifest", "", 0, 0, detail=manifest))
     outputs["report"] = records.table(report, records.BLEND_REPORT)
-    for i, (reason, detail) in sorted(removed.items()):
-        c = COMPONENTS[comp[i]]
-        row = tables[c].slice(int(local[i]), 1).to_pylist()[0]
-        rejected.append(records.reject(row, "blend", reason, detail))
+    gone = np.array(sorted(removed), dtype=np.int64)
+    for lo in range(0, len(gone), CHUNK_ROWS):
+        chunk = gone[lo : lo + CHUNK_ROWS]
+        for j in np.unique(comp[chunk]):  # positions run component by component
+            mine = chunk[comp[chunk] == j]
+            rows = tables[COMPONENTS[j]].take(local[mine]).to_pylist()
+            for i, row in zip(mine, rows, strict=True):
+                reason, detail = removed[int(i)]
+                rejected.append(records.reject(row, "blend", reason, detail))
     outputs["rejected"] = records.table(rejected, records.REJECTED)
     return outputs
 
 
 def _mixture(
-    tables: dict[str, pa.Table],
+    tables: dict[str, Rows],
     kept: dict[str, tuple[np.ndarray, np.ndarray]],
     cfg: Config,
     report: list[dict],
@@ -416,28 +424,29 @@ def _mixture(
 
 
 def _output(
-    tables: dict[str, pa.Table],
+    tables: dict[str, Rows],
     chosen: dict[str, tuple[np.ndarray, np.ndarray]],
     shuffle: dict[str, np.ndarray],
     components: list[str],
-) -> pa.Table:
-    """The chosen rows of `components`, train then validation, each in shuffle order."""
-    schema = records.PREFERENCE if components == ["preference"] else records.SFT
-    rows, splits, keys, offset = [], [], [], 0
-    for c in components:
-        r, sp = chosen[c]
-        rows.append(r + offset)  # row numbers in the components side by side
-        splits.append(sp)
-        keys.append(shuffle[c][r])
-        offset += tables[c].num_rows
-    # One take from the components side by side (a zero-copy concatenation): the rows are
-    # copied once, in their final order.
-    table = pa.concat_tables([tables[c] for c in components]) if components else None
-    split = np.concatenate(splits) if splits else np.zeros(0, np.int64)
-    order = np.lexsort((np.concatenate(keys) if keys else split, split))
-    if table is None:
-        table = schema.empty_table()
-    else:
-        table = table.take(pa.array(np.concatenate(rows)[order], pa.int64()))
-    names = pa.array(np.array(records.SPLITS, dtype=object)[split[order]].tolist(), pa.string())
-    return table.append_column("split", names).cast(records.with_split(schema))
+) -> pa.RecordBatchReader:
+    """The chosen rows of `components`, train then validation, each in shuffle order, as
+    OUTPUT_ROWS-row batches taken when the reader is read: only the rows' numbers are held."""
+    base = records.PREFERENCE if components == ["preference"] else records.SFT
+    schema = records.with_split(base)
+    which = np.concatenate([np.full(len(chosen[c][0]), j) for j, c in enumerate(components)])
+    rows = np.concatenate([chosen[c][0] for c in components])
+    split = np.concatenate([chosen[c][1] for c in components])
+    keys = np.concatenate([shuffle[c][chosen[c][0]] for c in components])
+    order = np.lexsort((keys, split))
+    which, rows, split = which[order], rows[order], split[order]
+    parts = [tables[c] for c in components]
+    names = np.array(records.SPLITS, dtype=object)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for lo in range(0, len(rows), OUTPUT_ROWS):
+            part = slice(lo, lo + OUTPUT_ROWS)
+            batch = gather(parts, which[part], rows[part], base)
+            column = pa.array(names[split[part]].tolist(), pa.string())
+            yield batch.append_column("split", column).cast(schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
