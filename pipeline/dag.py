@@ -444,11 +444,13 @@ class Pipeline:
                 if not (done_dir / f"{index:05d}").exists():
                     yield index, inputs if chunk is None else {**inputs, spec.chunked: chunk}
 
+        schemas = {**spec.writes, "rejected": records.REJECTED}
         for index, outputs in self.executor.map(name, module, section, env, pending()):
             stats = self._check_outputs(name, spec, outputs)
             for table in tables:
                 path = work / table / f"part-{index:05d}.parquet"
-                store.atomic_write_table(path, outputs[table])
+                value = _checked(name, table, outputs[table], schemas[table])
+                store.atomic_write_table(path, value)
             store.atomic_write_bytes(done_dir / f"{index:05d}", json.dumps(stats).encode())
             if spec.chunked and not console.is_terminal:  # a log line instead of the bar
                 elapsed = time.monotonic() - started
@@ -499,13 +501,11 @@ class Pipeline:
             raise StageError(f"stage {name} returned {shown}; its SPEC promises {sorted(expected)}")
         for table, schema in expected.items():
             value = outputs[table]
-            if not isinstance(value, pa.Table):
-                raise StageError(f"stage {name}: output {table!r} is not a pyarrow Table")
-            if problem := _schema_problem(value.schema, schema):
+            if not isinstance(value, pa.Table | pa.RecordBatchReader):
                 raise StageError(
-                    f"stage {name}: output {table}: {problem}; build it with "
-                    "records.table(rows, <its schema in pipeline/records.py>)"
+                    f"stage {name}: output {table!r} is not a pyarrow Table or RecordBatchReader"
                 )
+            _check_schema(name, table, value.schema, schema)
         stats = outputs.get("stats", {})
         if not isinstance(stats, dict) or not all(
             isinstance(k, str) and isinstance(v, numbers.Number) for k, v in stats.items()
@@ -528,6 +528,28 @@ class Pipeline:
                 f"inspect {work / 'rejected'} and fix the input, or raise "
                 f"{name}.max_rejected_share"
             )
+
+
+def _check_schema(name: str, table: str, got: pa.Schema, want: pa.Schema) -> None:
+    if problem := _schema_problem(got, want):
+        raise StageError(
+            f"stage {name}: output {table}: {problem}; build it with "
+            "records.table(rows, <its schema in pipeline/records.py>)"
+        )
+
+
+def _checked(name: str, table: str, value: Any, want: pa.Schema) -> Any:
+    """An output as it is written: a reader's batches each checked against the declared schema
+    on the way (a reader built from batches does not check them against its own)."""
+    if not isinstance(value, pa.RecordBatchReader):
+        return value
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in value:
+            _check_schema(name, table, batch.schema, want)
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(value.schema, batches())
 
 
 def _schema_problem(got: pa.Schema, want: pa.Schema) -> str | None:

@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.store import whole
+
 CHUNK = "__retrace_chunk"  # the column that tags each row with its chunk on the way in
 _ERROR_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:Error|Exception): .*$", re.MULTILINE)
 # On the way out: one row per chunk, the stage's result pickled.
@@ -205,7 +207,12 @@ def _uses_models(section: BaseModel) -> bool:
 
 
 def _run_whole(job: _Job, inputs: dict[str, Any]) -> Any:
-    return job.stage().run(inputs, job.section, job.env())
+    return _picklable(job.stage().run(inputs, job.section, job.env()))
+
+
+def _picklable(result: Any) -> Any:
+    """A result with every streamed table (a reader) read whole: it travels back pickled."""
+    return {k: whole(v) for k, v in result.items()} if isinstance(result, dict) else result
 
 
 def _run_chunks(
@@ -230,7 +237,7 @@ def _run_chunks(
             job.section,
             env,
         )
-        rows.append({"chunk": index, "result": pickle.dumps(result, protocol=5)})
+        rows.append({"chunk": index, "result": pickle.dumps(_picklable(result), protocol=5)})
     return pa.Table.from_pylist(rows, schema=_PACKED)
 
 

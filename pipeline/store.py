@@ -73,12 +73,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync(path.parent)
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Path, table: pa.Table | pa.RecordBatchReader) -> None:
+    """Write a table, or a reader's batches as they come (one row group each, so a stage's
+    output need never be held whole), under a temporary name renamed into place at the end; a
+    failure while writing leaves nothing under either name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    try:
+        if isinstance(table, pa.RecordBatchReader):
+            with pq.ParquetWriter(tmp, table.schema, compression="zstd") as writer:
+                for batch in table:
+                    writer.write_batch(batch)
+        else:
+            pq.write_table(table, tmp, compression="zstd")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync(tmp)
     os.replace(tmp, path)
+
+
+def whole(value: Any) -> Any:
+    """A stage output as one table: a reader's batches read (for a caller that needs them all,
+    or a result that must travel pickled); anything else as it is."""
+    return value.read_all() if isinstance(value, pa.RecordBatchReader) else value
 
 
 def parts(folder: Path) -> list[Path]:
@@ -214,6 +232,8 @@ class RunStore:
             for part in parts(work / table):
                 if part.stem.removeprefix("part-") not in kept:
                     part.unlink()
+            for stale in (work / table).glob(".*.tmp-*"):  # a part a kill cut off mid-write
+                stale.unlink()
         return work
 
     def finalize(self, stage: str, work: Path, tables: list[str], manifest: dict[str, Any]) -> None:

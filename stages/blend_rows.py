@@ -57,7 +57,8 @@ def gather(parts: Sequence[Any], which: np.ndarray, local: np.ndarray, schema: p
     order = np.argsort(which, kind="stable")
     present, starts = np.unique(which[order], return_index=True)
     ends = np.r_[starts[1:], len(order)]
-    pieces = [_take(parts[int(p)], local[order[s:e]]) for p, s, e in zip(present, starts, ends)]
+    spans = zip(present, starts, ends, strict=True)
+    pieces = [_take(parts[int(p)], local[order[s:e]]) for p, s, e in spans]
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return pa.concat_batches(pieces).take(pa.array(inverse))
@@ -146,7 +147,8 @@ def _utility_batch(source: pa.RecordBatch, ids: pa.Array, anchor: bool) -> pa.Re
     """Source rows (non-empty) as SFT `utility` rows; the answer's one array serves completion,
     segment and visible text."""
     n = source.num_rows
-    prompts, answers = _neutralised(source.column("prompt")), _neutralised(source.column("response"))
+    prompts = _neutralised(source.column("prompt"))
+    answers = _neutralised(source.column("response"))
     if anchor:
         meta = source.column("meta")
     else:

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import records
 from pipeline.env import LocalEnv
+from pipeline.store import whole
 from stages import blend
 from stages.blend_rows import BlendError
 
@@ -232,7 +233,9 @@ def make_inputs(
 
 
 def run(inputs: dict, seed: int = 0, **cfg) -> dict:
-    return blend.run(inputs, blend.Config(**cfg), LocalEnv(seed=seed))
+    """blend's outputs, each read whole (the engine writes a streamed table batch by batch)."""
+    out = blend.run(inputs, blend.Config(**cfg), LocalEnv(seed=seed))
+    return {name: whole(value) for name, value in out.items()}
 
 
 def rejected(out: dict, reason: str) -> list[dict]:

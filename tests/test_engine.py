@@ -424,6 +424,64 @@ def test_killed_stage_resumes_without_losing_or_duplicating_rows(tmp_path, monke
     assert manifest["rows_in"] == {"numbers.values": 20} and manifest["stats"] == {"kept": 17}
 
 
+# --- streamed outputs ---------------------------------------------------------------------------
+
+
+def test_a_streamed_table_is_written_batch_by_batch_with_the_same_rows(tmp_path, monkeypatch):
+    whole = make(tmp_path / "whole")
+    whole.run(["square"])
+    monkeypatch.setenv("RETRACE_TEST_STREAM", "1")
+    streamed = make(tmp_path / "streamed")
+    streamed.run(["square"])
+    assert squares(streamed) == squares(whole) == expected()
+    part = pq.ParquetFile(streamed.store.table_dir("square", "squares") / "part-00000.parquet")
+    # Squares of 1, 2 and 3: each batch went to the file as it came, never gathered first.
+    assert part.metadata.num_row_groups == 3 and part.schema_arrow.equals(square.SCHEMA)
+
+
+def test_a_kill_while_a_streamed_part_is_written_resumes_from_that_chunk(tmp_path, monkeypatch):
+    pipe = make(tmp_path)
+    log = tmp_path / "calls.log"
+    env = {
+        **CHILD_ENV,
+        "RETRACE_TEST_STREAM": "1",
+        "RETRACE_TEST_KILL_IN_STREAM": "8",  # inside chunk 2's squares, after one batch
+        "RETRACE_TEST_LOG": str(log),
+    }
+    child = run_child(_CHILD, str(tmp_path / "cfg.yaml"), env=env)
+    assert child.returncode == 137, child.stderr[-2000:]
+    (work,) = pipe.store.stage_dir("square").glob(".work-*")
+    assert [p.name for p in (work / "squares").glob(".*.tmp-*")][0].startswith(".part-00002")
+    assert not (work / "squares" / "part-00002.parquet").exists()
+
+    monkeypatch.setenv("RETRACE_TEST_STREAM", "1")
+    monkeypatch.setenv("RETRACE_TEST_LOG", str(log))
+    assert pipe.run(["square"]) == {"numbers": "cached", "square": "ran"}
+    assert log.read_text().splitlines()[3:] == ["8,9,10,11", "12,13,14,15", "16,17,18,19"]
+    ids = pipe.store.read("square", "squares").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 17 and squares(pipe) == expected()
+    assert not list(pipe.store.root.rglob(".*tmp*"))
+
+
+def test_a_streamed_batch_off_its_schema_fails_before_any_part_is_written(tmp_path, monkeypatch):
+    def run(inputs, cfg, env):
+        good = pa.record_batch([pa.array(["a"]), pa.array([1])], schema=square.SCHEMA)
+        bad = pa.record_batch({"id": pa.array(["b"]), "square": pa.array(["1"])})
+        return {
+            "squares": pa.RecordBatchReader.from_batches(square.SCHEMA, iter([good, bad])),
+            "rejected": records.table([], records.REJECTED),
+        }
+
+    monkeypatch.setattr(square, "run", run)
+    pipe = make(tmp_path)
+    problem = "column 'square' is string, its schema says int64"
+    with pytest.raises(StageError, match=f"stage square: output squares: {problem}"):
+        pipe.run(["square"])
+    (work,) = pipe.store.stage_dir("square").glob(".work-*")
+    assert not list(work.rglob("*.parquet")) and not list(work.rglob(".*tmp*"))
+    assert pipe.store.manifest("square") is None
+
+
 # The child kills itself with a real SIGKILL at one rename inside finalize of one stage: before
 # rename k (k = 1..n), or after the last (k = n + 1); k = 0 never kills and prints n.
 _FINALIZE_CHILD = """

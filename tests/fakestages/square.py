@@ -41,11 +41,21 @@ def run(inputs, cfg, env):
             rejected.append(records.reject(row, "square", "multiple_of_seven"))
         else:
             kept.append({"id": row["id"], "square": square(row["value"]) + cfg.offset})
+    squares = records.table(kept, SCHEMA)
+    if os.environ.get("RETRACE_TEST_STREAM"):  # one batch per row, as a streaming stage yields
+        squares = pa.RecordBatchReader.from_batches(SCHEMA, _stream(squares, rows))
     return {
-        "squares": records.table(kept, SCHEMA),
+        "squares": squares,
         "rejected": records.table(rejected, records.REJECTED),
         "stats": {"kept": len(kept)},
     }
+
+
+def _stream(table: pa.Table, rows: list[dict]):
+    for i, batch in enumerate(table.to_batches(max_chunksize=1)):
+        if i == 1 and os.environ.get("RETRACE_TEST_KILL_IN_STREAM") == str(rows[0]["value"]):
+            os._exit(137)  # killed with a part half written
+        yield batch
 
 
 def _wait_for(go: Path) -> None:
