@@ -16,7 +16,7 @@ signatures computed chunk by chunk equal those of one pass over everything.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,33 +176,97 @@ def signatures(chunks: Iterable[pa.Array], rows: int, shingle: int, num_perm: in
     return sig
 
 
+@dataclass(frozen=True)
+class Bands:
+    """Rows' LSH band keys (bands x rows, uint64: a row's group and one band of its MinHash
+    signature, hashed) and which rows have no shingle: what `near_duplicates` proposes candidates
+    from, at 8 bytes a band per row instead of the whole signature."""
+
+    keys: np.ndarray
+    empty: np.ndarray  # bool: the all-max signature of a text without words
+    vocabulary: Vocabulary  # the word ids the signatures were computed with
+
+
+def band_keys(sig: np.ndarray, groups: np.ndarray, bands: int) -> np.ndarray:
+    """(bands x rows) keys of rows' signatures (rows x num_perm) and group ids (uint64)."""
+    rows, num_perm = sig.shape
+    per_band = num_perm // bands
+    keys = np.empty((bands, rows), dtype=np.uint64)
+    for b in range(bands):
+        key = _mix(groups.astype(np.uint64) ^ np.uint64(b + 1))
+        for j in range(b * per_band, (b + 1) * per_band):
+            key = _mix(key ^ sig[:, j])
+        keys[b] = key
+    return keys
+
+
+def lsh_bands(
+    chunks: Iterable[tuple[pa.Array, np.ndarray]], rows: int, shingle: int, num_perm: int, bands: int
+) -> Bands:
+    """`Bands` of every row of several chunks of (texts, group ids), `rows` in all: each chunk's
+    signatures live only while its keys are computed."""
+    vocabulary = Vocabulary()
+    keys = np.empty((bands, rows), dtype=np.uint64)
+    empty = np.empty(rows, dtype=bool)
+    start = 0
+    for texts, groups in chunks:
+        sig = minhash(words(texts, vocabulary=vocabulary)[0], shingle, num_perm)
+        end = start + len(sig)
+        keys[:, start:end] = band_keys(sig, groups, bands)
+        empty[start:end] = sig[:, 0] == np.iinfo(np.uint32).max
+        start = end
+    assert start == rows, f"the chunks held {start} rows, not {rows}"
+    return Bands(keys, empty, vocabulary)
+
+
 def near_duplicates(
     sig: np.ndarray, groups: np.ndarray, threshold: float, bands: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows whose estimated Jaccard similarity to an earlier row of the same group reaches
-    `threshold`: (is_duplicate, the earlier row, the estimate).
+    `threshold`: (is_duplicate, the earlier row, the estimate); `sig` holds every row's
+    signature (rows x num_perm)."""
+    lsh = Bands(band_keys(sig, groups, bands), sig[:, 0] == np.iinfo(np.uint32).max, Vocabulary())
+    return banded_duplicates(lsh, lambda rows: sig[rows], threshold)
+
+
+def banded_duplicates(
+    lsh: Bands, signatures: Callable[[np.ndarray], np.ndarray], threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`near_duplicates` from band keys; `signatures(rows)` gives the signatures of the rows
+    (ascending) the checks read, so only candidates' signatures are ever held.
 
     LSH banding proposes candidates (rows sharing all values of one band); each candidate is then
     checked against the band's first row on the full signature, so false positives cost nothing.
     """
-    n, num_perm = sig.shape
-    rows_per_band = num_perm // bands
+    bands, n = lsh.keys.shape
+    index = np.arange(n)
     dup = np.zeros(n, dtype=bool)
-    match = np.arange(n)
+    match = index.copy()
     score = np.zeros(n)
     if n == 0:
         return dup, match, score
-    empty = sig[:, 0] == np.iinfo(np.uint32).max
+
+    def firsts(b: int) -> np.ndarray:  # each row's first row with the same key in band b
+        _, first_index, inverse = np.unique(lsh.keys[b], return_index=True, return_inverse=True)
+        return first_index[inverse]
+
+    # First the rows any check can read (every candidate and its band's first row), then the
+    # checks band by band, each band's keys grouped again: n-sized arrays, not n x bands.
+    needed = np.zeros(n, dtype=bool)
     for b in range(bands):
-        key = _mix(groups.astype(np.uint64) ^ np.uint64(b + 1))
-        for j in range(b * rows_per_band, (b + 1) * rows_per_band):
-            key = _mix(key ^ sig[:, j])
-        _, first_index, inverse = np.unique(key, return_index=True, return_inverse=True)
-        first = first_index[inverse]
-        cand = np.flatnonzero((first != np.arange(n)) & ~dup & ~empty)
+        first = firsts(b)
+        cand = (first != index) & ~lsh.empty
+        needed[cand] = True
+        needed[first[cand]] = True
+    rows = np.flatnonzero(needed)
+    sig = signatures(rows) if len(rows) else np.zeros((0, 0), dtype=np.uint32)
+    for b in range(bands):
+        first = firsts(b)
+        cand = np.flatnonzero((first != index) & ~dup & ~lsh.empty)
         if len(cand) == 0:
             continue
-        est = (sig[cand] == sig[first[cand]]).mean(axis=1)
+        mine, theirs = np.searchsorted(rows, cand), np.searchsorted(rows, first[cand])
+        est = (sig[mine] == sig[theirs]).mean(axis=1)
         hit = cand[est >= threshold]
         dup[hit], match[hit], score[hit] = True, first[hit], est[est >= threshold]
     # A row may match one that is itself a duplicate (a cluster of three); point every removed

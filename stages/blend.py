@@ -243,7 +243,9 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     # Every component's rows side by side in shuffle order: component index and row within it;
     # an earlier row wins every duplicate check. The passes read the rows' key texts a chunk at
     # a time and keep per row only a digest, a MinHash signature or a flag.
-    comp = np.concatenate([np.full(tables[c].num_rows, j) for j, c in enumerate(COMPONENTS)])
+    comp = np.concatenate(
+        [np.full(tables[c].num_rows, j, dtype=np.int8) for j, c in enumerate(COMPONENTS)]
+    )
     local = np.concatenate([order[c] for c in COMPONENTS])
     starts = np.r_[0, np.cumsum([tables[c].num_rows for c in COMPONENTS])]
     alive = np.ones(len(comp), dtype=bool)
@@ -283,16 +285,25 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
 
     if cfg.near_dup_threshold is not None:
         idx = np.flatnonzero(alive)
-        groups, names = [], dd.Vocabulary()
+        names = dd.Vocabulary()
 
-        def joined() -> Iterator[pa.Array]:
-            for k in texts(idx, "prompt", "body", "group"):
-                groups.append(names.encode(pa.chunked_array([k["group"]])))
-                yield pc.binary_join_element_wise(k["prompt"], k["body"], "\n")
+        def joined(k: dict[str, pa.Array]) -> pa.Array:
+            return pc.binary_join_element_wise(k["prompt"], k["body"], "\n")
 
-        sig = dd.signatures(joined(), len(idx), cfg.shingle, cfg.num_perm)
-        group = np.concatenate(groups) if groups else np.zeros(0, np.uint64)
-        dup, match, score = dd.near_duplicates(sig, group, cfg.near_dup_threshold, cfg.bands)
+        chunks = (
+            (joined(k), names.encode(pa.chunked_array([k["group"]])))
+            for k in texts(idx, "prompt", "body", "group")
+        )
+        lsh = dd.lsh_bands(chunks, len(idx), cfg.shingle, cfg.num_perm, cfg.bands)
+
+        def signatures(rows: np.ndarray) -> np.ndarray:  # recomputed for the few candidates
+            sig = [np.zeros((0, cfg.num_perm), dtype=np.uint32)]
+            for k in texts(idx[rows], "prompt", "body"):
+                found = dd.words(joined(k), vocabulary=lsh.vocabulary)[0]
+                sig.append(dd.minhash(found, cfg.shingle, cfg.num_perm))
+            return np.concatenate(sig)
+
+        dup, match, score = dd.banded_duplicates(lsh, signatures, cfg.near_dup_threshold)
         hit = np.zeros(len(comp), dtype=bool)
         hit[idx[dup]] = True
         details = [
@@ -433,16 +444,19 @@ def _output(
     OUTPUT_ROWS-row batches taken when the reader is read: only the rows' numbers are held."""
     base = records.PREFERENCE if components == ["preference"] else records.SFT
     schema = records.with_split(base)
-    which = np.concatenate([np.full(len(chosen[c][0]), j) for j, c in enumerate(components)])
-    rows = np.concatenate([chosen[c][0] for c in components])
-    split = np.concatenate([chosen[c][1] for c in components])
-    keys = np.concatenate([shuffle[c][chosen[c][0]] for c in components])
-    order = np.lexsort((keys, split))
-    which, rows, split = which[order], rows[order], split[order]
     parts = [tables[c] for c in components]
     names = np.array(records.SPLITS, dtype=object)
 
     def batches() -> Iterator[pa.RecordBatch]:
+        # Ordered when the engine starts writing this table, so one table's order is held at once.
+        which = np.concatenate(
+            [np.full(len(chosen[c][0]), j, dtype=np.int8) for j, c in enumerate(components)]
+        )
+        rows = np.concatenate([chosen[c][0] for c in components])
+        split = np.concatenate([chosen[c][1] for c in components])
+        keys = np.concatenate([shuffle[c][chosen[c][0]] for c in components])
+        order = np.lexsort((keys, split))
+        which, rows, split = which[order], rows[order], split[order]
         for lo in range(0, len(rows), OUTPUT_ROWS):
             part = slice(lo, lo + OUTPUT_ROWS)
             batch = gather(parts, which[part], rows[part], base)
