@@ -201,7 +201,11 @@ def band_keys(sig: np.ndarray, groups: np.ndarray, bands: int) -> np.ndarray:
 
 
 def lsh_bands(
-    chunks: Iterable[tuple[pa.Array, np.ndarray]], rows: int, shingle: int, num_perm: int, bands: int
+    chunks: Iterable[tuple[pa.Array, np.ndarray]],
+    rows: int,
+    shingle: int,
+    num_perm: int,
+    bands: int,
 ) -> Bands:
     """`Bands` of every row of several chunks of (texts, group ids), `rows` in all: each chunk's
     signatures live only while its keys are computed."""
