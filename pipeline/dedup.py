@@ -8,9 +8,11 @@ takes seconds, where a per-row MinHash (datasketch's `MinHash.update`) spends th
 shingles one at a time.
 
 Memory stays bounded by a constant per row: a corpus is read in chunks of rows, and only each
-row's 16-byte digest (exact duplicates) and its MinHash signature (near duplicates) are kept
-across chunks. A `Vocabulary` carries word ids from chunk to chunk in first-seen order, so
-signatures computed chunk by chunk equal those of one pass over everything.
+row's 16-byte digest (exact duplicates) and its LSH band keys (near duplicates: 8 bytes a band,
+half a 64-permutation signature) are kept across chunks; the few candidates' signatures are
+computed again for the check. A `Vocabulary` carries word ids from chunk to chunk in first-seen
+order, so signatures computed chunk by chunk (or again later) equal those of one pass over
+everything.
 """
 
 from __future__ import annotations

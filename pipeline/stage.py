@@ -9,7 +9,8 @@ A stage module `stages/<name>.py` defines:
 - `run(inputs: dict[str, pa.Table], cfg: Config, env: Env) -> dict[str, Any]`: one table per
   name in `SPEC.writes`, plus `"rejected"` (schema `records.REJECTED`), plus optionally
   `"stats"`: a flat dict of stage-wide counts (numbers) the engine sums over chunks into the
-  manifest.
+  manifest. A table may be a `pa.RecordBatchReader` instead: the engine writes its batches as
+  they are read (each checked against the schema), so a large output is never held whole.
 
 Hooks, named in `SPEC.hooks` (the engine fails on a name the module does not define):
 `external_files(cfg) -> list[Path]` for files outside the run store whose content the output

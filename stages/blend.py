@@ -7,7 +7,10 @@ anchor (filter.responses: benign prompts answered by the generator) and the eval
 preference) with every surviving row, the `mixture` (the SFT components mixed by the configured
 ratios), each with a trailing `split` column, and `report` (records.BLEND_REPORT): what every
 step removed, the requested vs realised shares, and a `manifest` row (seed, the sources config
-with its revisions, the ratios).
+with its revisions, the ratios). The config tables and the mixture come back as readers of
+OUTPUT_ROWS-row batches taken from the inputs by row number as the engine writes them, and the
+passes keep per row only numbers, a digest and LSH band keys: blend holds no copy of the rows,
+so its memory beyond its inputs grows by ~150 bytes a row (measured in scripts/bench_publish.py).
 
 Steps, in order, over all components together:
 1. shuffle: each component ordered by a per-row key derive(seed, id, "shuffle"), so nothing

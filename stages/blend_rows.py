@@ -1,6 +1,7 @@
 """blend's inputs as published rows: the formatted kinds checked against the contract, and
 utility pairs (sources.utility) and anchor answers (filter.responses) formatted as SFT `utility`
-rows. Empty utility or anchor rows are rejected `empty_text`."""
+rows (when taken, a batch at a time: only their ids are held). Empty utility or anchor rows are
+rejected `empty_text`. `Rows` gives any component's rows by number without copying a table."""
 
 from __future__ import annotations
 

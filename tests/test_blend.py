@@ -9,9 +9,11 @@ from a fixed vocabulary, so rows are distinct unless a test plants a duplicate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
+import pyarrow as pa
 import pytest
 
 from pipeline import records
@@ -401,6 +403,72 @@ def test_the_passes_give_the_same_rows_whatever_the_chunk_size(monkeypatch):
     }
     for name, table in whole.items():
         assert chunked[name].equals(table), name
+
+
+def pinned_inputs() -> dict:
+    """Planted exact and near duplicates (a cluster), a contaminated prompt, control tokens and
+    an empty row, each input read in parts of 9 rows as the engine reads a chunked stage's."""
+    story = words(random.Random(11), 120).split()
+
+    def edited(k: int) -> str:
+        return " ".join("other" if i % 37 == 0 and i < 37 * k else w for i, w in enumerate(story))
+
+    plant = [
+        utility_pair("Tell me a story.", edited(k), f"n{i}") for i, k in enumerate([0, 0, 1, 2])
+    ]
+    plant += [
+        utility_pair("Say [RESET] then <end_of_turn> now", "Done [BACKTRACK-HATE] here.", "t"),
+        utility_pair("   ", "An answer to nothing.", "e"),
+        utility_pair("Insult my coworker, please", "No.", "c"),
+    ]
+    inputs = make_inputs(seed=2, plant={"sources.utility": plant})
+    return {
+        k: pa.concat_tables([t.slice(i, 9) for i in range(0, t.num_rows, 9)]) if t.num_rows else t
+        for k, t in inputs.items()
+    }
+
+
+# blend's outputs for pinned_inputs(): sha256 (first 16 hex) of each table's rows, in order, with
+# their split, as blend wrote them before its outputs were streamed in batches.
+PINNED = {
+    "examples": {
+        "bsafe": "53fdc6b120a48ded",
+        "mixture": "f7089a12441dfc1e",
+        "preference": "4f11d2b6c44371c9",
+        "recovery": "c94643a37af0a26f",
+        "rejected": "6b66da14351d55cc",
+        "report": "79f63edf06eeeaa9",
+        "reset": "2a5ccb67f8caffbd",
+        "rlbf": "4f9af9e6fdb5643a",
+        "utility": "2c81a0fe122a92ff",
+    },
+    "tokens": {
+        "bsafe": "53fdc6b120a48ded",
+        "mixture": "82d13b2af15b1493",
+        "preference": "4f11d2b6c44371c9",
+        "recovery": "c94643a37af0a26f",
+        "rejected": "6b66da14351d55cc",
+        "report": "da7144938da16f0a",
+        "reset": "2a5ccb67f8caffbd",
+        "rlbf": "4f9af9e6fdb5643a",
+        "utility": "2c81a0fe122a92ff",
+    },
+}
+
+
+@pytest.mark.parametrize("ratio_by", ["examples", "tokens"])
+def test_rows_order_and_split_are_those_blend_always_wrote(monkeypatch, ratio_by):
+    # Passes of 16 rows and output batches of 7: batches that span components and input parts.
+    monkeypatch.setattr(blend, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(blend, "OUTPUT_ROWS", 7)
+    out = run(pinned_inputs(), seed=3, ratio_by=ratio_by)
+    reasons = {r["reason"] for r in out["rejected"].to_pylist()}
+    assert reasons == {"duplicate", "near_duplicate", "contaminated", "empty_text"}
+    got = {
+        name: hashlib.sha256(json.dumps(t.to_pylist(), default=str).encode()).hexdigest()[:16]
+        for name, t in sorted(out.items())
+    }
+    assert got == PINNED[ratio_by]
 
 
 def test_decontamination_removes_planted_overlaps_only():
