@@ -8,11 +8,11 @@ takes seconds, where a per-row MinHash (datasketch's `MinHash.update`) spends th
 shingles one at a time.
 
 Memory stays bounded by a constant per row: a corpus is read in chunks of rows, and only each
-row's 16-byte digest (exact duplicates) and its LSH band keys (near duplicates: 8 bytes a band,
-half a 64-permutation signature) are kept across chunks; the few candidates' signatures are
-computed again for the check. A `Vocabulary` carries word ids from chunk to chunk in first-seen
-order, so signatures computed chunk by chunk (or again later) equal those of one pass over
-everything.
+row's 16-byte digest (exact duplicates) and its LSH band keys cut to 32 bits (near duplicates:
+4 bytes a band, a quarter of a 64-permutation signature) are kept across chunks; the signatures
+of the few rows whose cut keys collide are computed again for the check. A `Vocabulary` carries
+word ids from chunk to chunk in first-seen order, so signatures computed chunk by chunk (or
+again later) equal those of one pass over everything.
 """
 
 from __future__ import annotations
@@ -178,28 +178,57 @@ def signatures(chunks: Iterable[pa.Array], rows: int, shingle: int, num_perm: in
     return sig
 
 
+def band_key(sig: np.ndarray, groups: np.ndarray, band: int, bands: int) -> np.ndarray:
+    """Each row's LSH key (uint64) in one band: its group id and that band's signature values
+    (of `sig`, rows x num_perm), hashed."""
+    per_band = sig.shape[1] // bands
+    key = _mix(groups.astype(np.uint64) ^ np.uint64(band + 1))
+    for j in range(band * per_band, (band + 1) * per_band):
+        key = _mix(key ^ sig[:, j])
+    return key
+
+
+def near_duplicates(
+    sig: np.ndarray, groups: np.ndarray, threshold: float, bands: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows whose estimated Jaccard similarity to an earlier row of the same group reaches
+    `threshold`: (is_duplicate, the earlier row, the estimate).
+
+    LSH banding proposes candidates (rows sharing all values of one band); each candidate is then
+    checked against the band's first row on the full signature, so false positives cost nothing.
+    """
+    n = len(sig)
+    dup = np.zeros(n, dtype=bool)
+    match = np.arange(n)
+    score = np.zeros(n)
+    if n == 0:
+        return dup, match, score
+    empty = sig[:, 0] == np.iinfo(np.uint32).max
+    for b in range(bands):
+        key = band_key(sig, groups, b, bands)
+        _, first_index, inverse = np.unique(key, return_index=True, return_inverse=True)
+        first = first_index[inverse]
+        cand = np.flatnonzero((first != np.arange(n)) & ~dup & ~empty)
+        if len(cand) == 0:
+            continue
+        est = (sig[cand] == sig[first[cand]]).mean(axis=1)
+        hit = cand[est >= threshold]
+        dup[hit], match[hit], score[hit] = True, first[hit], est[est >= threshold]
+    # A row may match one that is itself a duplicate (a cluster of three); point every removed
+    # row at the cluster's kept row. Matches always point to an earlier row, so this ends.
+    while np.any(dup[match]):
+        match = np.where(dup[match], match[match], match)
+    return dup, match, score
+
+
 @dataclass(frozen=True)
 class Bands:
-    """Rows' LSH band keys (bands x rows, uint64: a row's group and one band of its MinHash
-    signature, hashed) and which rows have no shingle: what `near_duplicates` proposes candidates
-    from, at 8 bytes a band per row instead of the whole signature."""
+    """Rows' LSH band keys cut to their low 32 bits (bands x rows, uint32): what
+    `banded_duplicates` finds the rows that may have a near duplicate from, at 4 bytes a band
+    per row instead of a whole signature."""
 
     keys: np.ndarray
-    empty: np.ndarray  # bool: the all-max signature of a text without words
     vocabulary: Vocabulary  # the word ids the signatures were computed with
-
-
-def band_keys(sig: np.ndarray, groups: np.ndarray, bands: int) -> np.ndarray:
-    """(bands x rows) keys of rows' signatures (rows x num_perm) and group ids (uint64)."""
-    rows, num_perm = sig.shape
-    per_band = num_perm // bands
-    keys = np.empty((bands, rows), dtype=np.uint64)
-    for b in range(bands):
-        key = _mix(groups.astype(np.uint64) ^ np.uint64(b + 1))
-        for j in range(b * per_band, (b + 1) * per_band):
-            key = _mix(key ^ sig[:, j])
-        keys[b] = key
-    return keys
 
 
 def lsh_bands(
@@ -212,73 +241,43 @@ def lsh_bands(
     """`Bands` of every row of several chunks of (texts, group ids), `rows` in all: each chunk's
     signatures live only while its keys are computed."""
     vocabulary = Vocabulary()
-    keys = np.empty((bands, rows), dtype=np.uint64)
-    empty = np.empty(rows, dtype=bool)
+    keys = np.empty((bands, rows), dtype=np.uint32)
     start = 0
     for texts, groups in chunks:
         sig = minhash(words(texts, vocabulary=vocabulary)[0], shingle, num_perm)
-        end = start + len(sig)
-        keys[:, start:end] = band_keys(sig, groups, bands)
-        empty[start:end] = sig[:, 0] == np.iinfo(np.uint32).max
-        start = end
+        for b in range(bands):
+            keys[b, start : start + len(sig)] = band_key(sig, groups, b, bands)  # low 32 bits
+        start += len(sig)
     assert start == rows, f"the chunks held {start} rows, not {rows}"
-    return Bands(keys, empty, vocabulary)
-
-
-def near_duplicates(
-    sig: np.ndarray, groups: np.ndarray, threshold: float, bands: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows whose estimated Jaccard similarity to an earlier row of the same group reaches
-    `threshold`: (is_duplicate, the earlier row, the estimate); `sig` holds every row's
-    signature (rows x num_perm)."""
-    lsh = Bands(band_keys(sig, groups, bands), sig[:, 0] == np.iinfo(np.uint32).max, Vocabulary())
-    return banded_duplicates(lsh, lambda rows: sig[rows], threshold)
+    return Bands(keys, vocabulary)
 
 
 def banded_duplicates(
-    lsh: Bands, signatures: Callable[[np.ndarray], np.ndarray], threshold: float
+    lsh: Bands,
+    again: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    threshold: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`near_duplicates` from band keys; `signatures(rows)` gives the signatures of the rows
-    (ascending) the checks read, so only candidates' signatures are ever held.
+    """`near_duplicates` of every row from its cut band keys; `again(rows)` computes once more
+    the signatures and group ids of the rows (ascending) it is given.
 
-    LSH banding proposes candidates (rows sharing all values of one band); each candidate is then
-    checked against the band's first row on the full signature, so false positives cost nothing.
+    Rows with the same key share its low 32 bits, so every candidate, and the row it is checked
+    against, is among the rows whose cut key another row shares in some band (at 1M rows ~100
+    more a band share one by chance). `near_duplicates` over just those rows, in order, finds
+    each the same earlier row, so the result is that of all rows with their whole signatures.
     """
     bands, n = lsh.keys.shape
-    index = np.arange(n)
-    dup = np.zeros(n, dtype=bool)
-    match = index.copy()
-    score = np.zeros(n)
-    if n == 0:
-        return dup, match, score
-
-    def firsts(b: int) -> np.ndarray:  # each row's first row with the same key in band b
-        _, first_index, inverse = np.unique(lsh.keys[b], return_index=True, return_inverse=True)
-        return first_index[inverse]
-
-    # First the rows any check can read (every candidate and its band's first row), then the
-    # checks band by band, each band's keys grouped again: n-sized arrays, not n x bands.
-    needed = np.zeros(n, dtype=bool)
+    shared = np.zeros(n, dtype=bool)
     for b in range(bands):
-        first = firsts(b)
-        cand = (first != index) & ~lsh.empty
-        needed[cand] = True
-        needed[first[cand]] = True
-    rows = np.flatnonzero(needed)
-    sig = signatures(rows) if len(rows) else np.zeros((0, 0), dtype=np.uint32)
-    for b in range(bands):
-        first = firsts(b)
-        cand = np.flatnonzero((first != index) & ~dup & ~lsh.empty)
-        if len(cand) == 0:
-            continue
-        mine, theirs = np.searchsorted(rows, cand), np.searchsorted(rows, first[cand])
-        est = (sig[mine] == sig[theirs]).mean(axis=1)
-        hit = cand[est >= threshold]
-        dup[hit], match[hit], score[hit] = True, first[hit], est[est >= threshold]
-    # A row may match one that is itself a duplicate (a cluster of three); point every removed
-    # row at the cluster's kept row. Matches always point to an earlier row, so this ends.
-    while np.any(dup[match]):
-        match = np.where(dup[match], match[match], match)
+        order = np.argsort(lsh.keys[b], kind="stable")
+        same = lsh.keys[b][order[1:]] == lsh.keys[b][order[:-1]]
+        shared[order[1:][same]] = True
+        shared[order[:-1][same]] = True
+    rows = np.flatnonzero(shared)
+    dup, match, score = np.zeros(n, dtype=bool), np.arange(n), np.zeros(n)
+    if len(rows):
+        sig, groups = again(rows)
+        found, earlier, estimate = near_duplicates(sig, groups, threshold, bands)
+        dup[rows], match[rows], score[rows] = found, rows[earlier], estimate
     return dup, match, score
 
 

@@ -10,7 +10,7 @@ step removed, the requested vs realised shares, and a `manifest` row (seed, the 
 with its revisions, the ratios). The config tables and the mixture come back as readers of
 OUTPUT_ROWS-row batches taken from the inputs by row number as the engine writes them, and the
 passes keep per row only numbers, a digest and LSH band keys: blend holds no copy of the rows,
-so its memory beyond its inputs grows by ~150 bytes a row (measured in scripts/bench_publish.py).
+so its memory beyond its inputs grows by ~100 bytes a row (measured in scripts/bench_publish.py).
 
 Steps, in order, over all components together:
 1. shuffle: each component ordered by a per-row key derive(seed, id, "shuffle"), so nothing
@@ -299,14 +299,15 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
         )
         lsh = dd.lsh_bands(chunks, len(idx), cfg.shingle, cfg.num_perm, cfg.bands)
 
-        def signatures(rows: np.ndarray) -> np.ndarray:  # recomputed for the few candidates
-            sig = [np.zeros((0, cfg.num_perm), dtype=np.uint32)]
-            for k in texts(idx[rows], "prompt", "body"):
+        def again(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the few candidates
+            sig, group = [np.zeros((0, cfg.num_perm), np.uint32)], [np.zeros(0, np.uint64)]
+            for k in texts(idx[rows], "prompt", "body", "group"):
                 found = dd.words(joined(k), vocabulary=lsh.vocabulary)[0]
                 sig.append(dd.minhash(found, cfg.shingle, cfg.num_perm))
-            return np.concatenate(sig)
+                group.append(names.encode(pa.chunked_array([k["group"]])))
+            return np.concatenate(sig), np.concatenate(group)
 
-        dup, match, score = dd.banded_duplicates(lsh, signatures, cfg.near_dup_threshold)
+        dup, match, score = dd.banded_duplicates(lsh, again, cfg.near_dup_threshold)
         hit = np.zeros(len(comp), dtype=bool)
         hit[idx[dup]] = True
         details = [

@@ -13,10 +13,11 @@ import hashlib
 import json
 import random
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import records
+from pipeline import dedup, records
 from pipeline.env import LocalEnv
 from pipeline.store import whole
 from stages import blend
@@ -403,6 +404,27 @@ def test_the_passes_give_the_same_rows_whatever_the_chunk_size(monkeypatch):
     }
     for name, table in whole.items():
         assert chunked[name].equals(table), name
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_near_duplicates_from_cut_band_keys_are_those_of_whole_signatures(bits):
+    # Clusters of edited copies among distinct texts, in two groups; keys cut to 4 bits make
+    # nearly every row collide by chance, which may cost time but never change the result.
+    rng = random.Random(8)
+    texts = [words(rng, 40) for _ in range(300)]
+    for i in range(0, 300, 10):
+        w = texts[i].split()
+        w[rng.randrange(40)] = "other"
+        texts[i + 1], texts[i + 2] = " ".join(w), texts[i]
+    groups = np.array([i % 2 for i in range(300)], dtype=np.uint64)
+    sig = dedup.minhash(dedup.words(pa.array(texts))[0], 5, 64)
+    whole_result = dedup.near_duplicates(sig, groups, 0.8, 16)
+    keys = np.stack([dedup.band_key(sig, groups, b, 16) for b in range(16)])
+    cut = dedup.Bands((keys & np.uint64((1 << bits) - 1)).astype(np.uint32), dedup.Vocabulary())
+    result = dedup.banded_duplicates(cut, lambda rows: (sig[rows], groups[rows]), 0.8)
+    assert whole_result[0].sum() > 20
+    for got, want in zip(result, whole_result, strict=True):
+        assert np.array_equal(got, want)
 
 
 def pinned_inputs() -> dict:
