@@ -245,7 +245,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
 
     # Every component's rows side by side in shuffle order: component index and row within it;
     # an earlier row wins every duplicate check. The passes read the rows' key texts a chunk at
-    # a time and keep per row only a digest, a MinHash signature or a flag.
+    # a time and keep per row only a digest, LSH band keys (cut to 32 bits) or a flag.
     comp = np.concatenate(
         [np.full(tables[c].num_rows, j, dtype=np.int8) for j, c in enumerate(COMPONENTS)]
     )
