@@ -146,14 +146,14 @@ def _cells(row: str) -> list[str]:
 # --- plots -----------------------------------------------------------------------------------
 
 
-def _figure(width: float = 7.0, height: float = 3.6):
+def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; a fixed backend keeps the bytes stable
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 9})
-    return plt, *plt.subplots(figsize=(width, height), dpi=100)
+    return plt, *plt.subplots(1, ncols, figsize=(width, height), dpi=100)
 
 
 def _save(plt, fig, path: Path) -> str:
@@ -241,4 +241,28 @@ def plot_toxicity(before: Sequence[float], after: Sequence[float], path: Path) -
     else:
         _empty(ax, "no toxicity scores recorded (the run had no scorer)")
     ax.set_title("Toxicity before / after backtracking")
+    return _save(plt, fig, path)
+
+
+def plot_judges(agreement: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> str:
+    """Per gate: the share of texts each judge flagged, and each pair's Cohen's kappa."""
+    plt, fig, (left, right) = _figure(
+        width=9.0, height=1.2 + 0.3 * len(agreement["judges"]), ncols=2
+    )
+    judged = list(reversed(agreement["judges"]))  # the first row on top
+    left.barh([f"{r['gate']}: {r['judge']}" for r in judged], [r["share"] or 0 for r in judged])
+    left.set_xlim(0, 1)
+    left.set_xlabel("share of texts flagged")
+    left.set_title("Flagged share per judge")
+    pairs = list(reversed(agreement["pairs"]))
+    kappas = [r["kappa"] if r["kappa"] is not None else 0.0 for r in pairs]
+    right.barh([f"{r['gate']}: {r['judges']}" for r in pairs], kappas, color="tab:purple")
+    for i, r in enumerate(pairs):
+        kappa = "n/a" if r["kappa"] is None else f"{r['kappa']:.2f}"
+        agree = "n/a" if r["agreement"] is None else f"{r['agreement']:.0%}"
+        right.text(0.02, i, f"kappa {kappa}, agree {agree}", va="center")
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_xlim(-1, 1)
+    right.set_xlabel("Cohen's kappa (0: chance, 1: always agree)")
+    right.set_title("Agreement per pair of judges")
     return _save(plt, fig, path)

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import dedup, judges, records
+from pipeline import agreement, dedup, judges, records
 from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.text import ends_sentence, sentence_ends
@@ -148,8 +148,8 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
                 env, cfg.scorer, batch, cfg.agree, cfg.toxicity_threshold, cfg.toxicity_label
             )
             progress.advance(len(batch))
-    agreement = judges.Agreement(cfg.scorer)
-    agreement.add(verdicts)
+    votes = agreement.Agreement(judges.names(cfg.scorer))
+    votes.add(verdicts)
 
     # Each row's fate in input order: (row, scores, None) if kept so far, else a drop reason.
     fates: list[tuple[dict, dict, tuple[str, dict[str, Any]] | None]] = []
@@ -191,7 +191,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             rejected.append(records.reject(row, "filter", reason, json.dumps(detail)))
     return {
         "responses": records.table(kept, records.SAMPLES),
-        "judges": records.table(agreement.table_rows(), records.JUDGES),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
-        "stats": agreement.stats(),
+        "stats": votes.stats(),
     }

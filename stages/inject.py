@@ -30,7 +30,7 @@ import pyarrow as pa
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import judges, records, seeds, taxonomy
+from pipeline import agreement, judges, records, seeds, taxonomy
 from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt, template_hash
 from pipeline.scorers import ScorerSpec
@@ -245,14 +245,14 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     texts = sorted({s["text"] for _, _, spans in picked for s in spans})
     found = judges.judge(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
     verdicts = dict(zip(texts, found, strict=True))
-    agreement = judges.Agreement(cfg.scorer)
+    votes = agreement.Agreement(judges.names(cfg.scorer))
     out = []
     for row, plan, spans in picked:
         judged = [verdicts[s["text"]] for s in spans]
         if cfg.require_unsafe and not all(v.unsafe for v in judged):
             rejected.append(records.reject(row, "inject", "span_not_unsafe"))
             continue
-        agreement.add(judged)  # per injected span, so the counts do not depend on chunking
+        votes.add(judged)  # per injected span, so the counts do not depend on chunking
         injected, offsets = _inject(plan["text"], plan["ats"], [s["text"] for s in spans])
         violations = [
             {
@@ -293,7 +293,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         )
     return {
         "violations": records.table(out, records.VIOLATIONS),
-        "judges": records.table(agreement.table_rows(), records.JUDGES),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
-        "stats": agreement.stats(),
+        "stats": votes.stats(),
     }

@@ -36,7 +36,7 @@ import pyarrow as pa
 import yaml
 from pydantic import Field
 
-from pipeline import judges, records, seeds, taxonomy
+from pipeline import agreement, judges, records, seeds, taxonomy
 from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt
 from pipeline.scorers import ScorerSpec
@@ -167,11 +167,11 @@ def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[di
 
 
 def _generate(
-    jobs: list[_Job], cfg: Config, env: Any, agreement: judges.Agreement
+    jobs: list[_Job], cfg: Config, env: Any, votes: agreement.Agreement
 ) -> tuple[dict[str, tuple[str, dict[str, Any]]], Counter[str], dict[str, int]]:
     """Generated texts that pass every check, by job key, with their meta; why the last attempt
     of each job that never passed failed; and what was generated (`_stats`). Every judged
-    attempt is counted in `agreement`.
+    attempt is counted in `votes`.
 
     One generate call per round: the first holds every job, each retry round every job still
     failing, so a continuously batched backend keeps its batch full across rows."""
@@ -208,7 +208,7 @@ def _generate(
                 pending, job_seeds, cleaned, outputs, strict=True
             ):
                 if why is None:
-                    agreement.add([judged[text]])
+                    votes.add([judged[text]])
                 if why is None and not judged[text].unsafe:
                     meta = {
                         "generator": generator.model_id,
@@ -257,14 +257,14 @@ def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
 
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     jobs, rejected = _jobs(inputs, cfg)
-    agreement = judges.Agreement(cfg.scorer)
-    accepted, why, stats = _generate(jobs, cfg, env, agreement)
+    votes = agreement.Agreement(judges.names(cfg.scorer))
+    accepted, why, stats = _generate(jobs, cfg, env, votes)
     missing = [j for j in jobs if j.key not in accepted]
     fallback = {j.key: _fallback(j, env) for j in missing}
     # Scored for the record, not judged: a fallback is used whatever its verdict.
     fallback_judged = _judge([text for text, _ in fallback.values()], cfg, env)
     # The manifest's stats: calls, retries, the judges' votes.
-    stats = {**stats, "fallback_texts": len(missing), **agreement.stats()}
+    stats = {**stats, "fallback_texts": len(missing), **votes.stats()}
     if missing and cfg.generator is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in why.most_common())
         env.log(f"rewrite: {len(missing)} of {len(jobs)} texts from prompts/fallbacks/ ({reasons})")
@@ -281,7 +281,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
         "replacements": records.table(out["replacements"], records.REPLACEMENTS),
         "refusals": records.table(out["refusals"], records.REFUSALS),
         "safe_responses": records.table(out["safe_responses"], records.SAFE_RESPONSES),
-        "judges": records.table(agreement.table_rows(), records.JUDGES),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
         "stats": stats,
     }
