@@ -146,14 +146,14 @@ def _cells(row: str) -> list[str]:
 # --- plots -----------------------------------------------------------------------------------
 
 
-def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
+def _figure(width: float = 7.0, height: float = 3.6, nrows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; a fixed backend keeps the bytes stable
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 9})
-    return plt, *plt.subplots(1, ncols, figsize=(width, height), dpi=100)
+    return plt, *plt.subplots(nrows, 1, figsize=(width, height), dpi=100)
 
 
 def _save(plt, fig, path: Path) -> str:
@@ -245,24 +245,22 @@ def plot_toxicity(before: Sequence[float], after: Sequence[float], path: Path) -
 
 
 def plot_judges(agreement: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> str:
-    """Per gate: the share of texts each judge flagged, and each pair's Cohen's kappa."""
-    plt, fig, (left, right) = _figure(
-        width=9.0, height=1.2 + 0.3 * len(agreement["judges"]), ncols=2
-    )
+    """Per gate: the share of texts each judge flagged; each pair's agreement and Cohen's kappa."""
+    rows = len(agreement["judges"]) + 2 * len(agreement["pairs"])
+    plt, fig, (top, bottom) = _figure(width=8.0, height=1.6 + 0.22 * rows, nrows=2)
     judged = list(reversed(agreement["judges"]))  # the first row on top
-    left.barh([f"{r['gate']}: {r['judge']}" for r in judged], [r["share"] or 0 for r in judged])
-    left.set_xlim(0, 1)
-    left.set_xlabel("share of texts flagged")
-    left.set_title("Flagged share per judge")
+    top.barh([f"{r['gate']}: {r['judge']}" for r in judged], [r["share"] or 0 for r in judged])
+    top.set_xlim(0, 1)
+    top.set_title("Share of texts each judge flagged")
     pairs = list(reversed(agreement["pairs"]))
-    kappas = [r["kappa"] if r["kappa"] is not None else 0.0 for r in pairs]
-    right.barh([f"{r['gate']}: {r['judges']}" for r in pairs], kappas, color="tab:purple")
-    for i, r in enumerate(pairs):
-        kappa = "n/a" if r["kappa"] is None else f"{r['kappa']:.2f}"
-        agree = "n/a" if r["agreement"] is None else f"{r['agreement']:.0%}"
-        right.text(0.02, i, f"kappa {kappa}, agree {agree}", va="center")
-    right.axvline(0, color="black", linewidth=0.8)
-    right.set_xlim(-1, 1)
-    right.set_xlabel("Cohen's kappa (0: chance, 1: always agree)")
-    right.set_title("Agreement per pair of judges")
+    y = np.arange(len(pairs))
+    agree = [r["agreement"] or 0 for r in pairs]
+    kappa = [r["kappa"] or 0 for r in pairs]  # undefined kappa drawn as 0; the table says "-"
+    bottom.barh(y + 0.2, agree, height=0.4, color="tab:green", label="agreement")
+    bottom.barh(y - 0.2, kappa, height=0.4, color="tab:purple", label="Cohen's kappa")
+    bottom.set_yticks(y, [f"{r['gate']}: {r['judges']}" for r in pairs])
+    bottom.axvline(0, color="black", linewidth=0.8)
+    bottom.set_xlim(-1, 1)
+    bottom.set_title("Agreement and Cohen's kappa per pair of judges (kappa 0: chance)")
+    bottom.legend(loc="best")
     return _save(plt, fig, path)
