@@ -270,7 +270,8 @@ def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
         response["meta"],
         offsets=row["meta"]["offsets"] if row["meta"] else None,
         origin=(row["meta"] or {}).get("origin"),
-        scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
+        # the violations row's: inject's carry the benign response's, natural's the safe prefix's
+        scores=_labelled("response", [(row["meta"] or {}).get("scores") or []])
         + _labelled("span", [v["scores"] for v in violations]),
     )
     return _Injected(

@@ -22,8 +22,9 @@ null keeps every one, 0 none.
 
 Rejects a toxic sample with no sentence over the threshold although the whole text was
 (`no_offending_sentence`), one whose first offending sentence comes before `min_safe_sentences`
-safe ones (`no_safe_prefix`), and one over the ratio (`over_ratio`). Turning samples down is
-this stage's job, so its rejected-share bound defaults to 1.0.
+safe ones (`no_safe_prefix`), one whose safe sentences, scored together, reach the threshold
+(`unsafe_prefix`: bsafe trains on the prefix), and one over the ratio (`over_ratio`). Turning
+samples down is this stage's job, so its rejected-share bound defaults to 1.0.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def _violation(
         "license": "",  # the generator's own text, as inject's generator spans
         "scores": records.scores(flags[first][1]),
     }
-    meta = dict(row.get("meta") or {})  # the sample's provenance and filter's scores
+    meta = dict(row.get("meta") or {})  # the sample's provenance; scores: the prefix's, in run
     meta["origin"] = "natural"
     meta["offsets"] = [{"start": start, "end": violation["end"], "policy": policy}]
     return {
@@ -185,14 +186,26 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     sents = [_sentences(t) for t in texts]
     pieces = [t[a:b] for t, ss in zip(texts, sents, strict=True) for a, b in ss]
     flat = _flag_sentences(pieces, cfg, env)
-    candidates, rejected, i = [], [], 0
+    built, rejected, i = [], [], 0
     for row, text, ss in zip(rows, texts, sents, strict=True):
-        built = _violation(row, text, ss, flat[i : i + len(ss)], cfg)
+        found = _violation(row, text, ss, flat[i : i + len(ss)], cfg)
         i += len(ss)
-        if isinstance(built, tuple):
-            rejected.append(records.reject(row, "natural", *built))
+        if isinstance(found, tuple):
+            rejected.append(records.reject(row, "natural", *found))
         else:
-            candidates.append((row, built))
+            built.append((row, found))
+    # Safe sentence by sentence is not safe as a whole for every scorer, and bsafe trains on the
+    # prefix: it is scored too, and its scores are the row's (what format reports for the
+    # response, as inject's rows carry the benign response's).
+    candidates = []
+    for (row, out), (offends, scores) in zip(
+        built, _flag_sentences([b["response"] for _, b in built], cfg, env), strict=True
+    ):
+        if offends:
+            rejected.append(records.reject(row, "natural", "unsafe_prefix", {"scores": scores}))
+        else:
+            out["meta"]["scores"] = records.scores(scores)
+            candidates.append((row, out))
 
     injected = inputs["inject.violations"].num_rows
     cap = len(candidates) if cfg.ratio is None else int(cfg.ratio * injected)

@@ -9,14 +9,14 @@ marker, so each test says which sentence offends.
 from __future__ import annotations
 
 import pytest
-from recipe_data import StandInEnv, WordScorer, harmful, responses
+from recipe_data import StandInEnv, StandInGenerator, WordScorer, harmful, responses
 
 import stages.filter as filt
 from pipeline import records
 from pipeline.env import LocalEnv
 from pipeline.render import render
 from stages import format as fmt
-from stages import natural
+from stages import natural, rewrite
 
 MARK = "zorkish"  # the planted word the scripted scorer flags
 SAFE_1 = "Tea is green."
@@ -65,6 +65,7 @@ def test_the_span_is_the_planted_sentence_and_at_the_end_of_the_one_before():
     offsets = [{"start": v["start"], "end": v["end"], "policy": "harassment"}]
     assert row["meta"]["offsets"] == offsets
     assert row["meta"]["generator"] == "stand-in"  # the sample's provenance travels with it
+    assert row["meta"]["scores"] == [{"label": "toxicity", "score": 0.01}]  # the prefix's
     assert out["rejected"].num_rows == 0
 
 
@@ -81,6 +82,19 @@ def test_no_safe_prefix_and_no_offending_sentence_are_rejected_with_their_reason
     two = run(rows, natural.Config(min_safe_sentences=2))
     assert two["violations"].num_rows == 0
     assert {r["id"]: r["reason"] for r in two["rejected"].to_pylist()}["second"] == "no_safe_prefix"
+
+
+def test_a_prefix_unsafe_as_a_whole_is_rejected():
+    # The scripted scorer also flags text running across the first two sentences' boundary,
+    # which no single sentence holds.
+    scorer = WordScorer((MARK, "green. it"))
+    inputs = {
+        "filter.toxic": toxic(("s1", f"{SAFE_1} {SAFE_2} {BAD}")),
+        "inject.violations": injected(1),
+    }
+    out = natural.run(inputs, natural.Config(), StandInEnv(scorer=scorer))
+    assert out["violations"].num_rows == 0
+    assert [r["reason"] for r in out["rejected"].to_pylist()] == ["unsafe_prefix"]
 
 
 def _four():
@@ -134,6 +148,23 @@ def test_filter_keeps_its_toxic_only_rows_for_natural():
     assert out["toxic"].schema == records.SAMPLES
     # still counted among filter's drops
     assert [(r["id"], r["reason"]) for r in out["rejected"].to_pylist()] == [("bad", "toxic")]
+
+
+def test_rewrite_continues_a_natural_span_from_its_rollback_point():
+    violations = run(toxic(("s1", f"{SAFE_1} {SAFE_2} {BAD} {TAIL}")))["violations"]
+    gen = StandInGenerator(lambda prompt, seed: "It is also lovely to drink.")
+    inputs = {
+        "inject.violations": records.table([], records.VIOLATIONS),
+        "natural.violations": violations,
+        "sources.harmful": harmful(),
+    }
+    out = rewrite.run(inputs, rewrite.Config(), StandInEnv(gen, WordScorer((MARK,))))
+    (rep,) = out["replacements"].to_pylist()
+    assert (rep["violation_id"], rep["index"]) == (violations["id"][0].as_py(), 0)
+    assert rep["replacement"] == "It is also lovely to drink." and rep["span"] == BAD
+    (prompt,) = gen.calls[0]
+    assert prompt.endswith(f"Text so far:\n{SAFE_1} {SAFE_2}\n</user>")  # the safe prefix
+    assert "what comes next" not in prompt  # nothing follows a rollback point
 
 
 def test_format_builds_bsafe_and_rlbf_rows_from_a_natural_violation(tiny_model_dir):
