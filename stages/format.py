@@ -310,7 +310,9 @@ def _bsafe(inj: _Injected, reps: list[dict[str, Any]], cfg: Config, kept, reject
     _keep(sft, _check_sft(sft, tuple(inj.spans)), kept, rejected)
 
 
-def _rlbf(inj: _Injected, reps: list, cfg: Config, tokenizer: Any, kept, rejected) -> None:
+def _rlbf(
+    inj: _Injected, reps: list[dict[str, Any] | None], cfg: Config, tokenizer: Any, kept, rejected
+) -> None:
     """X is the harmful segment's target-tokenizer tokens: exactly the tokens the trainer puts
     before the category token (it tokenises segment by segment). The render check then proves
     the renderer's take-back over the whole visible text cuts at the span's start.
