@@ -146,14 +146,14 @@ def _cells(row: str) -> list[str]:
 # --- plots -----------------------------------------------------------------------------------
 
 
-def _figure(width: float = 7.0, height: float = 3.6):
+def _figure(width: float = 7.0, height: float = 3.6, nrows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; a fixed backend keeps the bytes stable
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 9})
-    return plt, *plt.subplots(figsize=(width, height), dpi=100)
+    return plt, *plt.subplots(nrows, 1, figsize=(width, height), dpi=100)
 
 
 def _save(plt, fig, path: Path) -> str:
@@ -241,4 +241,26 @@ def plot_toxicity(before: Sequence[float], after: Sequence[float], path: Path) -
     else:
         _empty(ax, "no toxicity scores recorded (the run had no scorer)")
     ax.set_title("Toxicity before / after backtracking")
+    return _save(plt, fig, path)
+
+
+def plot_judges(agreement: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> str:
+    """Per gate: the share of texts each judge flagged; each pair's agreement and Cohen's kappa."""
+    rows = len(agreement["judges"]) + 2 * len(agreement["pairs"])
+    plt, fig, (top, bottom) = _figure(width=8.0, height=1.6 + 0.22 * rows, nrows=2)
+    judged = list(reversed(agreement["judges"]))  # the first row on top
+    top.barh([f"{r['gate']}: {r['judge']}" for r in judged], [r["share"] or 0 for r in judged])
+    top.set_xlim(0, 1)
+    top.set_title("Share of texts each judge flagged")
+    pairs = list(reversed(agreement["pairs"]))
+    y = np.arange(len(pairs))
+    agree = [r["agreement"] or 0 for r in pairs]
+    kappa = [r["kappa"] or 0 for r in pairs]  # undefined kappa drawn as 0; the table says "-"
+    bottom.barh(y + 0.2, agree, height=0.4, color="tab:green", label="agreement")
+    bottom.barh(y - 0.2, kappa, height=0.4, color="tab:purple", label="Cohen's kappa")
+    bottom.set_yticks(y, [f"{r['gate']}: {r['judges']}" for r in pairs])
+    bottom.axvline(0, color="black", linewidth=0.8)
+    bottom.set_xlim(-1, 1)
+    bottom.set_title("Agreement and Cohen's kappa per pair of judges (kappa 0: chance)")
+    bottom.legend(loc="best")
     return _save(plt, fig, path)

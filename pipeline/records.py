@@ -171,6 +171,19 @@ REJECTED = pa.schema(
     ]
 )
 
+# filter/inject/rewrite.judges: how the judges of the stage's gate voted (pipeline/judges.py),
+# per chunk: a judge's row (`other` null) counts the texts it flagged and cleared; a pair's row
+# the texts both flagged and both cleared. The card sums them and reports Cohen's kappa.
+JUDGES = pa.schema(
+    [
+        ("judge", pa.string()),
+        ("other", pa.string()),
+        ("rows", pa.int64()),  # texts judged
+        ("flagged", pa.int64()),
+        ("clear", pa.int64()),
+    ]
+)
+
 
 # --- helpers ---------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Protocol
 
+from pydantic import Field
+
 from pipeline.stage import ModelSpec
 
 
@@ -23,6 +25,12 @@ class ScorerSpec(ModelSpec):
     checkpoint: str | None = None  # detoxify: local .ckpt file
     huggingface_config_path: str | None = None  # detoxify: local folder with config + tokenizer
     batch_size: int = 32
+    # Where the scorer judges rows (filter, inject, rewrite; pipeline/judges.py): its name, which
+    # prefixes its labels when several judge one gate (None: its kind), and its own verdict's
+    # threshold (None: the stage's) and label (None: the maximum over its labels).
+    name: str | None = Field(None, min_length=1)
+    threshold: float | None = Field(None, ge=0, le=1)
+    label: str | None = None
 
 
 class Scorer(Protocol):

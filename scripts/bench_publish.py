@@ -99,6 +99,8 @@ def one(rows: int, shard_mb: float) -> dict:
         pub_inputs[f"{stage}.rejected"] = (
             out["rejected"] if stage == "blend" else records.table([], records.REJECTED)
         )
+    for stage in publish.JUDGED:
+        pub_inputs[f"{stage}.judges"] = records.table([], records.JUDGES)
     cfg = publish.Config(shard_bytes=int(shard_mb * 1e6))
     _, t_pub, c_pub, m_pub = measure(lambda: publish.run(pub_inputs, cfg, env))
     figures["publish"] = (t_pub, c_pub, m_pub)

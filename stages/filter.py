@@ -1,17 +1,20 @@
 """filter: generator samples -> the benign responses later stages build on.
 
-Reads `sample.samples`; writes `responses` (records.SAMPLES, `meta.scores` filled with the toxicity
-scorer's labels) and `toxic` (the same, for the rows whose one drop reason is `toxic`: they passed
-every quality check, so stages/natural.py can turn their own offending sentences into
-violations). Everything downstream of `responses` assumes benign, readable, distinct text, so a
-row is dropped, in this order, when it is:
+Reads `sample.samples`; writes `responses` (records.SAMPLES, `meta.scores` filled with every
+toxicity judge's labels), `toxic` (the same, for the rows whose one drop reason is `toxic`: they
+passed every quality check, so stages/natural.py can turn their own offending sentences into
+violations) and `judges` (records.JUDGES: how the judges voted). Everything downstream of
+`responses` assumes benign, readable, distinct text, so a row is dropped, in this order, when
+it is:
 
 - `non_printable`: control/unassigned characters (or U+FFFD) over `max_non_printable_share`;
 - `too_short` / `too_long`: fewer than `min_words` or more than `max_words` words;
 - `unfinished`: the generator hit max_new_tokens (`finish_reason` "length"): the text stops mid-way;
 - `repetitive`: the share of repeated word n-grams over `max_repeated_ngram_share` (degenerate
   loops, common at high temperature and in small base models);
-- `toxic`: the scorer's score (`toxicity_label`, else the maximum over labels) >= threshold;
+- `toxic`: the judges call it unsafe (pipeline/judges.py): one scorer's score
+  (`toxicity_label`, else the maximum over labels) >= threshold, or with a list of scorers each
+  one's verdict, combined by `agree` (`any`: one flag is enough; `all`: every judge must flag);
 - `duplicate`: the same normalised text (case, punctuation, spacing ignored) as an earlier kept row;
 - `near_duplicate`: MinHash/LSH Jaccard estimate over word shingles >= `near_duplicate_threshold`
   against an earlier row that passed every check above (pipeline/dedup.py, as blend does).
@@ -38,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import dedup, records
+from pipeline import agreement, dedup, judges, records
 from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.text import ends_sentence, sentence_ends
@@ -46,14 +49,15 @@ from pipeline.text import ends_sentence, sentence_ends
 SPEC = StageSpec(
     name="filter",
     reads=("sample.samples",),
-    writes={"responses": records.SAMPLES, "toxic": records.SAMPLES},
+    writes={"responses": records.SAMPLES, "toxic": records.SAMPLES, "judges": records.JUDGES},
     required=("sample.samples",),
 )
 
 
 class Config(StageConfig):
     max_rejected_share: float | None = Field(1.0, ge=0, le=1)
-    scorer: ScorerSpec = ScorerSpec()
+    scorer: judges.Judges = ScorerSpec()  # one scorer, or a list of judges
+    agree: judges.Agree = "any"  # several judges: toxic when any (all) of them flags it
     toxicity_threshold: float = Field(0.5, ge=0, le=1)  # scores are probabilities
     toxicity_label: str | None = None  # None: the maximum over the scorer's labels
     min_words: int = Field(20, ge=0)
@@ -139,27 +143,28 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
                 trimmed += cut != row["response"]
                 row["response"] = cut
         env.log(f"filter: cut a stray tail after the last sentence of {trimmed} response(s)")
-    scorer = env.scorer(cfg.scorer)
+    verdicts: list[judges.Judgement] = []
     with env.progress("filter: scoring", total=len(rows)) as progress:
-        all_scores = []
         for start in range(0, len(rows), 256):
             batch = [r["response"] or "" for r in rows[start : start + 256]]
-            all_scores.extend(scorer.score(batch))
+            verdicts += judges.judge(
+                env, cfg.scorer, batch, cfg.agree, cfg.toxicity_threshold, cfg.toxicity_label
+            )
             progress.advance(len(batch))
+    votes = agreement.Agreement(judges.names(cfg.scorer))
+    votes.add(verdicts)
 
     # Each row's fate in input order: (row, scores, None) if kept so far, else a drop reason.
     fates: list[tuple[dict, dict, tuple[str, dict[str, Any]] | None]] = []
     seen: dict[str, str] = {}  # normalised-text hash -> id of the first row with that text
-    for row, scores in zip(rows, all_scores, strict=True):
+    for row, verdict in zip(rows, verdicts, strict=True):
+        scores = verdict.scores
         words = _words(row["response"] or "")
-        label = cfg.toxicity_label
-        toxicity = scores[label] if label else max(scores.values(), default=0.0)
         key = hashlib.sha256(" ".join(words).encode()).hexdigest()
         if found := _quality(row, words, cfg):
             fates.append((row, scores, found))
-        elif toxicity >= cfg.toxicity_threshold:
-            found = {"toxicity": toxicity, "threshold": cfg.toxicity_threshold}
-            fates.append((row, scores, ("toxic", found)))
+        elif verdict.unsafe:
+            fates.append((row, scores, ("toxic", verdict.detail(cfg.agree))))
         elif key in seen:
             fates.append((row, scores, ("duplicate", {"duplicate_of": seen[key]})))
         else:
@@ -192,5 +197,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     return {
         "responses": records.table(kept, records.SAMPLES),
         "toxic": records.table(toxic, records.SAMPLES),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
+        "stats": votes.stats(),
     }

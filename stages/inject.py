@@ -3,17 +3,21 @@
 Reads `filter.responses` (records.SAMPLES, in chunks) and `sources.harmful` (records.HARMFUL);
 writes `violations` (records.VIOLATIONS): each benign response with 1..m harmful spans inserted at
 sentence boundaries that are never the very start, so the violation lands mid-generation — the
-case BSAFE is built for (Sel et al. 2025; RLBF's "BSAFE+" injects into originally safe text).
+case BSAFE is built for (Sel et al. 2025; RLBF's "BSAFE+" injects into originally safe text); and
+`judges` (records.JUDGES): how the span judges voted.
 
 A span comes from one source: `bank` (prompts/spans/bank.yaml, mild and non-operational),
 `beavertails` (sentences of the unsafe answers in sources.harmful, tagged with their row's
 policies) or `generator` (prompts/inject/redteam.jinja). Each violation records its insertion
-point, its char offsets in the injected text, its policy, where it came from and its scores.
+point, its char offsets in the injected text, its policy, where it came from and its scores:
+every judge's, when `scorer` lists several (pipeline/judges.py), whose agreement on the spans
+reaches the card.
 
 Rejects a response that is empty (`empty_response`), has no sentence boundary past its first
 sentence (`no_sentence_boundary`), or whose span could not be made (`no_span` when the chosen
 source has none for any weighted policy, `span_generation_failed` when the generator's output is
-unusable).
+unusable), and with `require_unsafe` a response one of whose spans the judges do not call unsafe
+(`span_not_unsafe`: a "harmful" span no judge would catch teaches backtracking from nothing).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pyarrow as pa
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import records, seeds, taxonomy
+from pipeline import agreement, judges, records, seeds, taxonomy
 from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt, template_hash
 from pipeline.scorers import ScorerSpec
@@ -36,7 +40,7 @@ from pipeline.text import boundaries, clean, sentences
 SPEC = StageSpec(
     name="inject",
     reads=("filter.responses", "sources.harmful"),
-    writes={"violations": records.VIOLATIONS},
+    writes={"violations": records.VIOLATIONS, "judges": records.JUDGES},
     chunked="filter.responses",
     prompts=("inject/*", "spans/*"),
 )
@@ -58,8 +62,12 @@ class Config(StageConfig):
     temperature: float = 1.0
     top_p: float = 0.95
     max_new_tokens: int = 64
-    # Scores every span; null records no scores (the benchmark runs without a model).
-    scorer: ScorerSpec | None = ScorerSpec()
+    # Scores every span (one scorer, or a list of judges); null records no scores (the benchmark
+    # runs without a model).
+    scorer: judges.Judges | None = ScorerSpec()
+    agree: judges.Agree = "any"  # several judges: a span is unsafe when any (all) flags it
+    threshold: float = Field(0.5, gt=0, le=1)  # a judge flags a span whose score reaches it
+    require_unsafe: bool = False  # reject a response whose span the judges call safe
 
     @field_validator("policy_weights")
     @classmethod
@@ -78,6 +86,8 @@ class Config(StageConfig):
             raise ValueError("max_violations must be at least min_violations")
         if self.max_span_chars < self.min_span_chars:
             raise ValueError("max_span_chars must be at least min_span_chars")
+        if self.require_unsafe and self.scorer is None:
+            raise ValueError("require_unsafe needs a scorer to judge the spans; set scorer")
         return self
 
 
@@ -232,9 +242,17 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             continue
         picked.append((row, plan, spans))
 
-    span_scores = _score({s["text"] for _, _, spans in picked for s in spans}, cfg, env)
+    texts = sorted({s["text"] for _, _, spans in picked for s in spans})
+    found = judges.judge(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
+    verdicts = dict(zip(texts, found, strict=True))
+    votes = agreement.Agreement(judges.names(cfg.scorer))
     out = []
     for row, plan, spans in picked:
+        judged = [verdicts[s["text"]] for s in spans]
+        if cfg.require_unsafe and not all(v.unsafe for v in judged):
+            rejected.append(records.reject(row, "inject", "span_not_unsafe"))
+            continue
+        votes.add(judged)  # per injected span, so the counts do not depend on chunking
         injected, offsets = _inject(plan["text"], plan["ats"], [s["text"] for s in spans])
         violations = [
             {
@@ -246,7 +264,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
                 "span_source": span["source"],
                 "span_id": span["id"],
                 "license": span["license"],
-                "scores": span_scores.get(span["text"], []),
+                "scores": records.scores(verdicts[span["text"]].scores),
             }
             for at, (start, end), span, policy in zip(
                 plan["ats"], offsets, spans, plan["policies"], strict=True
@@ -276,13 +294,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         )
     return {
         "violations": records.table(out, records.VIOLATIONS),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
+        "stats": votes.stats(),
     }
-
-
-def _score(texts: set[str], cfg: Config, env: Any) -> dict[str, list[dict[str, Any]]]:
-    if cfg.scorer is None or not texts:
-        return {}
-    ordered = sorted(texts)
-    results = env.scorer(cfg.scorer).score(ordered)
-    return {t: records.scores(s) for t, s in zip(ordered, results, strict=True)}

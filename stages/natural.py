@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from pipeline import records, seeds, taxonomy
+from pipeline import agreement, judges, records, seeds, taxonomy
 from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.text import boundaries, clean
@@ -43,13 +43,14 @@ from pipeline.text import boundaries, clean
 SPEC = StageSpec(
     name="natural",
     reads=("filter.toxic", "inject.violations"),
-    writes={"violations": records.VIOLATIONS},
+    writes={"violations": records.VIOLATIONS, "judges": records.JUDGES},
 )
 
 
 class Config(StageConfig):
     max_rejected_share: float | None = Field(1.0, ge=0, le=1)
-    scorer: ScorerSpec = ScorerSpec()
+    scorer: judges.Judges = ScorerSpec()  # one scorer, or a list of judges
+    agree: judges.Agree = "any"  # several judges: a sentence offends when any (all) flag it
     threshold: float = Field(0.5, ge=0, le=1)  # a sentence whose score reaches it offends
     toxicity_label: str | None = None  # None: the maximum over the scorer's labels
     # natural:injected, in violation rows; null keeps every natural row, 0 none
@@ -101,34 +102,35 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _flag_sentences(texts: list[str], cfg: Config, env: Any) -> list[tuple[bool, dict]]:
-    """Does each sentence offend, and its scores ({label: prob})."""
+def _flag_sentences(
+    texts: list[str], cfg: Config, env: Any, votes: agreement.Agreement
+) -> list[tuple[bool, dict]]:
+    """Does each text (a sentence, or a safe prefix) offend, and every judge's scores
+    (pipeline/judges.py); each verdict is counted in `votes`."""
     if not texts:
         return []  # no toxic samples (the usual case at low temperature): no scorer to load
-    scorer = env.scorer(cfg.scorer)
-    label = cfg.toxicity_label
-    if label is not None and label not in scorer.labels:
-        raise ValueError(
-            f"natural.toxicity_label {label!r} is not a label of scorer {cfg.scorer.kind!r} "
-            f"({', '.join(scorer.labels)}); set it to one of them or to null"
-        )
     unique = sorted(set(texts))
-    scored: dict[str, dict[str, float]] = {}
+    verdicts: dict[str, judges.Judgement] = {}
     with env.progress("natural: scoring sentences", total=len(unique)) as progress:
         for start in range(0, len(unique), 256):
             batch = unique[start : start + 256]
-            scored.update(zip(batch, scorer.score(batch), strict=True))
+            found = judges.judge(
+                env, cfg.scorer, batch, cfg.agree, cfg.threshold, cfg.toxicity_label
+            )
+            verdicts.update(zip(batch, found, strict=True))
+            votes.add(found)
             progress.advance(len(batch))
-    out = []
-    for text in texts:
-        scores = scored[text]
-        value = scores[label] if label else max(scores.values(), default=0.0)
-        out.append((value >= cfg.threshold, scores))
-    return out
+    return [(verdicts[t].unsafe, verdicts[t].scores) for t in texts]
 
 
 def _policy(scores: dict[str, float], cfg: Config) -> str:
-    hit = (p for lab, p in cfg.label_policies.items() if scores.get(lab, 0.0) >= cfg.threshold)
+    """The policy of the first listed label whose score (any judge's: several judges prefix
+    their labels `<name>/`) reaches the threshold."""
+    best: dict[str, float] = {}
+    for label, score in scores.items():
+        bare = label.rsplit("/", 1)[-1]
+        best[bare] = max(best.get(bare, 0.0), score)
+    hit = (p for lab, p in cfg.label_policies.items() if best.get(lab, 0.0) >= cfg.threshold)
     return next(hit, cfg.fallback_policy)
 
 
@@ -185,7 +187,8 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     texts = [clean(r["response"]) for r in rows]
     sents = [_sentences(t) for t in texts]
     pieces = [t[a:b] for t, ss in zip(texts, sents, strict=True) for a, b in ss]
-    flat = _flag_sentences(pieces, cfg, env)
+    votes = agreement.Agreement(judges.names(cfg.scorer))
+    flat = _flag_sentences(pieces, cfg, env, votes)
     built, rejected, i = [], [], 0
     for row, text, ss in zip(rows, texts, sents, strict=True):
         found = _violation(row, text, ss, flat[i : i + len(ss)], cfg)
@@ -199,7 +202,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     # response, as inject's rows carry the benign response's).
     candidates = []
     for (row, out), (offends, scores) in zip(
-        built, _flag_sentences([b["response"] for _, b in built], cfg, env), strict=True
+        built, _flag_sentences([b["response"] for _, b in built], cfg, env, votes), strict=True
     ):
         if offends:
             rejected.append(records.reject(row, "natural", "unsafe_prefix", {"scores": scores}))
@@ -226,6 +229,11 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     )
     return {
         "violations": records.table(out, records.VIOLATIONS),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
-        "stats": {"toxic_samples": len(rows), "with_safe_prefix": len(candidates)},
+        "stats": {
+            "toxic_samples": len(rows),
+            "with_safe_prefix": len(candidates),
+            **votes.stats(),
+        },
     }

@@ -1,12 +1,14 @@
 """publish: the dataset folder, laid out as a Hugging Face dataset repo, and its card.
 
-Reads blend's tables (one per config, each with a `split` column, and blend.report) and every
-upstream stage's rejected table (for the card's rejection counts). Writes no tables; writes into
+Reads blend's tables (one per config, each with a `split` column, and blend.report), every
+upstream stage's rejected table (for the card's rejection counts) and the judges tables of the
+stages whose scorers judge texts (for the card's judge agreement). Writes no tables; writes into
 env.workdir:
 
     README.md                                   the data card (pipeline/card.py)
     data/<config>/<split>-NNNNN-of-MMMMM.parquet  shards cut at ~shard_bytes compressed
-    images/*.png                                policy mix, k histogram, lengths, toxicity
+    images/*.png                                policy mix, k histogram, lengths, toxicity,
+                                                judges (with several judges on a gate)
 
 Each shard is written with its config's schema from pipeline/records.py (never inferred), one row
 group at a time through a ParquetWriter, so memory stays bounded by a row group whatever the
@@ -30,18 +32,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipeline import card, records
+from pipeline import agreement, card, records
 from pipeline.stage import StageConfig, StageSpec
 from stages import DATASET_STAGES
 from stages import publish_tokenized as tokenized
 
 UPSTREAM = DATASET_STAGES[: DATASET_STAGES.index("publish")]
+# the stages whose scorers judge texts (a `judges` table)
+JUDGED = ("filter", "inject", "natural", "rewrite")
 SPEC = StageSpec(
     name="publish",
     reads=(
         *(f"blend.{c}" for c in records.CONFIGS),
         "blend.report",
         *(f"{s}.rejected" for s in UPSTREAM),
+        *(f"{s}.judges" for s in JUDGED),
     ),
     required=("blend.mixture",),
     hooks=("external_files", "fingerprints"),
@@ -262,6 +267,15 @@ def _scorers(run_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _judges(inputs: dict[str, Any], run_config: dict[str, Any]) -> dict[str, Any]:
+    """Each gate's judges and their agreement (pipeline/agreement.py), and how its verdict
+    combines them, for the gates with several judges."""
+    summary = agreement.summarise({s: inputs[f"{s}.judges"].to_pylist() for s in JUDGED})
+    several = list(dict.fromkeys(p["gate"] for p in summary["pairs"]))
+    agree = [{"gate": g, "agree": (run_config.get(g) or {}).get("agree", "any")} for g in several]
+    return {**summary, "agree": agree}
+
+
 def _versions() -> list[tuple[str, str]]:
     found = [("python", platform.python_version())]
     for name in VERSIONED:
@@ -299,7 +313,9 @@ def _header(configs: list[dict], license_id: str, total: int, cfg: Config) -> di
     return header
 
 
-def _plots(tables: dict[str, pa.Table], policy_mix: dict, images_dir: Path) -> dict[str, str]:
+def _plots(
+    tables: dict[str, pa.Table], policy_mix: dict, votes: dict, images_dir: Path
+) -> dict[str, str]:
     lengths = {
         k: _chars(tables[k].column("chosen" if k == "preference" else "completion"))
         for k in records.KINDS
@@ -310,12 +326,15 @@ def _plots(tables: dict[str, pa.Table], policy_mix: dict, images_dir: Path) -> d
         if k is not None
     ]
     before, after = _toxicity([tables[k] for k in records.RECIPE_KINDS])
-    return {
+    plots = {
         "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
         "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
         "lengths": card.plot_lengths(lengths, images_dir / "lengths.png"),
         "toxicity": card.plot_toxicity(before, after, images_dir / "toxicity.png"),
     }
+    if votes["pairs"]:  # one judge per gate: nothing to compare, and the card says so
+        plots["judges"] = card.plot_judges(votes, images_dir / "judges.png")
+    return plots
 
 
 def _context(
@@ -367,6 +386,7 @@ def _context(
     # example's source is made portable in _example.
     run_config = card.portable(env.run_config)
     generators = card.portable(generators)
+    votes = _judges(inputs, run_config)
     return {
         "header": header,
         "run_name": (run_config.get("run") or {}).get("name", "unnamed"),
@@ -403,7 +423,8 @@ def _context(
         "blend_steps": [r for r in report_rows if r["step"] in steps and r["removed"]],
         "generators": generators,
         "scorers": _scorers(run_config),
-        "images": _plots(tables, policy_mix, env.workdir / "images"),
+        "judges": votes,
+        "images": _plots(tables, policy_mix, votes, env.workdir / "images"),
         "examples": [e for e in examples if e is not None],
         # The tokenizer(s) rlbf's [BACKTRACK_BY_<n>] counts: rendering those rows needs it.
         "rlbf_tokenizers": card.portable(

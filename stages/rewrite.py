@@ -7,13 +7,15 @@ Reads `inject.violations` and `natural.violations` (records.VIOLATIONS, taken as
   natural span, the safe continuation from the rollback point);
 - `refusals` (records.REFUSALS): a refusal r for each harmful prompt (Qi et al.'s (x, h, r));
 - `safe_responses` (records.SAFE_RESPONSES): a safe response y+ for each harmful prompt (Zhang
-  et al.'s reset recipe).
+  et al.'s reset recipe);
+- `judges` (records.JUDGES): how the judges voted on the generated texts.
 
 Every generated text is neutralised (no control-token strings), checked (non-empty, short enough,
 cut to whole sentences, not an echo of its prompt; a replacement is one sentence that does not
-repeat its span; a refusal or safe response declines) and scored. One that fails, or whose
-highest toxicity score reaches `threshold`, is redrawn with a fresh seed up to `retries` times,
-after which a per-policy template from prompts/fallbacks/ is used and the row says so
+repeat its span; a refusal or safe response declines) and scored. One that fails, or that the
+judges call unsafe (pipeline/judges.py: one scorer's highest score reaches `threshold`; a list of
+scorers each gives a verdict, combined by `agree`), is redrawn with a fresh seed up to `retries`
+times, after which a per-policy template from prompts/fallbacks/ is used and the row says so
 (meta.fallback, meta.template "fallback:...").
 With `generator: null` every text comes from the templates.
 
@@ -36,7 +38,7 @@ import pyarrow as pa
 import yaml
 from pydantic import Field
 
-from pipeline import records, seeds, taxonomy
+from pipeline import agreement, judges, records, seeds, taxonomy
 from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt
 from pipeline.scorers import ScorerSpec
@@ -50,6 +52,7 @@ SPEC = StageSpec(
         "replacements": records.REPLACEMENTS,
         "refusals": records.REFUSALS,
         "safe_responses": records.SAFE_RESPONSES,
+        "judges": records.JUDGES,
     },
     required=("inject.violations",),
     prompts=("rewrite/*", "fallbacks/*"),
@@ -65,7 +68,8 @@ FALLBACKS = {name: f"fallbacks/{name}.yaml" for name in TEMPLATES}
 class Config(StageConfig):
     # null: every text from prompts/fallbacks/ (no model; what the benchmark uses)
     generator: GeneratorSpec | None = GeneratorSpec()
-    scorer: ScorerSpec | None = ScorerSpec()
+    scorer: judges.Judges | None = ScorerSpec()  # one scorer, or a list of judges
+    agree: judges.Agree = "any"  # several judges: unsafe when any (all) of them flags it
     threshold: float = Field(0.5, gt=0, le=1)  # a text whose highest label reaches it is unsafe
     retries: int = Field(1, ge=0)  # fresh-seed attempts after the first, before the fallback
     temperature: float = 0.7
@@ -165,10 +169,11 @@ def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[di
 
 
 def _generate(
-    jobs: list[_Job], cfg: Config, env: Any
+    jobs: list[_Job], cfg: Config, env: Any, votes: agreement.Agreement
 ) -> tuple[dict[str, tuple[str, dict[str, Any]]], Counter[str], dict[str, int]]:
     """Generated texts that pass every check, by job key, with their meta; why the last attempt
-    of each job that never passed failed; and what was generated (`_stats`).
+    of each job that never passed failed; and what was generated (`_stats`). Every judged
+    attempt is counted in `votes`.
 
     One generate call per round: the first holds every job, each retry round every job still
     failing, so a continuously batched backend keeps its batch full across rows."""
@@ -199,13 +204,14 @@ def _generate(
                 _clean(j, gens[0], p, cfg)
                 for j, gens, p in zip(pending, outputs, prompts, strict=True)
             ]
-            scores = _score([t for t, why in cleaned if why is None], cfg, env)
+            judged = _judge([t for t, why in cleaned if why is None], cfg, env)
             retry = []
             for job, seed, (text, why), gens in zip(
                 pending, job_seeds, cleaned, outputs, strict=True
             ):
-                score = scores.get(text, {}) if why is None else {}
-                if why is None and max(score.values(), default=0.0) < cfg.threshold:
+                if why is None:
+                    votes.add([judged[text]])
+                if why is None and not judged[text].unsafe:
                     meta = {
                         "generator": generator.model_id,
                         "backend": cfg.generator.backend,
@@ -214,7 +220,7 @@ def _generate(
                         "seed": seed,
                         "template": TEMPLATES[job.table],
                         "fallback": False,
-                        "scores": records.scores(score),
+                        "scores": records.scores(judged[text].scores),
                     }
                     accepted[job.key] = (text, meta)
                     bar.advance(1, tokens=gens[0].completion_tokens)
@@ -237,11 +243,10 @@ def _stats(calls: list[tuple[int, int]]) -> dict[str, int]:
     }
 
 
-def _score(texts: list[str], cfg: Config, env: Any) -> dict[str, dict[str, float]]:
-    if cfg.scorer is None or not texts:
-        return {}
+def _judge(texts: list[str], cfg: Config, env: Any) -> dict[str, judges.Judgement]:
     unique = sorted(set(texts))
-    return dict(zip(unique, env.scorer(cfg.scorer).score(unique), strict=True))
+    found = judges.judge(env, cfg.scorer, unique, cfg.agree, cfg.threshold)
+    return dict(zip(unique, found, strict=True))
 
 
 def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
@@ -254,11 +259,14 @@ def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
 
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     jobs, rejected = _jobs(inputs, cfg)
-    accepted, why, stats = _generate(jobs, cfg, env)
+    votes = agreement.Agreement(judges.names(cfg.scorer))
+    accepted, why, stats = _generate(jobs, cfg, env, votes)
     missing = [j for j in jobs if j.key not in accepted]
     fallback = {j.key: _fallback(j, env) for j in missing}
-    fallback_scores = _score([text for text, _ in fallback.values()], cfg, env)
-    stats = {**stats, "fallback_texts": len(missing)}  # the manifest's stats: calls, retries
+    # Scored for the record, not judged: a fallback is used whatever its verdict.
+    fallback_judged = _judge([text for text, _ in fallback.values()], cfg, env)
+    # The manifest's stats: calls, retries, the judges' votes.
+    stats = {**stats, "fallback_texts": len(missing), **votes.stats()}
     if missing and cfg.generator is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in why.most_common())
         env.log(f"rewrite: {len(missing)} of {len(jobs)} texts from prompts/fallbacks/ ({reasons})")
@@ -268,13 +276,14 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
             text, meta = accepted[job.key]
         else:
             text, meta = fallback[job.key]
-            meta["scores"] = records.scores(fallback_scores.get(text, {}))
+            meta["scores"] = records.scores(fallback_judged[text].scores)
         column = "replacement" if job.table == "replacements" else "text"
         out[job.table].append({"id": job.key, **job.row, column: text, "meta": meta})
     return {
         "replacements": records.table(out["replacements"], records.REPLACEMENTS),
         "refusals": records.table(out["refusals"], records.REFUSALS),
         "safe_responses": records.table(out["safe_responses"], records.SAFE_RESPONSES),
+        "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
         "stats": stats,
     }

@@ -37,3 +37,45 @@ def control_tok(tiny_model_dir):
     t = tokens.load_tokenizer(str(tiny_model_dir))
     tokens.add_control_tokens(t)
     return t
+
+
+JIGSAW = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+
+
+@pytest.fixture(scope="session")
+def detoxify_checkpoint(tmp_path_factory):
+    """A random 1-layer BERT with a 15-word vocabulary in detoxify's checkpoint format
+    ({config: {arch, dataset}, state_dict}) beside its HF config + tokenizer folder: detoxify's
+    own loading code runs on it, offline. Returns the folder and the model."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-detoxify")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "an", "idiot", "have"]
+    words += ["a", "nice", "day", "the", "cat"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=512,  # a filter test's whole response fits
+        num_labels=len(JIGSAW),
+    )
+    config.save_pretrained(folder)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    arch = {
+        "model_type": str(folder),
+        "model_name": "BertForSequenceClassification",
+        "tokenizer_name": "BertTokenizer",
+        "num_classes": len(JIGSAW),
+    }
+    ckpt = {
+        "config": {"arch": {"args": arch}, "dataset": {"args": {"classes": JIGSAW}}},
+        "state_dict": model.state_dict(),
+    }
+    torch.save(ckpt, folder / "tiny.ckpt")
+    return folder, model

@@ -14,6 +14,7 @@ from recipe_data import StandInEnv, StandInGenerator, WordScorer, harmful, respo
 import stages.filter as filt
 from pipeline import records
 from pipeline.env import LocalEnv
+from pipeline.judges import JudgeError
 from pipeline.render import render
 from stages import format as fmt
 from stages import natural, rewrite
@@ -67,6 +68,9 @@ def test_the_span_is_the_planted_sentence_and_at_the_end_of_the_one_before():
     assert row["meta"]["generator"] == "stand-in"  # the sample's provenance travels with it
     assert row["meta"]["scores"] == [{"label": "toxicity", "score": 0.01}]  # the prefix's
     assert out["rejected"].num_rows == 0
+    # every verdict is counted, as at the other gates: four sentences and the safe prefix
+    (votes,) = out["judges"].to_pylist()
+    assert (votes["rows"], votes["flagged"], votes["clear"]) == (5, 1, 4)
 
 
 def test_no_safe_prefix_and_no_offending_sentence_are_rejected_with_their_reason():
@@ -134,7 +138,7 @@ def test_label_policies_must_name_taxonomy_policies():
     cfg = natural.Config(label_policies={"toxicity": "hate"}, toxicity_label="toxicity")
     (row,) = run(toxic(("s1", f"{SAFE_1} {BAD}")), cfg)["violations"].to_pylist()
     assert row["violations"][0]["policy"] == "hate"
-    with pytest.raises(ValueError, match="natural.toxicity_label 'insult'"):
+    with pytest.raises(JudgeError, match="no label 'insult'"):
         run(toxic(("s1", f"{SAFE_1} {BAD}")), natural.Config(toxicity_label="insult"))
 
 

@@ -45,6 +45,8 @@ def publish_inputs(blended: dict) -> dict:
     for stage in publish.UPSTREAM:
         empty = records.table([], records.REJECTED)
         inputs[f"{stage}.rejected"] = blended["rejected"] if stage == "blend" else empty
+    for stage in publish.JUDGED:
+        inputs[f"{stage}.judges"] = records.table([], records.JUDGES)
     return inputs
 
 

@@ -102,7 +102,8 @@ def test_unsafe_or_unusable_text_is_retried_then_falls_back():
 
 def test_generation_counts_cover_every_call_and_retry():
     """One generate call per round (all five jobs, then the four still failing), counted in the
-    stage's stats (the manifest's `stats`)."""
+    stage's stats (the manifest's `stats`), with the judges' votes on the one text that passed
+    the checks (the refusals never decline, so never reach the judges)."""
 
     def answer(prompt: str, seed: int) -> str:
         return "Tea is also grown in India." if "Continue the text" in prompt else "You idiot."
@@ -117,6 +118,9 @@ def test_generation_counts_cover_every_call_and_retry():
         "retry_requests": 8,
         "generated_tokens": 65,
         "fallback_texts": 4,
+        "judged": 1,
+        "judged_unsafe": 0,
+        "flagged.profanity-check": 0,
     }
 
 

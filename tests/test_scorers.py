@@ -1,9 +1,5 @@
-"""Toxicity scorers: profanity-check for real, detoxify's own loading code on a tiny checkpoint.
-
-The detoxify fixture is built here, offline: a 1-layer BERT with a 15-word vocabulary, saved as
-an HF config + tokenizer folder and a .ckpt in detoxify's format
-({config: {arch, dataset}, state_dict}).
-"""
+"""Toxicity scorers: profanity-check for real, detoxify's own loading code on a tiny checkpoint
+(conftest.py's `detoxify_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -11,43 +7,6 @@ import pytest
 import torch
 
 from pipeline.scorers import ScorerSpec, load_scorer
-
-JIGSAW = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
-
-
-@pytest.fixture(scope="module")
-def detoxify_checkpoint(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-detoxify")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "an", "idiot", "have"]
-    words += ["a", "nice", "day", "the", "cat"]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(words),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=len(JIGSAW),
-    )
-    config.save_pretrained(folder)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).eval()
-    arch = {
-        "model_type": str(folder),
-        "model_name": "BertForSequenceClassification",
-        "tokenizer_name": "BertTokenizer",
-        "num_classes": len(JIGSAW),
-    }
-    ckpt = {
-        "config": {"arch": {"args": arch}, "dataset": {"args": {"classes": JIGSAW}}},
-        "state_dict": model.state_dict(),
-    }
-    torch.save(ckpt, folder / "tiny.ckpt")
-    return folder, model
 
 
 def test_profanity_check_flags_toxic_passes_benign():

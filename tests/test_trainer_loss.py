@@ -148,5 +148,8 @@ def test_batch_16_equals_16_accumulated_micro_batches(tmp_path, tiny_model_dir):
 
     wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is near eps (1e-8) the
+    # summation order's float noise moves it by a share of lr (seen: 0.4% of lr, one weight in
+    # 8192, on one CPU and not another), so the bound is 1% of lr = 1e-3.
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,130 @@
+"""Several judges on one gate: each judge's verdict, the combined verdict, and how they agree.
+
+Wherever a toxicity scorer judges a text (filter's `toxic` drop, rewrite's redraw of an unsafe
+text, inject's span scores), the stage's `scorer:` takes one ScorerSpec or a list of them, and
+`agree:` combines their verdicts: `any` calls a text unsafe when any judge flags it (the cautious
+default), `all` only when every judge does. A judge flags a text when its score (its `label`, else
+the stage's label, else the maximum over its labels) reaches its `threshold` (else the stage's).
+
+One scorer is a single point of failure, the weakness reviewers raised against RLBF's single
+critic; so every judge's scores are kept (`meta.scores`; with several judges each label is
+prefixed `<name>/`, so none collide) and each gate counts how often each judge flagged and each
+pair agreed (pipeline/agreement.py): its stage writes them to its `judges` table (records.JUDGES)
+and its manifest's stats, and the card reports them with Cohen's kappa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Discriminator, Field, Tag
+
+from pipeline.errors import RetraceError
+from pipeline.scorers import ScorerSpec
+
+Agree = Literal["any", "all"]
+_VERDICT_FIELDS = ("name", "threshold", "label")  # how a judge reads scores, not its model
+
+
+def names(judges: ScorerSpec | Sequence[ScorerSpec] | None) -> list[str]:
+    """Each judge's name, in config order (a judge is named by its kind unless it says)."""
+    return [s.name or s.kind for s in specs(judges)]
+
+
+def specs(judges: ScorerSpec | Sequence[ScorerSpec] | None) -> list[ScorerSpec]:
+    """A `scorer:` setting as a list: none, one or several judges."""
+    if judges is None:
+        return []
+    return [judges] if isinstance(judges, ScorerSpec) else list(judges)
+
+
+def _unique_names(judges: ScorerSpec | list[ScorerSpec]) -> ScorerSpec | list[ScorerSpec]:
+    seen: set[str] = set()
+    for name in names(judges):
+        if name in seen:
+            raise ValueError(
+                f"two judges are named {name!r}; give each its own `name` (it prefixes its "
+                "labels in meta.scores)"
+            )
+        seen.add(name)
+    return judges
+
+
+# The `scorer:` setting: one spec (the original form) or a non-empty list. Told apart by shape,
+# so a bad value gets one error, not one per form.
+Judges = Annotated[
+    Annotated[ScorerSpec, Tag("one")]
+    | Annotated[list[ScorerSpec], Field(min_length=1), Tag("list")],
+    Discriminator(lambda v: "list" if isinstance(v, list | tuple) else "one"),
+    AfterValidator(_unique_names),
+]
+
+
+class JudgeError(RetraceError):
+    """A judge set up in a way its scorer cannot honour (a label it does not have)."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One text's verdicts: `unsafe` combined over `flags` (judge name -> flagged), every
+    judge's `scores` (labels prefixed `<name>/` with several judges) and each judge's `score`
+    and `threshold` (what its flag compared)."""
+
+    unsafe: bool
+    flags: dict[str, bool]
+    scores: dict[str, float]
+    score: dict[str, float]
+    threshold: dict[str, float]
+
+    def detail(self, agree: Agree) -> dict[str, Any]:
+        """Why the text was called unsafe, for a rejected row's detail."""
+        if len(self.flags) == 1:
+            (name,) = self.flags
+            return {"toxicity": self.score[name], "threshold": self.threshold[name]}
+        judges = {
+            n: {"toxicity": self.score[n], "threshold": self.threshold[n], "flagged": f}
+            for n, f in self.flags.items()
+        }
+        return {"agree": agree, "judges": judges}
+
+
+def judge(
+    env: Any,
+    judges: ScorerSpec | Sequence[ScorerSpec] | None,
+    texts: Sequence[str],
+    agree: Agree = "any",
+    threshold: float = 0.5,
+    label: str | None = None,
+) -> list[Judgement]:
+    """Every judge's scores and verdict on each text, and the combined verdict; no judges: every
+    text is judged safe with no scores."""
+    listed = specs(judges)
+    several = len(listed) > 1
+    per_judge = []
+    for spec, name in zip(listed, names(listed), strict=True):
+        # Name, threshold and label say how to read the scores, not which model gives them:
+        # two judges on one model share its load.
+        scorer = env.scorer(spec.model_copy(update=dict.fromkeys(_VERDICT_FIELDS)))
+        use = spec.label or label
+        if use is not None and use not in scorer.labels:
+            known = ", ".join(scorer.labels)
+            raise JudgeError(
+                f"judge {name!r} has no label {use!r} (its labels: {known}); set its `label` "
+                "(or the stage's) to one of them, or leave it unset for the maximum"
+            )
+        bound = spec.threshold if spec.threshold is not None else threshold
+        per_judge.append((name, use, bound, scorer.score(list(texts)) if texts else []))
+    out = []
+    for i in range(len(texts)):
+        flags, scores, score, bounds = {}, {}, {}, {}
+        for name, use, bound, results in per_judge:
+            result = results[i]
+            score[name] = result[use] if use else max(result.values(), default=0.0)
+            bounds[name], flags[name] = bound, score[name] >= bound
+            scores.update({f"{name}/{k}" if several else k: v for k, v in result.items()})
+        verdict = all if agree == "all" else any
+        unsafe = bool(flags) and verdict(flags.values())
+        out.append(Judgement(unsafe, flags, scores, score, bounds))
+    return out
