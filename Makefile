@@ -20,7 +20,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 ARGS ?=
 RETRACE := $(BIN)/retrace
-STAGES := sources sample filter inject rewrite format blend publish train
+STAGES := sources sample filter inject natural rewrite format blend publish train
 
 .PHONY: setup model dataset $(STAGES) eval eval-data push status show test bench lint clean
 

@@ -55,8 +55,14 @@ META = pa.struct(
         ("harmful", pa.string()),  # recovery: the whole h, so the trainer can redraw k
         ("tokenizer", pa.string()),  # recovery, rlbf: the target tokenizer's id (k, X count it)
         ("pair", pa.string()),  # preference: reset | no_reset_harmful | no_reset_benign
+        # bsafe, rlbf: where the harmful span came from: "injected" (inject put it into a benign
+        # response) or "natural" (the generator's own offending sentence, stages/natural.py)
+        ("origin", pa.string()),
     ]
 )
+
+# meta.origin of a bsafe or rlbf row, in the card's order.
+ORIGINS = ("injected", "natural")
 
 _PROVENANCE = [
     ("id", pa.string()),
@@ -239,18 +245,20 @@ VIOLATION = pa.struct(
         ("end", pa.int64()),
         ("span", pa.string()),
         ("policy", pa.string()),
-        ("span_source", pa.string()),  # bank | beavertails | generator
+        ("span_source", pa.string()),  # bank | beavertails | generator | natural
         ("span_id", pa.string()),
         ("license", pa.string()),  # the span's own licence (BeaverTails spans are CC BY-NC 4.0)
         ("scores", SCORES),
     ]
 )
 
-# inject.violations: a filtered benign response with 1..m harmful spans injected.
+# inject.violations: a filtered benign response with 1..m harmful spans injected;
+# natural.violations: a toxic sample's safe prefix with the generator's own first offending
+# sentence as its one span (`response` ends at `at`, `injected` at the span's end).
 VIOLATIONS = pa.schema(
     [
         *_ORIGIN,
-        ("response_id", pa.string()),  # the filter.responses row it was made from
+        ("response_id", pa.string()),  # the filter.responses (natural: filter.toxic) row
         ("prompt", pa.string()),
         ("response", pa.string()),  # the clean benign response
         ("injected", pa.string()),  # the response with the spans in, at the recorded offsets
@@ -260,7 +268,19 @@ VIOLATIONS = pa.schema(
     ]
 )
 
-# rewrite.replacements: a safe alternative for one injected span.
+VIOLATION_TABLES = ("inject.violations", "natural.violations")
+
+
+def violations(inputs: Mapping[str, pa.Table]) -> pa.Table:
+    """Injected and natural violations as one table, for the stages that treat them alike
+    (rewrite, format); a table not among the inputs counts as empty."""
+    tables = [inputs[name] for name in VIOLATION_TABLES if name in inputs]
+    return pa.concat_tables(
+        [t.select(VIOLATIONS.names).cast(VIOLATIONS) for t in tables] or [VIOLATIONS.empty_table()]
+    )
+
+
+# rewrite.replacements: a safe alternative for one violation's span.
 REPLACEMENTS = pa.schema(
     [
         ("id", pa.string()),

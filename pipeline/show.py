@@ -15,7 +15,16 @@ from rich.text import Text
 
 from pipeline.render import split
 
-_META_KEYS = ("k", "k_max", "h_tokens", "prefix_chars", "fallback", "template", "tokenizer")
+_META_KEYS = (
+    "origin",
+    "k",
+    "k_max",
+    "h_tokens",
+    "prefix_chars",
+    "fallback",
+    "template",
+    "tokenizer",
+)
 
 
 def segment_text(segments: list[dict[str, Any]]) -> Text:

@@ -10,6 +10,7 @@ STAGES = (
     "sample",
     "filter",
     "inject",
+    "natural",
     "rewrite",
     "format",
     "blend",

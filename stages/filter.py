@@ -1,9 +1,11 @@
 """filter: generator samples -> the benign responses later stages build on.
 
 Reads `sample.samples`; writes `responses` (records.SAMPLES, `meta.scores` filled with every
-toxicity judge's labels) and `judges` (records.JUDGES: how the judges voted). Everything downstream
-assumes these responses are benign, readable and distinct, so a row is dropped, in this order,
-when it is:
+toxicity judge's labels), `toxic` (the same, for the rows whose one drop reason is `toxic`: they
+passed every quality check, so stages/natural.py can turn their own offending sentences into
+violations) and `judges` (records.JUDGES: how the judges voted). Everything downstream of
+`responses` assumes benign, readable, distinct text, so a row is dropped, in this order, when
+it is:
 
 - `non_printable`: control/unassigned characters (or U+FFFD) over `max_non_printable_share`;
 - `too_short` / `too_long`: fewer than `min_words` or more than `max_words` words;
@@ -22,7 +24,8 @@ its last complete sentence: small base models often leave a stray word where the
 end (the embedded Gemma 3 270M nearly always does), and BSAFE builds on whole sentences. The cut
 is counted in the log. A response with no complete sentence is left whole for the checks below.
 
-Every dropped row lands in `rejected` with its reason and its scores. Dropping is this stage's
+Every dropped row lands in `rejected` with its reason and its scores (the `toxic` ones too, so the
+counts say what filter dropped; `natural` reuses them). Dropping is this stage's
 job, so its rejected-share bound defaults to 1.0.
 """
 
@@ -46,7 +49,7 @@ from pipeline.text import ends_sentence, sentence_ends
 SPEC = StageSpec(
     name="filter",
     reads=("sample.samples",),
-    writes={"responses": records.SAMPLES, "judges": records.JUDGES},
+    writes={"responses": records.SAMPLES, "toxic": records.SAMPLES, "judges": records.JUDGES},
     required=("sample.samples",),
 )
 
@@ -180,17 +183,20 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         near = {"duplicate_of": other, "jaccard": round(float(score[a]), 4)}
         fates[alive[a]] = (row, scores, ("near_duplicate", near))
 
-    kept, rejected = [], []
+    kept, toxic, rejected = [], [], []
     for row, scores, fate in fates:
+        scored = {**row, "meta": {**(row["meta"] or {}), "scores": records.scores(scores)}}
         if fate is None:
-            meta = {**(row["meta"] or {}), "scores": records.scores(scores)}
-            kept.append({**row, "meta": meta})
+            kept.append(scored)
         else:
+            if fate[0] == "toxic":  # still rejected here: filter's counts stay what it dropped
+                toxic.append(scored)
             reason, detail = fate
             detail = {**detail, "scores": scores}
             rejected.append(records.reject(row, "filter", reason, json.dumps(detail)))
     return {
         "responses": records.table(kept, records.SAMPLES),
+        "toxic": records.table(toxic, records.SAMPLES),
         "judges": records.table(votes.table_rows(), records.JUDGES),
         "rejected": records.table(rejected, records.REJECTED),
         "stats": votes.stats(),

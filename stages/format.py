@@ -1,14 +1,16 @@
 """format: build the published examples of each recipe, render and check every one.
 
-Reads `inject.violations`, `rewrite.replacements`, `rewrite.refusals`, `rewrite.safe_responses`,
-`sources.harmful` and `filter.responses`; writes `bsafe`, `rlbf`, `reset`, `recovery`
-(records.SFT) and `preference` (records.PREFERENCE), TRL's conversational formats with `segments`
-carrying the loss flags (layouts in stages/format_build.py):
+Reads `inject.violations` and `natural.violations` (taken as one table), `rewrite.replacements`,
+`rewrite.refusals`, `rewrite.safe_responses`, `sources.harmful`, `filter.responses` and
+`filter.toxic` (the samples natural violations come from); writes `bsafe`, `rlbf`, `reset`,
+`recovery` (records.SFT) and `preference` (records.PREFERENCE), TRL's conversational formats with
+`segments` carrying the loss flags (layouts in stages/format_build.py):
 
 - bsafe (Sel et al.): benign text · harmful span · [BACKTRACK-P] · span repeated · [REPLACE] ·
   safe alternative · rest, one edit per injected violation;
 - rlbf (Sel et al. 2026), from the same violations: benign text · harmful span · [CATEGORY-P] ·
-  [BACKTRACK_BY_X] · the rest of the benign text, X the span's target-tokenizer tokens;
+  [BACKTRACK_BY_X] · the rest of the benign text, X the span's target-tokenizer tokens (a
+  natural violation has no rest: its replacement continues after the take-back);
 - reset (Zhang et al.): prefix(y-) · [RESET] · y+, plus the plain (x, y+) example;
 - recovery (Qi et al.): h≤k · r, k in target-tokenizer tokens, `variants_per_triplet` draws, with
   the whole h and k in meta so the trainer can redraw k;
@@ -50,11 +52,13 @@ SPEC = StageSpec(
     name="format",
     reads=(
         "inject.violations",
+        "natural.violations",
         "rewrite.replacements",
         "rewrite.refusals",
         "rewrite.safe_responses",
         "sources.harmful",
         "filter.responses",
+        "filter.toxic",
     ),
     writes={k: records.config_schema(k) for k in (*records.RECIPE_KINDS, "preference")},
     hooks=("fingerprints",),
@@ -210,7 +214,8 @@ def _check_sft(
 
 @dataclass(frozen=True)
 class _Injected:
-    """One inject.violations row, neutralised: what its bsafe and rlbf rows are built from."""
+    """One violations row (inject's or natural's), neutralised: what its bsafe and rlbf rows are
+    built from."""
 
     row: dict[str, Any]
     text: str  # the clean benign response
@@ -222,12 +227,18 @@ class _Injected:
 
 
 def _violations(inputs, cfg: Config, out, rejected) -> None:
-    """bsafe and rlbf rows: one inject.violations row gives one of each."""
-    responses = {r["id"]: r for r in inputs["filter.responses"].to_pylist()}
+    """bsafe and rlbf rows: one violations row gives one of each."""
+    # A natural violation's sample is one filter dropped as toxic.
+    responses = {
+        r["id"]: r
+        for name in ("filter.responses", "filter.toxic")
+        if name in inputs
+        for r in inputs[name].to_pylist()
+    }
     replacements = {
         (r["violation_id"], r["index"]): r for r in inputs["rewrite.replacements"].to_pylist()
     }
-    rows = inputs["inject.violations"].to_pylist()
+    rows = records.violations(inputs).to_pylist()
     tokenizer = _tokenizer(cfg.target_tokenizer, cfg.target_revision) if cfg.rlbf and rows else None
     for row in rows:
         response = responses.get(row["response_id"])
@@ -245,7 +256,7 @@ def _violations(inputs, cfg: Config, out, rejected) -> None:
         else:
             _bsafe(injected, reps, cfg, out["bsafe"], rejected)
         if tokenizer is not None:
-            _rlbf(injected, cfg, tokenizer, out["rlbf"], rejected)
+            _rlbf(injected, reps, cfg, tokenizer, out["rlbf"], rejected)
 
 
 def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
@@ -258,7 +269,9 @@ def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
     meta = _meta(
         response["meta"],
         offsets=row["meta"]["offsets"] if row["meta"] else None,
-        scores=_labelled("response", [(response["meta"] or {}).get("scores") or []])
+        origin=(row["meta"] or {}).get("origin"),
+        # the violations row's: inject's carry the benign response's, natural's the safe prefix's
+        scores=_labelled("response", [(row["meta"] or {}).get("scores") or []])
         + _labelled("span", [v["scores"] for v in violations]),
     )
     return _Injected(
@@ -297,10 +310,16 @@ def _bsafe(inj: _Injected, reps: list[dict[str, Any]], cfg: Config, kept, reject
     _keep(sft, _check_sft(sft, tuple(inj.spans)), kept, rejected)
 
 
-def _rlbf(inj: _Injected, cfg: Config, tokenizer: Any, kept, rejected) -> None:
+def _rlbf(
+    inj: _Injected, reps: list[dict[str, Any] | None], cfg: Config, tokenizer: Any, kept, rejected
+) -> None:
     """X is the harmful segment's target-tokenizer tokens: exactly the tokens the trainer puts
     before the category token (it tokenises segment by segment). The render check then proves
-    the renderer's take-back over the whole visible text cuts at the span's start."""
+    the renderer's take-back over the whole visible text cuts at the span's start.
+
+    A text that ends at its last violation (a natural one: the model's text after its offending
+    sentence was dropped) continues after the take-back with that span's replacement, as bsafe
+    does, rather than ending the turn right after the control tokens."""
     from pipeline.models import model_id
 
     tax = taxonomy.load()
@@ -314,7 +333,13 @@ def _rlbf(inj: _Injected, cfg: Config, tokenizer: Any, kept, rejected) -> None:
         (at, span, tax.category(policy), tax.backtrack_by(x))
         for at, span, policy, x in zip(inj.ats, inj.spans, policies, xs, strict=True)
     ]
-    segments, visible = build.rlbf(inj.text, edits, cfg.rlbf_train_prefix)
+    text = inj.text
+    if inj.ats[-1] == len(text):
+        if reps[-1] is None:
+            rejected.append(records.reject(inj.row, "format", "missing_replacement"))
+            return
+        text += " " + clean(reps[-1]["replacement"])
+    segments, visible = build.rlbf(text, edits, cfg.rlbf_train_prefix)
     meta = {**inj.meta, "tokenizer": model_id(cfg.target_tokenizer, cfg.target_revision)}
     sft = _sft("rlbf", inj.row["policy"], inj.origin, inj.prompt, segments, visible, meta)
     _keep(sft, _check_sft(sft, tuple(inj.spans), tokenizer), kept, rejected)

@@ -271,6 +271,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             )
         ]
         meta = dict(row.get("meta") or {})  # the benign sample's provenance and filter scores
+        meta["origin"] = "injected"
         meta["offsets"] = [
             {"start": v["start"], "end": v["end"], "policy": v["policy"]} for v in violations
         ]

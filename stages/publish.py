@@ -38,7 +38,8 @@ from stages import DATASET_STAGES
 from stages import publish_tokenized as tokenized
 
 UPSTREAM = DATASET_STAGES[: DATASET_STAGES.index("publish")]
-JUDGED = ("filter", "inject", "rewrite")  # the stages whose scorers judge texts (a `judges` table)
+# the stages whose scorers judge texts (a `judges` table)
+JUDGED = ("filter", "inject", "natural", "rewrite")
 SPEC = StageSpec(
     name="publish",
     reads=(
@@ -51,7 +52,7 @@ SPEC = StageSpec(
     hooks=("external_files", "fingerprints"),
 )
 DEFAULT_CONFIG = "mixture"
-RECIPE_SECTIONS = ("sample", "filter", "inject", "rewrite", "format", "blend")
+RECIPE_SECTIONS = ("sample", "filter", "inject", "natural", "rewrite", "format", "blend")
 VERSIONED = ("retrace", "datasets", "pyarrow", "transformers", "torch", "trl", "huggingface_hub")
 
 # A row group holds at most this much uncompressed data: small enough that a reader (and the
@@ -185,6 +186,18 @@ def _count(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
     grouped = table.group_by(keys).aggregate([([], "count_all")]).to_pylist()
     rows = [{**{k: r[k] for k in keys}, "rows": r["count_all"]} for r in grouped]
     return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+
+
+def _origins(tables: dict[str, pa.Table]) -> list[dict[str, Any]]:
+    """bsafe and rlbf rows per origin of their harmful span (meta.origin), every origin listed,
+    so a run without natural violations says 0 rather than nothing."""
+    rows = []
+    for kind in ("bsafe", "rlbf"):
+        origin = pc.struct_field(tables[kind].column("meta"), "origin")
+        for name in records.ORIGINS:
+            n = pc.sum(pc.equal(origin, name)).as_py() or 0
+            rows.append({"config": kind, "origin": name, "rows": n})
+    return rows
 
 
 def _chars(messages: pa.ChunkedArray) -> list[int]:
@@ -395,6 +408,11 @@ def _context(
             ["pair", "split"],
         ),
         "ratios": [r for r in report_rows if r["step"] == "mixture"],
+        "origins": _origins(tables),
+        "toxic_samples": sum(
+            r["rows"] for r in rejections if (r["stage"], r["reason"]) == ("filter", "toxic")
+        ),
+        "natural_rejections": [r for r in rejections if r["stage"] == "natural"],
         "policies": policy_rows,
         "licenses": license_counts,
         "license_note": (

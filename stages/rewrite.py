@@ -1,8 +1,10 @@
 """rewrite: the safe texts the recipes need, from the generator with template fallbacks.
 
-Reads `inject.violations` (records.VIOLATIONS) and `sources.harmful` (records.HARMFUL); writes
-- `replacements` (records.REPLACEMENTS): for each injected span, one safe sentence that continues
-  coherently from the benign text before it (BSAFE's safe alternative);
+Reads `inject.violations` and `natural.violations` (records.VIOLATIONS, taken as one table) and
+`sources.harmful` (records.HARMFUL); writes
+- `replacements` (records.REPLACEMENTS): for each injected or natural span, one safe sentence
+  that continues coherently from the benign text before it (BSAFE's safe alternative; for a
+  natural span, the safe continuation from the rollback point);
 - `refusals` (records.REFUSALS): a refusal r for each harmful prompt (Qi et al.'s (x, h, r));
 - `safe_responses` (records.SAFE_RESPONSES): a safe response y+ for each harmful prompt (Zhang
   et al.'s reset recipe);
@@ -45,7 +47,7 @@ from pipeline.text import sentence_ends
 
 SPEC = StageSpec(
     name="rewrite",
-    reads=("inject.violations", "sources.harmful"),
+    reads=("inject.violations", "natural.violations", "sources.harmful"),
     writes={
         "replacements": records.REPLACEMENTS,
         "refusals": records.REFUSALS,
@@ -137,7 +139,7 @@ def _clean(job: _Job, gen: Any, prompt: str, cfg: Config) -> tuple[str, str | No
 def _jobs(inputs: dict[str, pa.Table], cfg: Config) -> tuple[list[_Job], list[dict[str, Any]]]:
     tax = taxonomy.load()
     jobs, rejected = [], []
-    for row in inputs["inject.violations"].to_pylist():
+    for row in records.violations(inputs).to_pylist():
         for i, v in enumerate(row["violations"]):
             nxt = row["response"][v["at"] :].strip()
             variables = {

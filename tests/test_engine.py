@@ -225,7 +225,7 @@ def test_rejected_share_over_bound_fails_with_one_clear_message(tmp_path):
 # exactly these stale (sample/inject/rewrite generate; filter/inject/rewrite score; format renders).
 DEPENDENTS = {
     "pipeline/backends.py": {"sample", "inject", "rewrite", "eval"},
-    "pipeline/scorers.py": {"filter", "inject", "rewrite", "eval"},
+    "pipeline/scorers.py": {"filter", "inject", "natural", "rewrite", "eval"},
     "pipeline/render.py": {"format", "eval"},
     # publish builds the tokenized twins with the trainer's encoder, which renders prompts and
     # redraws k (prompting, seeds).
@@ -233,6 +233,7 @@ DEPENDENTS = {
     "pipeline/seeds.py": {
         "sample",
         "inject",
+        "natural",
         "rewrite",
         "format",
         "blend",

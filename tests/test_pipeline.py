@@ -104,7 +104,8 @@ def test_status_shows_every_dataset_stage_fresh(published):
     _, config, _ = published
     result = runner.invoke(app, ["status", "--config", str(config)])
     assert result.exit_code == 0
-    for stage in ("sources", "sample", "filter", "inject", "rewrite", "format", "blend", "publish"):
+    stages = ("sources", "sample", "filter", "inject", "natural", "rewrite", "format", "blend")
+    for stage in (*stages, "publish"):
         line = next(ln for ln in result.stdout.splitlines() if f" {stage} " in ln)
         assert "fresh" in line, line
 
@@ -113,7 +114,7 @@ def test_second_run_is_all_cache_hits(published):
     _, config, _ = published
     result = runner.invoke(app, ["run", "--config", str(config)])
     assert result.exit_code == 0
-    assert "running" not in result.stderr and result.stderr.count("cached") == 8
+    assert "running" not in result.stderr and result.stderr.count("cached") == 9
 
 
 def test_from_card_rebuilds_byte_identical_shards(published, tmp_path, fluent_model_dir):

@@ -5,6 +5,7 @@ the same bytes. Inputs are blend's output on test_blend.py's self-written fixtur
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_blend import make_inputs, utility_pair
+from test_blend import bsafe_row, make_inputs, utility_pair
 from test_blend import run as run_blend
 
 from pipeline import card, records
@@ -183,6 +184,31 @@ def test_card_counts_are_tables_a_program_can_read(folder, blended):
     assert {"generator": "google/gemma-3-270m", "backend": "transformers"}.items() <= next(
         r for r in tables["generators"] if r["generator"] == "google/gemma-3-270m"
     ).items()
+
+
+def test_the_card_counts_rows_by_origin_and_what_natural_set_aside(tmp_path):
+    rng = random.Random(5)
+    natural = [bsafe_row(rng) for _ in range(3)]
+    for row in natural:
+        row["meta"]["origin"] = "natural"
+    inputs = publish_inputs(run_blend(make_inputs(plant={"format.bsafe": natural})))
+    sample = {"id": "s", "response": "..."}
+    inputs["filter.rejected"] = records.table(
+        [records.reject(sample, "filter", "toxic")] * 4, records.REJECTED
+    )
+    inputs["natural.rejected"] = records.table(
+        [records.reject(sample, "natural", "over_ratio")], records.REJECTED
+    )
+    folder = do_publish(inputs, tmp_path)
+    origins = {(r["config"], r["origin"]): r["rows"] for r in card.card_tables(folder)["origins"]}
+    assert origins == {
+        ("bsafe", "injected"): "0",  # test_blend's rows predate meta.origin
+        ("bsafe", "natural"): "3",
+        ("rlbf", "injected"): "0",
+        ("rlbf", "natural"): "0",
+    }
+    text = (folder / "README.md").read_text()
+    assert "filter dropped 4 samples as toxic; `natural` reused them, setting aside 1 as " in text
 
 
 def test_card_shows_one_example_per_kind_plots_and_the_config(folder):
