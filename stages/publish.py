@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline import agreement, card, records
 from pipeline.stage import StageConfig, StageSpec
@@ -69,6 +69,16 @@ class Config(StageConfig):
     # Tokenizers (embedded, a Hub id or a folder) to publish every SFT config pre-tokenized
     # with, as `<config>-tok`: what TRL trains exactly (stages/publish_tokenized.py).
     tokenized: list[str] = []
+    # Cut pages by content, so a republished revision shares most bytes with the last one on the
+    # Hub's Xet storage (less to upload); it costs 15-20% more write time (pyarrow >= 21).
+    content_defined_chunking: bool = False
+
+    @field_validator("content_defined_chunking")
+    @classmethod
+    def _cdc_supported(cls, on: bool) -> bool:
+        if on and int(pa.__version__.split(".")[0]) < 21:
+            raise ValueError(f"needs pyarrow >= 21 (installed: {pa.__version__}); set it false")
+        return on
 
 
 def external_files(cfg: Config) -> list[Path]:
@@ -106,10 +116,12 @@ def write_shards(
     options: dict[str, Any] = {
         "compression": cfg.compression,
         "write_statistics": ["id", "kind", "source", "license"],  # not on long text columns
+        # Nearly every column is unique text (ids, prompts, completions): Arrow would build a
+        # dictionary per column chunk only to fall back to plain pages. Off is 10% of a plain
+        # write faster and, under zstd, no larger (40.3 vs 40.9 MB at 128K rows).
+        "use_dictionary": False,
     }
-    if int(pa.__version__.split(".")[0]) >= 21:
-        # Chunk pages by content, so a republished dataset shares most bytes with the last
-        # revision on the Hub's Xet storage.
+    if cfg.content_defined_chunking:
         options["use_content_defined_chunking"] = True
     parts: list[Path] = []
     writer, sink = None, None

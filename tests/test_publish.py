@@ -119,6 +119,15 @@ def test_the_same_inputs_give_the_same_bytes(blended, tmp_path):
     assert any(name.startswith("images/") for name in digest(a))
 
 
+def test_content_defined_chunking_keeps_every_row(blended, tmp_path):
+    inputs = publish_inputs(blended)
+    plain = do_publish(inputs, tmp_path / "plain")
+    cdc = do_publish(inputs, tmp_path / "cdc", content_defined_chunking=True)
+    for config in ("mixture", "bsafe"):
+        a, b = shards(plain, config, "train"), shards(cdc, config, "train")
+        assert pq.ParquetDataset(b).read() == pq.ParquetDataset(a).read()
+
+
 def test_a_rerun_in_the_same_folder_leaves_no_stale_shards(blended, tmp_path):
     inputs = publish_inputs(blended)
     do_publish(inputs, tmp_path, shard_bytes=5000)
