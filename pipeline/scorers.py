@@ -33,6 +33,19 @@ class ScorerSpec(ModelSpec):
     label: str | None = None
 
 
+def without_verdict(spec: ScorerSpec) -> ScorerSpec:
+    """A validator for a scorer used outside the row gates (decode's guard, eval's scorer judge),
+    which read their own threshold and label: a judge's `name`/`threshold`/`label` set there
+    would be ignored, so it is an error instead."""
+    given = [f for f in ("name", "threshold", "label") if getattr(spec, f) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} only apply where a scorer gates rows (filter, inject, natural, "
+            "rewrite); set the threshold and label beside `scorer:` here instead"
+        )
+    return spec
+
+
 class Scorer(Protocol):
     spec: ScorerSpec
     labels: tuple[str, ...]

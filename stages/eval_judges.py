@@ -24,11 +24,11 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.backends import GeneratorSpec, SamplingParams
 from pipeline.prompting import render_prompt
-from pipeline.scorers import ScorerSpec, load_scorer
+from pipeline.scorers import ScorerSpec, load_scorer, without_verdict
 from stages.eval_model import left_padded
 
 # Refusal markers from Zou et al. (GCG, 2023) and Qi et al.'s keyword judge, lower-cased.
@@ -94,7 +94,9 @@ class KeywordJudgeSpec(_Base):
 
 class ScorerJudgeSpec(_Base):
     kind: Literal["scorer"]
-    scorer: ScorerSpec = Field(default_factory=ScorerSpec)
+    scorer: Annotated[ScorerSpec, AfterValidator(without_verdict)] = Field(
+        default_factory=ScorerSpec
+    )
     threshold: float = Field(0.5, ge=0, le=1)
 
 

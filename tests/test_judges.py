@@ -78,6 +78,19 @@ def test_duplicate_judge_names_empty_lists_and_bad_agree_are_config_errors(detox
         FilterConfig(scorer={"kind": "profanity-check", "threshold": 1.5})
 
 
+def test_judge_settings_where_nothing_reads_them_are_config_errors():
+    from pipeline.decode.config import GuardConfig
+    from stages.eval_judges import ScorerJudgeSpec
+
+    with pytest.raises(ValidationError, match="threshold only apply where a scorer gates rows"):
+        GuardConfig(scorer={"kind": "profanity-check", "threshold": 0.2})
+    with pytest.raises(ValidationError, match="name, label only apply"):
+        ScorerJudgeSpec(
+            kind="scorer", scorer={"kind": "profanity-check", "name": "a", "label": "x"}
+        )
+    assert GuardConfig(scorer={"kind": "profanity-check"}, threshold=0.2).threshold == 0.2
+
+
 def test_the_shipped_configs_keep_one_scorer_through_their_yaml_anchor():
     from pipeline.dag import load_stages
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.scorers import ScorerSpec
+from pipeline.scorers import ScorerSpec, without_verdict
 
 
 class GuardConfig(BaseModel):
@@ -17,7 +17,7 @@ class GuardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scorer: ScorerSpec = ScorerSpec()
+    scorer: Annotated[ScorerSpec, AfterValidator(without_verdict)] = ScorerSpec()
     threshold: float = Field(0.5, ge=0, le=1)
     label: str | None = None  # score one label; None takes the maximum over the scorer's labels
     retries: int = Field(2, ge=0)  # resamples per turn before it ends with `refusal`
