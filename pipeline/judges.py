@@ -15,7 +15,7 @@ and its manifest's stats, and the card reports them with Cohen's kappa.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -128,3 +128,17 @@ def judge(
         unsafe = bool(flags) and verdict(flags.values())
         out.append(Judgement(unsafe, flags, scores, score, bounds))
     return out
+
+
+def judge_distinct(
+    env: Any,
+    judges: ScorerSpec | Sequence[ScorerSpec] | None,
+    texts: Iterable[str],
+    agree: Agree = "any",
+    threshold: float = 0.5,
+    label: str | None = None,
+) -> dict[str, Judgement]:
+    """`judge` on each distinct text once (in sorted order, so scores never depend on input
+    order), by text."""
+    unique = sorted(set(texts))
+    return dict(zip(unique, judge(env, judges, unique, agree, threshold, label), strict=True))

@@ -242,9 +242,8 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             continue
         picked.append((row, plan, spans))
 
-    texts = sorted({s["text"] for _, _, spans in picked for s in spans})
-    found = judges.judge(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
-    verdicts = dict(zip(texts, found, strict=True))
+    texts = (s["text"] for _, _, spans in picked for s in spans)
+    verdicts = judges.judge_distinct(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
     votes = agreement.Agreement(judges.names(cfg.scorer))
     out = []
     for row, plan, spans in picked:

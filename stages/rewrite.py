@@ -244,9 +244,7 @@ def _stats(calls: list[tuple[int, int]]) -> dict[str, int]:
 
 
 def _judge(texts: list[str], cfg: Config, env: Any) -> dict[str, judges.Judgement]:
-    unique = sorted(set(texts))
-    found = judges.judge(env, cfg.scorer, unique, cfg.agree, cfg.threshold)
-    return dict(zip(unique, found, strict=True))
+    return judges.judge_distinct(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
 
 
 def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
