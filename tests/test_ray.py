@@ -86,20 +86,26 @@ def test_a_ray_run_killed_mid_stage_resumes_from_its_finished_chunks(
     on_ray = ["--set", "run.executor=ray", "--set", f"run.ray.address={ray_address}"]
     command = [sys.executable, "-c", "from pipeline.cli import app; app()", "stage", "sample"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.Popen(
-        [*command, "--config", str(config), *on_ray],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     done = run / "sample"
-    deadline = time.monotonic() + 240
-    while not list(done.glob(".work-*/_done/*")) and time.monotonic() < deadline:
-        assert child.poll() is None, child.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    child.kill()
-    child.wait()
-    finished = len(list(done.glob(".work-*/_done/*")))
+    # Ray's actors finish chunks side by side, so now and then every chunk is done before the
+    # kill lands and nothing is left to resume: then the kill is tried again on a fresh folder.
+    for _attempt in range(3):
+        shutil.rmtree(done, ignore_errors=True)
+        child = subprocess.Popen(
+            [*command, "--config", str(config), *on_ray],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 240
+        while not list(done.glob(".work-*/_done/*")) and time.monotonic() < deadline:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        child.kill()
+        child.wait()
+        finished = len(list(done.glob(".work-*/_done/*")))
+        if finished < 3:
+            break
     assert 1 <= finished < 3 and not (done / store.MANIFEST).exists()
 
     output = _run(config, "sample", *on_ray, command="stage")
