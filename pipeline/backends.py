@@ -79,6 +79,7 @@ class Generation:
     completion_tokens: int  # generated tokens, the closing end-of-turn token included
     seed: int  # the seed of the random stream that drew this generation
     error: str = ""  # why the request failed for good (finish_reason "error", text empty)
+    transient: bool = False  # it failed only after every retry (a down or busy server)
 
 
 class Generator(Protocol):

@@ -107,8 +107,13 @@ def _shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+_DOWN = "server_unavailable"  # a server backend was down or busy through every retry
+
+
 def _clean(job: _Job, gen: Any, prompt: str, cfg: Config) -> tuple[str, str | None]:
     """The usable part of a generated text, or a short reason it is unusable."""
+    if gen.finish_reason == "error":  # a server backend's request failed: no text, say why
+        return "", _DOWN if gen.transient else "generation_failed"
     text, _ = taxonomy.neutralise(gen.text.strip())
     if job.table == "replacements":
         text = " ".join(text.split("\n\n")[0].split())  # one line: it sits inside a paragraph
@@ -267,7 +272,10 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     stats = {**stats, "fallback_texts": len(missing), **votes.stats()}
     if missing and cfg.generator is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in why.most_common())
-        env.log(f"rewrite: {len(missing)} of {len(jobs)} texts from prompts/fallbacks/ ({reasons})")
+        # Fallbacks are texts, not rejections, so nothing retries them: say how.
+        again = "; `retrace stage rewrite --force` once the server is back" if why[_DOWN] else ""
+        used = f"{len(missing)} of {len(jobs)} texts from prompts/fallbacks/"
+        env.log(f"rewrite: {used} ({reasons}){again}")
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in TEMPLATES}
     for job in jobs:
         if job.key in accepted:
