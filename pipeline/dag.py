@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
-from pipeline import digest, records, store
+from pipeline import digest, records, retry, store
 from pipeline.config import section_dump
 from pipeline.env import LocalEnv
 from pipeline.errors import RetraceError
@@ -361,15 +361,18 @@ class Pipeline:
                 key, parts = computed
                 manifest = self.store.manifest(name)
                 cached = self.spec(name).cached and manifest is not None and manifest["key"] == key
-                if cached and name not in forced:
+                waiting = retry.waiting(self.spec(name), manifest) if cached else 0
+                if cached and name not in forced and not waiting:
                     console.print(
                         f"[dim]{name}: cached ({manifest['seconds']:.1f} s when built)[/]"
                     )
                     outcome[name] = "cached"
                     continue
                 self._check_inputs_have_rows(name)
+                # A finished stage with rows to retry reopens; --force redoes every row.
+                reopen = manifest if cached and name not in forced else None
                 try:
-                    self._run_stage(name, key, parts, fresh=name in forced)
+                    self._run_stage(name, key, parts, fresh=name in forced, reopen=reopen)
                 except Exception as err:  # writing parts, hashing, finalizing: name the stage
                     notes = getattr(err, "__notes__", ())
                     if not isinstance(err, StageError) and not any("in stage" in n for n in notes):
@@ -416,10 +419,18 @@ class Pipeline:
         upstream, table = spec.chunked.split(".", 1)
         yield from store.iter_chunks(self.store.table_dir(upstream, table), size)
 
-    def _run_stage(self, name: str, key: str, parts: dict[str, Any], fresh: bool) -> None:
+    def _run_stage(
+        self, name: str, key: str, parts: dict[str, Any], fresh: bool, reopen: dict | None = None
+    ) -> None:
         spec, section, module = self.spec(name), self.section(name), self.stages[name]
         tables = [*spec.writes, "rejected"]
-        work = self.store.open_attempt(name, key, tables, fresh=fresh)
+        work = self.store.open_attempt(name, key, tables, fresh=fresh or reopen is not None)
+        if reopen is not None:  # a finished stage, to retry its rows rejected for SPEC.retried
+            retry.reopen(self.store.stage_dir(name), work, tables, reopen["stats"])
+            console.print(
+                f"{name}: retrying {retry.waiting(spec, reopen)} row(s) rejected as "
+                f"{' or '.join(spec.retried)} last time"
+            )
         done_dir = work / store.DONE
         env = LocalEnv(
             seed=self.run_cfg.seed,
@@ -432,10 +443,15 @@ class Pipeline:
         inputs = self._inputs(spec)
         size = self.chunk_size(name)
         resumed = len(list(done_dir.iterdir()))
-        console.print(
-            f"{name}: resuming after {resumed} finished chunk(s)" if resumed else f"{name}: running"
-        )
+        if reopen is None:
+            console.print(
+                f"{name}: resuming after {resumed} finished chunk(s)"
+                if resumed
+                else f"{name}: running"
+            )
         rows_in = Counter({r: t.num_rows for r, t in inputs.items() if isinstance(t, pa.Table)})
+
+        again: dict[int, pa.Table] = {}  # done chunk -> its rows to retry
 
         def pending() -> Iterator[tuple[int, dict[str, Any]]]:
             for index, chunk in enumerate(self._chunks(spec, size)):
@@ -443,10 +459,15 @@ class Pipeline:
                     rows_in[spec.chunked] += chunk.num_rows
                 if not (done_dir / f"{index:05d}").exists():
                     yield index, inputs if chunk is None else {**inputs, spec.chunked: chunk}
+                elif (rows := retry.rows(spec, work, index, chunk)) is not None:
+                    again[index] = rows
+                    yield index, {**inputs, spec.chunked: rows}
 
         schemas = {**spec.writes, "rejected": records.REJECTED}
         for index, outputs in self.executor.map(name, module, section, env, pending()):
             stats = self._check_outputs(name, spec, outputs)
+            if index in again:
+                outputs, stats = retry.merge(spec, work, index, again.pop(index), outputs, stats)
             for table in tables:
                 path = work / table / f"part-{index:05d}.parquet"
                 value = _checked(name, table, outputs[table], schemas[table])
@@ -488,6 +509,11 @@ class Pipeline:
         self.store.finalize(name, work, tables, manifest)
         counts = ", ".join(f"{t} {o['rows']}" for t, o in outputs.items() if t != store.FILES)
         console.print(f"[green]{name}: done[/] in {manifest['seconds']:.1f} s ({counts})")
+        if waiting := retry.waiting(spec, manifest):
+            console.print(
+                f"[yellow]{name}: {waiting} row(s) rejected as {' or '.join(spec.retried)}; "
+                "the next run retries them[/]"
+            )
         if store.FILES in outputs:  # where the stage's files live now, not its work folder
             console.print(f"  {name}: files in {self.store.files_dir(name)}")
 
@@ -522,11 +548,18 @@ class Pipeline:
         if rows_in and rejected / rows_in > bound:
             reasons = Counter(store.read_parts(work / "rejected").column("reason").to_pylist())
             top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+            spec = self.spec(name)
+            again = [r for r in spec.retried if reasons[r]]
+            todo = (
+                f"rerun once the cause has passed (rows rejected as {' or '.join(again)} are "
+                "retried)"
+                if again
+                else f"inspect {work / 'rejected'} and fix the input"
+            )
             raise StageError(
                 f"stage {name} rejected {rejected} of {rows_in} input rows "
                 f"({rejected / rows_in:.0%}, bound {bound:.0%}; top reasons: {top}); "
-                f"inspect {work / 'rejected'} and fix the input, or raise "
-                f"{name}.max_rejected_share"
+                f"{todo}, or raise {name}.max_rejected_share"
             )
 
 

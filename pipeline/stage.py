@@ -54,6 +54,9 @@ class StageSpec:
     prompts: tuple[str, ...] = ()  # globs under prompts/ hashed into the cache key
     hooks: tuple[str, ...] = ()  # optional functions of the module, out of HOOKS
     cached: bool = True  # False: run every time it is asked for (push)
+    # Reject reasons that may pass (a server that was down): a later run, even of a finished
+    # stage, runs the rows rejected for them again and keeps the rest (pipeline/retry.py).
+    retried: tuple[str, ...] = ()
     folder: str | None = None  # its folder under the run, if not the stage name (eval/<model>)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,8 @@ class StageSpec:
         unknown = [h for h in self.hooks if h not in HOOKS]
         if unknown:
             raise ValueError(f"stage {self.name}: unknown hook(s) {unknown}; known: {HOOKS}")
+        if self.retried and self.chunked is None:
+            raise ValueError(f"stage {self.name}: SPEC.retried needs a chunked input")
         stray = [r for r in (*self.required, self.chunked) if r and r not in self.reads]
         if stray:
             raise ValueError(f"stage {self.name}: {stray} must be among its reads {self.reads}")

@@ -11,7 +11,8 @@ never from chunk position or batch, so a resumed run writes the same rows as an 
 (see pipeline/backends.py for the float-rounding caveat of batched kernels). Response text is
 neutralised (DESIGN §4): a control or special token string the model wrote cannot reach a record.
 Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a server backend's request failed
-for good; the detail is the server's reason).
+for good, or its reply had the wrong shape; the detail is the server's reason) and
+`server_unavailable` (the server was down or busy through every retry), which the next run retries.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SPEC = StageSpec(
     writes={"samples": records.SAMPLES},
     chunked="sources.benign",
     prompts=("sample/*", "chat/*"),
+    retried=("server_unavailable",),
 )
 
 
@@ -126,9 +128,10 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
             generations = generator.generate([text for _, text in batch], params, request_seeds)
             tokens = 0
             for (row, _), gens in zip(batch, generations, strict=True):
-                failed = next((g.error for g in gens if g.finish_reason == "error"), None)
+                failed = next((g for g in gens if g.finish_reason == "error"), None)
                 if failed is not None:
-                    rejected.append(records.reject(row, "sample", "generation_failed", failed))
+                    why = "server_unavailable" if failed.transient else "generation_failed"
+                    rejected.append(records.reject(row, "sample", why, failed.error))
                     continue
                 for index, gen in enumerate(gens):
                     samples.append(_sample_row(row, index, gen, generator, cfg, template))
