@@ -286,6 +286,8 @@ class OpenAIGenerator(_TokenizerMixin):
                 response = self.client.request(method, url, json=body)
             except httpx2.TransportError as err:  # refused, reset, timed out
                 reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            except httpx2.RequestError as err:  # a body that does not decode, a redirect loop
+                raise RequestFailed(f"{url}: {type(err).__name__}: {err}") from None
             else:
                 if response.status_code < 400:
                     try:

@@ -47,8 +47,8 @@ def answer_text(prompt: str) -> str:
 
 class Stub:
     """An OpenAI-compatible server: `answer(path, body, headers) -> (status, reply)` (a dict or
-    list is sent as JSON, a str as text). Serves /v1/models and /v1/completions healthily until
-    a test replaces `answer`; counts the completion requests it gets."""
+    list is sent as JSON, a str as text, bytes as a gzip body). Serves /v1/models and
+    /v1/completions healthily until a test replaces `answer`; counts the completion requests."""
 
     def __init__(self, model: str) -> None:
         self.model, self.completions = model, 0
@@ -68,11 +68,13 @@ class Stub:
                 if self.path.endswith("/completions"):
                     stub.completions += 1
                 status, reply = stub.answer(self.path, body, dict(self.headers))
-                text = reply if isinstance(reply, str) else json.dumps(reply)
-                kind = "text/plain" if isinstance(reply, str) else "application/json"
-                data = text.encode()
+                text = reply if isinstance(reply, str | bytes) else json.dumps(reply)
+                kind = "application/json" if isinstance(reply, dict | list) else "text/plain"
+                data = text if isinstance(text, bytes) else text.encode()
                 self.send_response(status)
                 self.send_header("content-type", kind)
+                if isinstance(reply, bytes):  # bytes: a body that claims to be gzip
+                    self.send_header("content-encoding", "gzip")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -266,6 +268,7 @@ MALFORMED = {  # reply -> the row's detail, after the url
         "a reply with a choice that has no text",
     ),
     "not JSON": ("<html>busy</html>", "a response that is not JSON"),
+    "not gzip": (b"not gzip at all", "DecodingError: "),
 }
 
 
