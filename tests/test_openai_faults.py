@@ -33,6 +33,7 @@ from pipeline.backends import GeneratorSpec, SamplingParams, load_generator
 from pipeline.cli import app
 from pipeline.env import LocalEnv
 from pipeline.errors import RetraceError
+from pipeline.stage import StageSpec
 from stages import rewrite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,6 +392,14 @@ def test_rows_rejected_while_the_server_was_down_are_retried_by_the_next_run_and
     assert again["reason"] == "server_unavailable" and "HTTP 503: overloaded" in again["detail"]
     assert "1 row(s) rejected as server_unavailable; the next run retries them" in result.output
     assert len(rows(run, "samples")) == 5
+    # 2b. Down again: the row is tried once more and waits on; the samples keep their bytes, so
+    # what reads them stays cached.
+    outputs = store.RunStore(run).manifest("sample")["outputs"]
+    fail_first(stub, 10**6)
+    before = stub.completions
+    assert stage_sample(config).exit_code == 0 and stub.completions - before == 1
+    again = store.RunStore(run).manifest("sample")
+    assert again["outputs"]["samples"] == outputs["samples"] and again["rejected"] == 1
     # 3. Healthy: the finished stage is not cached while a row waits; only that row is sent.
     fail_first(stub, 0)
     before = stub.completions
@@ -448,3 +457,9 @@ def test_rewrite_says_its_fallbacks_came_from_a_server_that_was_down_and_how_to_
     [line] = env.logs
     assert line.startswith("rewrite: 2 of 2 texts from prompts/fallbacks/ (server_unavailable 2)")
     assert line.endswith("`retrace stage rewrite --force` once the server is back")
+
+
+def test_only_a_chunked_stage_can_retry_rows():
+    # The rows to retry are found among the chunked input's rows, by id.
+    with pytest.raises(ValueError, match="SPEC.retried needs a chunked input"):
+        StageSpec(name="whole", retried=("server_unavailable",))
