@@ -32,7 +32,8 @@ from pipeline.stage import StageSpec
 
 def waiting(spec: StageSpec, manifest: dict[str, Any]) -> int:
     """How many rows of a finished stage wait to be retried."""
-    return sum(manifest["rejected_by_reason"].get(reason, 0) for reason in spec.retried)
+    by_reason = manifest.get("rejected_by_reason", {})
+    return sum(by_reason.get(reason, 0) for reason in spec.retried)
 
 
 def reopen(stage_dir: Path, work: Path, tables: list[str], stats: dict[str, Any]) -> None:
