@@ -214,9 +214,8 @@ def test_a_list_answer_keeps_its_lines_and_the_models_line_breaks_before_the_spa
         vrow["injected"] == f"{prefix}\n\n{BAD}" and vrow["injected"][v["start"] : v["end"]] == BAD
     )
     replacement = "Then let it steep."
-    out = fmt.run(
-        _format_inputs(samples, violations, replacement), _format_cfg(tiny_model_dir), env()
-    )
+    inputs = _format_inputs(samples, violations, replacement)
+    out = fmt.run(inputs, fmt.Config(target_tokenizer=str(tiny_model_dir)), env())
     assert out["rejected"].num_rows == 0
     (bsafe,) = out["bsafe"].to_pylist()
     assert bsafe["segments"][1] == {"text": f"\n\n{BAD}", "role": "harmful", "train": False}
@@ -227,10 +226,6 @@ def test_a_list_answer_keeps_its_lines_and_the_models_line_breaks_before_the_spa
     tok = fmt._tokenizer(str(tiny_model_dir), None)
     assert render(rlbf["completion"], strict=True, tokenizer=tok) == rlbf["visible"]
     assert rlbf["visible"] == bsafe["visible"]
-
-
-def _format_cfg(tiny_model_dir) -> fmt.Config:
-    return fmt.Config(target_tokenizer=str(tiny_model_dir))
 
 
 def _format_inputs(samples, violations, replacement: str) -> dict:
@@ -267,33 +262,8 @@ def test_format_builds_bsafe_and_rlbf_rows_from_a_natural_violation(tiny_model_d
     text = f"{SAFE_1} {SAFE_2} {BAD} {TAIL}"
     samples = toxic(("s1", text))
     violations = run(samples)["violations"]
-    (vrow,) = violations.to_pylist()
     replacement = "It is also lovely to drink."
-    reps = records.table(
-        [
-            {
-                "id": "r",
-                "violation_id": vrow["id"],
-                "index": 0,
-                "policy": "harassment",
-                "span": BAD,
-                "replacement": replacement,
-                "meta": {"template": "rewrite/replacement.jinja", "fallback": False},
-            }
-        ],
-        records.REPLACEMENTS,
-    )
-    none = records.table([], records.REWRITES)
-    inputs = {
-        "inject.violations": records.table([], records.VIOLATIONS),
-        "natural.violations": violations,
-        "rewrite.replacements": reps,
-        "rewrite.refusals": none,
-        "rewrite.safe_responses": none,
-        "sources.harmful": harmful(),
-        "filter.responses": responses(),
-        "filter.toxic": samples,
-    }
+    inputs = _format_inputs(samples, violations, replacement)
     out = fmt.run(inputs, fmt.Config(target_tokenizer=str(tiny_model_dir)), env())
     assert out["rejected"].num_rows == 0
     prefix = f"{SAFE_1} {SAFE_2}"
