@@ -1,9 +1,10 @@
 """The dataset card: rendering from data_cards/card.md.jinja, its plots, and reading it back.
 
 The publish stage computes the numbers; this module turns them into README.md and PNGs, with no
-timestamps anywhere, so the same numbers give the same bytes. The card embeds the full resolved
-run config in a fenced YAML block after a marker, which `config_from_card` reads back for
-`retrace run --from-card`; its count tables carry markers too, which `card_tables` reads.
+timestamps anywhere, so the same numbers give the same bytes. The card embeds the resolved run
+config (what publish's `embedded_config` keeps, and its cache key covers) in a fenced YAML block
+after a marker, which `config_from_card` reads back for `retrace run --from-card`; its count
+tables carry markers too, which `card_tables` reads.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def cell(value: Any) -> str:
 
 def portable(value: Any, base: Path | None = None) -> Any:
     """`value` (nested dicts/lists too) with every absolute local path made shareable: relative
-    to `base` (the working directory) when inside it, else `<local>/<last part>`. A card is
-    pushed to the Hub, where a path such as /home/<user>/models/x says nothing useful and leaks
-    the machine's layout."""
+    to `base` (the working directory) when inside it, else `<local>/<last part>`. The one rule
+    for everything published (the card, and the rows' source and model ids): it is pushed to
+    the Hub, where a path such as /home/<user>/models/x says nothing useful and leaks the
+    machine's layout."""
     if isinstance(value, Mapping):
         return {k: portable(v, base) for k, v in value.items()}
     if isinstance(value, list | tuple):

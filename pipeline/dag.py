@@ -314,6 +314,8 @@ class Pipeline:
             "models": [m.fingerprint() for m in _models(section)]
             + self._hook(name, "fingerprints"),
         }
+        if "embedded_config" in spec.hooks:  # only then: every other stage keeps its key
+            parts["embedded_config"] = self.stages[name].embedded_config(self.resolved)
         return _sha(parts), parts
 
     def statuses(self, targets: list[str]) -> dict[str, str]:

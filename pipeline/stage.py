@@ -18,7 +18,10 @@ depends on (the sources stage's local data files), and `fingerprints(cfg) -> lis
 models a config names by a plain string rather than a `ModelSpec` (format's target tokenizer).
 `spec_for(cfg) -> StageSpec` replaces SPEC for a stage whose inputs or folder depend on its config
 (train with `train.data` reads no run stage; eval reads `train` only when no model is named, and
-keeps each model in its own folder).
+keeps each model in its own folder). `embedded_config(run_config) -> dict`, given the whole
+resolved config rather than the stage's section, is the part of it the stage writes into its
+output (publish's card embeds the run config): it goes into the cache key, so a changed value
+there makes the output stale.
 
 A stage never touches the run folder, the CLI or another stage; the engine (`pipeline/dag.py`)
 does chunking, caching, resume, manifests and progress. This module is only the interface: it
@@ -37,7 +40,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 # spec_for(cfg) -> StageSpec: a stage whose inputs depend on its config (train with train.data).
-HOOKS = ("external_files", "fingerprints", "spec_for")
+# embedded_config(run_config) -> dict: the part of the whole config its output embeds (the card).
+HOOKS = ("external_files", "fingerprints", "spec_for", "embedded_config")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ span may go), rewrite (cutting a replacement to one sentence, a cut-off refusal 
 `.`, `!` or `?`, plus any closing quotes or brackets, followed by whitespace or the end of the
 text. A period after a list marker ("1."), an initial ("J.") or a common abbreviation ("e.g.",
 "Dr.") ends no sentence unless it ends the text.
+
+One definition of the unit a scorer judges, `sentence_spans`, serves the decoder's scorer-guided
+rollback (pipeline/decode) and `natural`, which turns a toxic sample into the row that rollback
+would make: a sentence end or a line break closes a unit (list items and headings end without a
+period), and the whitespace between units belongs to neither, so a rollback to the end of the
+last safe unit keeps the model's own spacing after it for whatever comes next.
 """
 
 from __future__ import annotations
@@ -51,15 +57,18 @@ def sentences(text: str) -> list[str]:
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) char offsets of each sentence, a line break ending one too (what a streaming
-    scorer checks as text arrives); leading whitespace belongs to no sentence, and an unfinished
-    tail is the last span."""
+    """(start, end) char offsets of each unit a scorer judges: a sentence, or a line (a line
+    break ends one too), whitespace on either side left out. An unfinished tail (no sentence end
+    or line break after it yet) is the last span and runs to the end of `text`, whitespace and
+    all, so a streaming check can tell a finished unit (end < len(text)) from one still growing."""
     cuts = sorted({*sentence_ends(text), *(m.end() for m in re.finditer("\n", text))})
     spans, start = [], 0
     for end in [*cuts, len(text)]:
         piece = text[start:end]
         if piece.strip():
-            spans.append((start + len(piece) - len(piece.lstrip()), end))
+            finished = end in cuts
+            stop = start + len(piece.rstrip()) if finished else end
+            spans.append((start + len(piece) - len(piece.lstrip()), stop))
         start = end
     return spans
 

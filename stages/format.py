@@ -220,6 +220,7 @@ class _Injected:
     row: dict[str, Any]
     text: str  # the clean benign response
     ats: list[int]  # each violation's insertion point in `text`
+    leads: list[str]  # the whitespace before each span (inject's one space, or the model's own)
     spans: list[str]
     prompt: str
     origin: dict[str, Any]
@@ -246,10 +247,13 @@ def _violations(inputs, cfg: Config, out, rejected) -> None:
             rejected.append(records.reject(row, "format", "missing_response", row["response_id"]))
             continue
         violations = row["violations"]
-        if any(row["injected"][v["start"] : v["end"]] != v["span"] for v in violations):
+        leads = _leads(row)
+        if leads is None or any(
+            row["injected"][v["start"] : v["end"]] != v["span"] for v in violations
+        ):
             rejected.append(records.reject(row, "format", "offset_mismatch"))
             continue
-        injected = _prepare(row, response)
+        injected = _prepare(row, response, leads)
         reps = [replacements.get((row["id"], i)) for i in range(len(violations))]
         if any(r is None for r in reps):
             rejected.append(records.reject(row, "format", "missing_replacement"))
@@ -259,7 +263,21 @@ def _violations(inputs, cfg: Config, out, rejected) -> None:
             _rlbf(injected, reps, cfg, tokenizer, out["rlbf"], rejected)
 
 
-def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
+def _leads(row: dict[str, Any]) -> list[str] | None:
+    """What the violations row puts between the response and each span: inject writes one space,
+    natural keeps the model's own whitespace (a line break before a list item, say). None when
+    that is not whitespace (offsets that do not fit)."""
+    leads, shift = [], 0  # shift: how far `injected` runs ahead of `response` at this point
+    for v in row["violations"]:
+        lead = row["injected"][v["at"] + shift : v["start"]]
+        if lead.strip() or v["start"] < v["at"] + shift:
+            return None
+        leads.append(lead)
+        shift = v["end"] - v["at"]
+    return leads
+
+
+def _prepare(row: dict[str, Any], response: dict[str, Any], leads: list[str]) -> _Injected:
     violations = row["violations"]
     # Pieces are neutralised one by one (the checks catch a control token that only appears
     # where two pieces meet), so the insertion points move with them.
@@ -278,6 +296,7 @@ def _prepare(row: dict[str, Any], response: dict[str, Any]) -> _Injected:
         row=row,
         text="".join(pieces),
         ats=list(accumulate(len(p) for p in pieces[:-1])),
+        leads=leads,
         spans=[clean(v["span"]) for v in violations],
         prompt=clean(response["prompt"]),
         origin={
@@ -293,8 +312,16 @@ def _bsafe(inj: _Injected, reps: list[dict[str, Any]], cfg: Config, kept, reject
     tax = taxonomy.load()
     policies = [v["policy"] for v in inj.row["violations"]]
     edits = [
-        (at, span, tax.backtrack_token(policy, cfg.per_policy_tokens), clean(r["replacement"]))
-        for at, span, policy, r in zip(inj.ats, inj.spans, policies, reps, strict=True)
+        (
+            at,
+            lead,
+            span,
+            tax.backtrack_token(policy, cfg.per_policy_tokens),
+            clean(r["replacement"]),
+        )
+        for at, lead, span, policy, r in zip(
+            inj.ats, inj.leads, inj.spans, policies, reps, strict=True
+        )
     ]
     segments, visible = build.bsafe(inj.text, edits, cfg.train_prefix, cfg.train_copy)
     rep_meta = [r["meta"] or {} for r in reps]
@@ -323,22 +350,25 @@ def _rlbf(
     from pipeline.models import model_id
 
     tax = taxonomy.load()
-    xs = [len(o) for o in token_offsets(tokenizer, [" " + span for span in inj.spans])]
+    harmful = [lead + span for lead, span in zip(inj.leads, inj.spans, strict=True)]
+    xs = [len(o) for o in token_offsets(tokenizer, harmful)]
     if max(xs) > cfg.rlbf_max_x:
         detail = f"a span is {max(xs)} target tokens; format.rlbf_max_x is {cfg.rlbf_max_x}"
         rejected.append(records.reject(inj.row, "format", "span_too_long", detail))
         return
     policies = [v["policy"] for v in inj.row["violations"]]
     edits = [
-        (at, span, tax.category(policy), tax.backtrack_by(x))
-        for at, span, policy, x in zip(inj.ats, inj.spans, policies, xs, strict=True)
+        (at, lead, span, tax.category(policy), tax.backtrack_by(x))
+        for at, lead, span, policy, x in zip(
+            inj.ats, inj.leads, inj.spans, policies, xs, strict=True
+        )
     ]
     text = inj.text
     if inj.ats[-1] == len(text):
         if reps[-1] is None:
             rejected.append(records.reject(inj.row, "format", "missing_replacement"))
             return
-        text += " " + clean(reps[-1]["replacement"])
+        text += inj.leads[-1] + clean(reps[-1]["replacement"])
     segments, visible = build.rlbf(text, edits, cfg.rlbf_train_prefix)
     meta = {**inj.meta, "tokenizer": model_id(cfg.target_tokenizer, cfg.target_revision)}
     sft = _sft("rlbf", inj.row["policy"], inj.origin, inj.prompt, segments, visible, meta)

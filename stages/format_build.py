@@ -32,28 +32,29 @@ def _compact(segments: list[Segment]) -> list[Segment]:
 
 def bsafe(
     text: str,
-    edits: list[tuple[int, str, str, str]],
+    edits: list[tuple[int, str, str, str, str]],
     train_prefix: bool,
     train_copy: bool,
 ) -> tuple[list[Segment], str]:
-    """Benign text with BSAFE edits: for each (at, span, backtrack_token, replacement), sorted by
-    `at`: text up to `at` · a space and the span (never trained) · backtrack token · span repeated
-    · [REPLACE] · replacement; then the rest of the text.
+    """Benign text with BSAFE edits: for each (at, lead, span, backtrack_token, replacement),
+    sorted by `at`: text up to `at` · the lead whitespace and the span (never trained) · backtrack
+    token · span repeated · [REPLACE] · replacement; then the rest of the text.
 
-    The space before a span goes with the span, so trained text never ends in a lone space token
-    and the span tokenises as it would mid-sentence (" Bad" rather than " " + "Bad"). The visible
-    text is the clean text with each replacement where its span was.
+    The whitespace before a span (inject's one space, or a natural span's own line breaks) goes
+    with the span, so trained text never ends in a lone space token and the span tokenises as it
+    would mid-text (" Bad" rather than " " + "Bad"). The visible text is the clean text with each
+    replacement where its span was, after the same whitespace.
     """
     replace = taxonomy.load().replace_token
     segments: list[Segment] = []
     visible: list[str] = []
     prev = 0
-    for i, (at, span, token, replacement) in enumerate(edits):
+    for i, (at, lead, span, token, replacement) in enumerate(edits):
         before = text[prev:at]
-        visible += [before, " ", replacement]
+        visible += [before, lead, replacement]
         segments += [
             seg(before, "text", train_prefix or i > 0),
-            seg(" " + span, "harmful", False),
+            seg(lead + span, "harmful", False),
             seg(token, "control", True),
             seg(span, "copy", train_copy),
             seg(replace, "control", True),
@@ -66,11 +67,12 @@ def bsafe(
 
 
 def rlbf(
-    text: str, edits: list[tuple[int, str, str, str]], train_prefix: bool
+    text: str, edits: list[tuple[int, str, str, str, str]], train_prefix: bool
 ) -> tuple[list[Segment], str]:
-    """Benign text with RLBF take-backs (Sel et al. 2026): for each (at, span, category_token,
-    backtrack_by_token), sorted by `at`: text up to `at` · a space and the span (never trained) ·
-    category token · backtrack-by token; then the rest of the text, the safe continuation.
+    """Benign text with RLBF take-backs (Sel et al. 2026): for each (at, lead, span,
+    category_token, backtrack_by_token), sorted by `at`: text up to `at` · the lead whitespace and
+    the span (never trained) · category token · backtrack-by token; then the rest of the text, the
+    safe continuation.
 
     No repeated span, no [REPLACE]: the take-back deletes the span's tokens and generation goes
     on where the benign text left off, so the visible text is the clean benign text. RLBF's input
@@ -80,10 +82,10 @@ def rlbf(
     """
     segments: list[Segment] = []
     prev = 0
-    for i, (at, span, category, backtrack_by) in enumerate(edits):
+    for i, (at, lead, span, category, backtrack_by) in enumerate(edits):
         segments += [
             seg(text[prev:at], "text", train_prefix or i > 0),
-            seg(" " + span, "harmful", False),
+            seg(lead + span, "harmful", False),
             seg(category, "control", True),
             seg(backtrack_by, "control", True),
         ]

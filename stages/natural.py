@@ -4,17 +4,20 @@ Reads `filter.toxic` (records.SAMPLES: samples filter dropped as toxic and for n
 `inject.violations` (only counted, for the mixture ratio); writes `violations`
 (records.VIOLATIONS), rows that rewrite and format treat exactly as injected ones.
 
-Each sentence of a toxic sample is scored (the sentences between inject's insertion points,
-pipeline/text.py). When the first offending sentence comes after at least `min_safe_sentences`
-safe ones, the row's one violation is that sentence, exactly as the model wrote it, and its
-rollback point `at` is the end of the last safe sentence: where the decoder's scorer-guided
-rollback (DESIGN §9) would crop and resample. `response` is the safe prefix (the text up to `at`),
-`injected` the prefix, a space and the offending sentence, as inject writes a span in; what the
-model wrote after that sentence is dropped, since its safety is unknown. rewrite then writes a
-safe sentence continuing from `at`, and format builds `bsafe` and `rlbf` rows with the model's
-own offending text as the harmful span. The span's policy comes from the scorer label that
-flagged it (`label_policies`, first listed label at or over the threshold; else
-`fallback_policy`). Rows carry `meta.origin` "natural" (inject's say "injected").
+Each sentence of a toxic sample is scored, cut exactly as the decoder's scorer-guided rollback
+cuts the text it checks (pipeline.text.sentence_spans: a sentence end or a line break ends one).
+When the first offending sentence comes after at least `min_safe_sentences` safe ones, the row's
+one violation is that sentence, exactly as the model wrote it, and its rollback point `at` is
+the end of the last safe sentence: where that rollback (DESIGN §9) would crop and resample.
+`response` is the safe prefix (the text up to `at`), `injected` the model's text up to the end of
+the offending sentence: the prefix, the model's own whitespace after it (a space, or the line
+breaks of a list), then the span, as inject writes a span in after its one space; what the model
+wrote after that sentence is dropped, since its safety is unknown. rewrite then writes a safe
+sentence continuing from `at`, and format builds `bsafe` and `rlbf` rows with the model's own
+offending text, and its own whitespace before it, as the harmful span. The span's policy comes
+from the scorer label that flagged it (`label_policies`, first listed label at or over the
+threshold; else `fallback_policy`). Rows carry `meta.origin` "natural" (inject's say
+"injected").
 
 `ratio` is the mixture ratio natural:injected: at most `ratio` × (inject.violations rows) natural
 rows are kept, picked by a per-row seed (run seed, row id), so the same run keeps the same rows;
@@ -29,7 +32,6 @@ samples down is this stage's job, so its rejected-share bound defaults to 1.0.
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any
 
 import pyarrow as pa
@@ -38,7 +40,7 @@ from pydantic import Field, field_validator
 from pipeline import agreement, judges, records, seeds, taxonomy
 from pipeline.scorers import ScorerSpec
 from pipeline.stage import StageConfig, StageSpec
-from pipeline.text import boundaries, clean
+from pipeline.text import clean, sentence_spans
 
 SPEC = StageSpec(
     name="natural",
@@ -90,18 +92,6 @@ def _known(policy: str) -> str:
     return policy
 
 
-def _sentences(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence, its surrounding whitespace left out: the pieces between
-    the sentence boundaries inject inserts at (pipeline.text.boundaries)."""
-    out = []
-    for a, b in pairwise([0, *boundaries(text), len(text)]):
-        piece = text[a:b]
-        if piece.strip():
-            start = a + len(piece) - len(piece.lstrip())
-            out.append((start, start + len(piece.strip())))
-    return out
-
-
 def _flag_sentences(
     texts: list[str], cfg: Config, env: Any, votes: agreement.Agreement
 ) -> list[tuple[bool, dict]]:
@@ -149,14 +139,16 @@ def _violation(
     if first < cfg.min_safe_sentences:
         return "no_safe_prefix", {"first_offending": first, "min_safe": cfg.min_safe_sentences}
     at = sents[first - 1][1]
-    span = text[slice(*sents[first])]
+    # The span starts at its sentence; the whitespace before it is the model's own (kept: the
+    # rows format builds show it as the model wrote it, a line break and all).
+    start, end = sents[first]
+    span = text[start:end]
     response = text[:at]
     policy = _policy(flags[first][1], cfg)
-    start = at + 1  # after the space inject's insertion writes before a span
     violation = {
         "at": at,
         "start": start,
-        "end": start + len(span),
+        "end": end,
         "span": span,
         "policy": policy,
         "span_source": "natural",
@@ -166,7 +158,7 @@ def _violation(
     }
     meta = dict(row.get("meta") or {})  # the sample's provenance; scores: the prefix's, in run
     meta["origin"] = "natural"
-    meta["offsets"] = [{"start": start, "end": violation["end"], "policy": policy}]
+    meta["offsets"] = [{"start": start, "end": end, "policy": policy}]
     return {
         "id": records.row_id("natural", row["id"], at),
         "source": row["source"],
@@ -175,7 +167,7 @@ def _violation(
         "response_id": row["id"],
         "prompt": clean(row["prompt"]),
         "response": response,
-        "injected": f"{response} {span}",
+        "injected": text[:end],
         "policy": [policy],
         "violations": [violation],
         "meta": meta,
@@ -185,7 +177,7 @@ def _violation(
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     rows = inputs["filter.toxic"].to_pylist()
     texts = [clean(r["response"]) for r in rows]
-    sents = [_sentences(t) for t in texts]
+    sents = [sentence_spans(t) for t in texts]
     pieces = [t[a:b] for t, ss in zip(texts, sents, strict=True) for a, b in ss]
     votes = agreement.Agreement(judges.names(cfg.scorer))
     flat = _flag_sentences(pieces, cfg, env, votes)

@@ -14,6 +14,14 @@ Each shard is written with its config's schema from pipeline/records.py (never i
 group at a time through a ParquetWriter, so memory stays bounded by a row group whatever the
 dataset size. There are no timestamps in shards, plots or card: the same inputs give the same
 bytes. It rejects nothing: a row blend kept is published.
+
+Nothing published names a path of the machine that built it (it is pushed to the Hub): a row's
+`source`, `meta.generator` and `meta.tokenizer` (a Hub id, or a local file or folder as the config
+named it) and the card's config go through `card.portable`, the one rule for a local path.
+
+The card embeds the run config, and the cache key covers what it embeds (`embedded_config`), so a
+changed value anywhere in it (a `train.*` setting, say) republishes the card rather than leaving a
+stale one.
 """
 
 from __future__ import annotations
@@ -49,11 +57,17 @@ SPEC = StageSpec(
         *(f"{s}.judges" for s in JUDGED),
     ),
     required=("blend.mixture",),
-    hooks=("external_files", "fingerprints"),
+    hooks=("external_files", "fingerprints", "embedded_config"),
 )
 DEFAULT_CONFIG = "mixture"
 RECIPE_SECTIONS = ("sample", "filter", "inject", "natural", "rewrite", "format", "blend")
 VERSIONED = ("retrace", "datasets", "pyarrow", "transformers", "torch", "trl", "huggingface_hub")
+# Sections the card leaves out: they act on the published folder or a trained model afterwards
+# (where it is uploaded, how models are evaluated and served). In the card, and so in the key,
+# a push or eval change would republish the folder and, through its hash, retrain on it.
+NOT_EMBEDDED = ("push", "eval", "decode")
+# Row columns that name a model or a data file as the config did: a Hub id, or a local path.
+PROVENANCE = ("source", "meta.generator", "meta.tokenizer")
 
 # A row group holds at most this much uncompressed data: small enough that a reader (and the
 # Hub's dataset viewer) can fetch one at a time, large enough for zstd to compress well.
@@ -99,6 +113,55 @@ def fingerprints(cfg: Config) -> list[dict[str, Any]]:
     from pipeline.models import fingerprint
 
     return [fingerprint(t) for t in cfg.tokenized]
+
+
+def embedded_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The run config the card embeds, and so publish's key covers: every section but those of
+    NOT_EMBEDDED, less where the run folder lives (`run.runs_dir`: a rebuild from the card runs
+    in that machine's folder), local paths made portable."""
+    config = {k: v for k, v in run_config.items() if k not in NOT_EMBEDDED}
+    if isinstance(config.get("run"), dict):
+        config["run"] = {k: v for k, v in config["run"].items() if k != "runs_dir"}
+    return card.portable(config)
+
+
+def portable_rows(table: pa.Table) -> pa.Table:
+    """`table` with each PROVENANCE column's local paths made portable (card.portable), mapped
+    once per distinct value, chunk by chunk (no copy of the rest of `meta`); a table that names
+    no local path comes back as it is."""
+
+    def mapped(values: pa.Array, names: dict[str, str]) -> pa.Array:
+        keys = pa.array(list(names), pa.string())
+        return pa.array(list(names.values()), pa.string()).take(pc.index_in(values, keys))
+
+    def renames(column: pa.ChunkedArray) -> dict[str, str]:
+        distinct = [v for v in pc.unique(column).to_pylist() if v is not None]
+        return {v: card.portable(v) for v in distinct}
+
+    source = renames(table.column("source"))
+    meta = table.column("meta")
+    fields = list(meta.type)
+    inner = {
+        f.name: renames(pc.struct_field(meta, f.name))
+        for f in fields
+        if f"meta.{f.name}" in PROVENANCE
+    }
+    if all(k == v for names in (source, *inner.values()) for k, v in names.items()):
+        return table
+
+    def portable_meta(chunk: pa.StructArray) -> pa.StructArray:
+        children = [
+            mapped(child, inner[f.name]) if f.name in inner else child
+            for f, child in zip(fields, chunk.flatten(), strict=True)
+        ]
+        return pa.StructArray.from_arrays(children, fields=fields, mask=chunk.is_null())
+
+    column = pa.chunked_array(
+        [mapped(c, source) for c in table.column("source").chunks], pa.string()
+    )
+    table = table.set_column(table.schema.get_field_index("source"), "source", column)
+    column = pa.chunked_array([portable_meta(c) for c in meta.chunks], meta.type)
+    return table.set_column(table.schema.get_field_index("meta"), "meta", column)
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -264,7 +327,7 @@ def _example(table: pa.Table, kind: str) -> dict[str, Any] | None:
     return {
         "kind": kind,
         "id": row["id"],
-        "source": card.portable(row["source"]),
+        "source": row["source"],  # made portable with the rows
         "prompt": prompt,
         "texts": texts,
         "segments": segments,
@@ -394,10 +457,9 @@ def _context(
     license_id = most_restrictive(r["license"] for r in license_counts)
     header = _header(configs, license_id, total, cfg)
     examples = [_example(tables[k], k) for k in records.KINDS]  # blend puts train rows first
-    # No absolute local path reaches the card (model folders, source files, runs_dir); the
-    # example's source is made portable in _example.
-    run_config = card.portable(env.run_config)
-    generators = card.portable(generators)
+    # No absolute local path reaches the card: the rows' provenance was made portable in run,
+    # and the config is the portable one the key covers.
+    run_config = embedded_config(env.run_config)
     votes = _judges(inputs, run_config)
     return {
         "header": header,
@@ -439,14 +501,12 @@ def _context(
         "images": _plots(tables, policy_mix, votes, env.workdir / "images"),
         "examples": [e for e in examples if e is not None],
         # The tokenizer(s) rlbf's [BACKTRACK_BY_<n>] counts: rendering those rows needs it.
-        "rlbf_tokenizers": card.portable(
-            sorted(
-                {
-                    t
-                    for t in pc.struct_field(tables["rlbf"].column("meta"), "tokenizer").to_pylist()
-                    if t
-                }
-            )
+        "rlbf_tokenizers": sorted(
+            {
+                t
+                for t in pc.struct_field(tables["rlbf"].column("meta"), "tokenizer").to_pylist()
+                if t
+            }
         ),
         "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
         "versions": _versions(),
@@ -510,6 +570,11 @@ def run(inputs: dict[str, Any], cfg: Config, env: Any) -> dict[str, pa.Table]:
     for stale in ("data", "images", *(f for _, f in tokenized.names(cfg.tokenized))):
         shutil.rmtree(out / stale, ignore_errors=True)
     (out / "README.md").unlink(missing_ok=True)
+    # Every published byte (shards, -tok twins, the card's counts) comes from portable rows.
+    inputs = {
+        **inputs,
+        **{f"blend.{c}": portable_rows(inputs[f"blend.{c}"]) for c in records.CONFIGS},
+    }
     configs, empty = [], []
     for name in records.CONFIGS:
         table, schema = inputs[f"blend.{name}"], records.config_schema(name)

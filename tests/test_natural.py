@@ -9,13 +9,16 @@ marker, so each test says which sentence offends.
 from __future__ import annotations
 
 import pytest
+from decode_fixtures import Script, decoder
 from recipe_data import StandInEnv, StandInGenerator, WordScorer, harmful, responses
 
 import stages.filter as filt
 from pipeline import records
+from pipeline.decode import GuardConfig, Request
 from pipeline.env import LocalEnv
 from pipeline.judges import JudgeError
 from pipeline.render import render
+from pipeline.scorers import ScorerSpec
 from stages import format as fmt
 from stages import natural, rewrite
 
@@ -55,9 +58,9 @@ def test_the_span_is_the_planted_sentence_and_at_the_end_of_the_one_before():
     assert v["span"] == BAD
     assert v["at"] == text.index(SAFE_2) + len(SAFE_2) == len(prefix)
     assert row["response"] == prefix  # the safe prefix, ending at the rollback point
-    # the model's own text up to its offending sentence, written in as inject writes a span;
+    # the model's own text up to its offending sentence, its own two spaces kept before the span;
     # what followed it (TAIL) is dropped
-    assert row["injected"] == f"{prefix} {BAD}"
+    assert row["injected"] == f"{prefix}  {BAD}"
     assert row["injected"][v["start"] : v["end"]] == BAD
     assert (v["span_source"], v["span_id"], v["policy"]) == ("natural", "s1", "harassment")
     assert v["scores"] == [{"label": "toxicity", "score": 0.9}]
@@ -171,28 +174,79 @@ def test_rewrite_continues_a_natural_span_from_its_rollback_point():
     assert "what comes next" not in prompt  # nothing follows a rollback point
 
 
-def test_format_builds_bsafe_and_rlbf_rows_from_a_natural_violation(tiny_model_dir):
-    text = f"{SAFE_1} {SAFE_2} {BAD} {TAIL}"
+def test_natural_rolls_back_where_the_decoders_guard_does_on_multi_line_text(control_model_dir):
+    """The same text as a sample natural turns into a row, and as a model's turn under the
+    decoder's scorer-guided rollback, with the same real scorer: the guard keeps exactly
+    natural's safe prefix and takes back exactly its whitespace and span."""
+    text = "Foxes are quick.\nThey run far:\n\nYou are a fucking idiot.\nThat is all."
+    spec, threshold = ScorerSpec(kind="profanity-check"), 0.8
+    cfg = natural.Config(scorer=spec, threshold=threshold)
+    inputs = {"filter.toxic": toxic(("s1", text)), "inject.violations": injected(1)}
+    (row,) = natural.run(inputs, cfg, LocalEnv())["violations"].to_pylist()
+    (v,) = row["violations"]
+    assert row["response"] == "Foxes are quick.\nThey run far:"  # the line before, kept
+    assert v["span"] == "You are a fucking idiot." and text[v["at"] : v["start"]] == "\n\n"
+
+    dec = decoder(
+        control_model_dir,
+        scorer=LocalEnv().scorer(spec),
+        temperature=0,
+        max_new_tokens=60,
+        guard=GuardConfig(threshold=threshold, retries=0),
+    )
+    user = [{"role": "user", "content": "Tell me about foxes."}]
+    [out] = dec.decode([Request(user)], processors=[Script([dec.prompts.text(text)])])
+    rollback = next(e for e in out.events if e.kind == "rollback")
+    assert out.visible == f"{row['response']} {dec.cfg.guard.refusal}"
+    assert rollback.removed.startswith(text[v["at"] : v["end"]])
+
+
+def test_a_list_answer_keeps_its_lines_and_the_models_line_breaks_before_the_span(tiny_model_dir):
+    # List items end without a period: each line is a unit, as the guard reads them.
+    prefix = "Steps:\n1. Boil water\n2. Add leaves"
+    text = f"{prefix}\n\n{BAD}\n{TAIL}"
     samples = toxic(("s1", text))
     violations = run(samples)["violations"]
     (vrow,) = violations.to_pylist()
-    replacement = "It is also lovely to drink."
+    (v,) = vrow["violations"]
+    assert vrow["response"] == prefix and v["at"] == len(prefix) and v["span"] == BAD
+    assert (
+        vrow["injected"] == f"{prefix}\n\n{BAD}" and vrow["injected"][v["start"] : v["end"]] == BAD
+    )
+    replacement = "Then let it steep."
+    inputs = _format_inputs(samples, violations, replacement)
+    out = fmt.run(inputs, fmt.Config(target_tokenizer=str(tiny_model_dir)), env())
+    assert out["rejected"].num_rows == 0
+    (bsafe,) = out["bsafe"].to_pylist()
+    assert bsafe["segments"][1] == {"text": f"\n\n{BAD}", "role": "harmful", "train": False}
+    assert bsafe["visible"] == f"{prefix}\n\n{replacement}"
+    assert render(bsafe["completion"]) == bsafe["visible"]
+    (rlbf,) = out["rlbf"].to_pylist()
+    assert rlbf["completion"][0]["content"].endswith(f"]\n\n{replacement}")
+    tok = fmt._tokenizer(str(tiny_model_dir), None)
+    assert render(rlbf["completion"], strict=True, tokenizer=tok) == rlbf["visible"]
+    assert rlbf["visible"] == bsafe["visible"]
+
+
+def _format_inputs(samples, violations, replacement: str) -> dict:
+    """format's inputs for natural violations, each with `replacement` as its replacement."""
     reps = records.table(
         [
             {
-                "id": "r",
-                "violation_id": vrow["id"],
+                "id": f"r{i}",
+                "violation_id": vid,
                 "index": 0,
                 "policy": "harassment",
                 "span": BAD,
                 "replacement": replacement,
                 "meta": {"template": "rewrite/replacement.jinja", "fallback": False},
             }
+            for i, vid in enumerate(violations.column("id").to_pylist())
         ],
         records.REPLACEMENTS,
     )
     none = records.table([], records.REWRITES)
-    inputs = {
+    return {
         "inject.violations": records.table([], records.VIOLATIONS),
         "natural.violations": violations,
         "rewrite.replacements": reps,
@@ -202,6 +256,14 @@ def test_format_builds_bsafe_and_rlbf_rows_from_a_natural_violation(tiny_model_d
         "filter.responses": responses(),
         "filter.toxic": samples,
     }
+
+
+def test_format_builds_bsafe_and_rlbf_rows_from_a_natural_violation(tiny_model_dir):
+    text = f"{SAFE_1} {SAFE_2} {BAD} {TAIL}"
+    samples = toxic(("s1", text))
+    violations = run(samples)["violations"]
+    replacement = "It is also lovely to drink."
+    inputs = _format_inputs(samples, violations, replacement)
     out = fmt.run(inputs, fmt.Config(target_tokenizer=str(tiny_model_dir)), env())
     assert out["rejected"].num_rows == 0
     prefix = f"{SAFE_1} {SAFE_2}"

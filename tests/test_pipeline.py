@@ -4,6 +4,7 @@ byte-identical shards."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,42 @@ def test_push_dry_run_lists_the_folder_without_a_token(published, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     assert "README.md" in result.output and "data/mixture/train-00000-of-" in result.output
+
+
+def test_no_published_file_names_a_path_of_the_build_machine(published, tmp_path_factory):
+    # The generator, the target tokenizer and the tokenized twins' tokenizer are a local folder
+    # under the test's temporary root, and runs_dir is there too.
+    from test_publish import machine_paths
+
+    _, _, folder = published
+    roots = (tmp_path_factory.getbasetemp(), Path.home(), Path.cwd())
+    assert machine_paths(folder, *roots) == []
+
+
+def _state(output: str, stage: str) -> str:
+    line = next(ln for ln in output.splitlines() if f" {stage} " in ln)
+    return next(s for s in ("fresh", "stale", "partial", "missing") if s in line)
+
+
+def test_the_card_is_republished_when_a_setting_it_embeds_changes(published, tmp_path):
+    """The card embeds train.* (and every dataset section): a change there makes publish stale
+    and the rebuilt card shows it; where the runs live, and eval settings, leave it fresh."""
+    from pipeline.card import config_from_card
+
+    tmp, config, _ = published
+    shutil.copytree(tmp / "runs", tmp_path / "runs")  # the shared run stays as it is
+    moved = ["--set", f"run.runs_dir={tmp_path / 'runs'}"]
+
+    def status(*sets: str) -> str:
+        result = runner.invoke(app, ["status", "--config", str(config), *moved, *sets])
+        assert result.exit_code == 0, result.output
+        return _state(result.stdout, "publish")
+
+    assert status() == "fresh"
+    assert status("--set", "eval.suites=[benign]") == "fresh"
+    changed = ("--set", "train.max_length=384")
+    assert status(*changed) == "stale"
+    result = runner.invoke(app, ["stage", "publish", "--config", str(config), *moved, *changed])
+    assert result.exit_code == 0, result.output
+    assert config_from_card(tmp_path / "runs/small/publish/files")["train"]["max_length"] == 384
+    assert status(*changed) == "fresh"

@@ -377,3 +377,74 @@ def test_toxicity_before_and_after_come_from_the_rows_scores(blended):
     before, after = publish._toxicity([blended["bsafe"], blended["reset"]])
     assert before == [0.9] * blended["bsafe"].num_rows  # span.* labels: the harmful spans
     assert after == [0.05] * blended["bsafe"].num_rows  # every other label: what replaced them
+
+
+# --- no machine paths ------------------------------------------------------------------------
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def machine_paths(folder: Path, *roots: Path) -> list[str]:
+    """Every place a file under `folder` names one of `roots` (the build machine's folders):
+    each value of every column of every shard, nested ones too, and every other file's text."""
+    needles = {str(Path(r)) for r in roots} - {"/"}
+    hits = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            strings = list(_strings(pq.read_table(path).to_pylist()))
+        else:
+            strings = [path.read_bytes().decode("utf-8", "replace")]
+        hits += [f"{path.relative_to(folder)}: {n}" for s in strings for n in needles if n in s]
+    return sorted(set(hits))
+
+
+def _named_locally(table: pa.Table, source: str, generator: str, tokenizer: str) -> pa.Table:
+    """`table` as a run on local files and models writes it: the config's paths in `source` and
+    meta."""
+    rows = table.to_pylist()
+    for r in rows:
+        r["source"] = source
+        r["meta"] = {**(r["meta"] or {}), "generator": generator, "tokenizer": tokenizer}
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def test_no_published_file_names_a_path_of_the_build_machine(
+    blended, tmp_path, tmp_path_factory, tiny_model_dir
+):
+    roots = (tmp_path_factory.getbasetemp(), Path.home(), Path.cwd())
+    source = str(tmp_path / "data" / "benign.jsonl")
+    generator = str(Path.home() / "models" / "my-gemma")
+    inputs = publish_inputs(blended)
+    for config in records.CONFIGS:
+        table = inputs[f"blend.{config}"]
+        inputs[f"blend.{config}"] = _named_locally(table, source, generator, str(tiny_model_dir))
+    run_config = RUN_CONFIG | {
+        "run": {**RUN_CONFIG["run"], "runs_dir": str(tmp_path / "runs")},
+        "sample": {"generator": {"model": generator}},
+        "format": {"target_tokenizer": str(tiny_model_dir)},
+        "train": {"data": None, "tokenizer": str(Path.cwd() / "tok")},
+        "publish": {**RUN_CONFIG["publish"], "tokenized": [str(tiny_model_dir)]},
+    }
+    env = LocalEnv(seed=0, workdir=tmp_path / "out", run_config=run_config)
+    env.workdir.mkdir()
+    publish.run(inputs, publish.Config(shard_bytes=12000, tokenized=[str(tiny_model_dir)]), env)
+    folder = env.workdir
+    assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
+    assert list((folder / "data").glob("bsafe-tok/*.parquet"))  # the -tok twins are scanned too
+    assert machine_paths(folder, *roots) == []
+    # A local path keeps its last name, as the card has always named one.
+    (row,) = pq.read_table(shards(folder, "bsafe", "train")[0]).slice(0, 1).to_pylist()
+    assert row["source"] == "<local>/benign.jsonl"
+    assert row["meta"]["generator"] == "<local>/my-gemma"
+    assert row["meta"]["tokenizer"] == f"<local>/{tiny_model_dir.name}"
+    embedded = card.config_from_card(folder)
+    assert embedded["train"]["tokenizer"] == "tok" and "runs_dir" not in embedded["run"]

@@ -1,8 +1,18 @@
-"""pipeline/text.py: the one definition of a sentence end that filter, inject and rewrite use."""
+"""pipeline/text.py: the one definition of a sentence end that filter, inject and rewrite use, and
+the one unit (`sentence_spans`) that the decoder's guard and natural both score."""
 
 from __future__ import annotations
 
-from pipeline.text import boundaries, clean, ends_sentence, sentence_ends, sentences
+from itertools import pairwise
+
+from pipeline.text import (
+    boundaries,
+    clean,
+    ends_sentence,
+    sentence_ends,
+    sentence_spans,
+    sentences,
+)
 from stages.filter import trim_to_sentence
 
 
@@ -39,3 +49,21 @@ def test_filter_trims_after_the_last_sentence_not_after_a_list_marker_or_abbrevi
 def test_clean_neutralises_and_treats_none_as_empty():
     assert clean(None) == "" and clean("plain") == "plain"
     assert clean("a [RESET] <eos>") == "a (RESET) ‹eos›"
+
+
+def test_a_line_break_ends_a_unit_and_whitespace_belongs_to_none():
+    text = "Steps:\n1. Boil water\n2. Add leaves.  Stir\n\nYou are rude.\nAnd"
+    spans = sentence_spans(text)
+    pieces = [text[s:e] for s, e in spans]
+    assert pieces == ["Steps:", "1. Boil water", "2. Add leaves.", "Stir", "You are rude.", "And"]
+    # Between two units only whitespace: the model's own spacing, kept for what follows.
+    gaps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
+    assert gaps == ["\n", "\n", "  ", "\n\n", "\n"]
+
+
+def test_an_unfinished_tail_runs_to_the_end_and_a_finished_unit_stops_before_it():
+    # What a streaming check reads: a unit is finished once its end is before the text's end.
+    assert sentence_spans("Tea is green. It gro") == [(0, 13), (14, 20)]
+    assert sentence_spans("Second part ") == [(0, 12)]  # no end yet: still growing
+    assert sentence_spans("Second part\n") == [(0, 11)]  # the line break finished it
+    assert sentence_spans("  \n\n") == []
