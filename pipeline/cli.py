@@ -159,8 +159,15 @@ def _print_status(pipe: Pipeline) -> None:
     table = Table(title=f"run {pipe.store.root}")
     for col in ("stage", "state", "rows out", "rejected", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
-    colours = {"fresh": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    colours = {
+        "fresh": "green",
+        "stale": "yellow",
+        "partial": "yellow",
+        "running": "cyan",
+        "missing": "dim",
+    }
     states = pipe.statuses(list(pipe.stages))
+    notes = []
     for name in pipe.stages:
         state = states[name]
         manifest = pipe.store.manifest(name) or {}
@@ -174,10 +181,15 @@ def _print_status(pipe: Pipeline) -> None:
             str(manifest.get("rejected", "-")),
             f"{manifest['seconds']:.1f}" if manifest else "-",
         )
+        if (progress := pipe.progress(name, state)) is not None:
+            notes.append(f"{name} {state}: {progress}")
     # The table is data: stdout.
     from rich.console import Console
 
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    for line in notes:
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

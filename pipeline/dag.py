@@ -15,6 +15,8 @@ markers and manifests, whatever computed them.
 from __future__ import annotations
 
 import ast
+import contextlib
+import errno
 import functools
 import hashlib
 import importlib
@@ -42,6 +44,7 @@ from pipeline.stage import HOOKS, ModelSpec, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, TAXONOMY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _VERSIONED = ("retrace", "torch", "transformers", "datasets", "pyarrow", "vllm", "detoxify")
 
 
@@ -317,24 +320,48 @@ class Pipeline:
         return _sha(parts), parts
 
     def statuses(self, targets: list[str]) -> dict[str, str]:
-        """fresh | stale | missing | partial (a resumable attempt) for the targets and what they
-        need, each key computed once, in DAG order."""
+        """fresh | stale | missing | partial (a resumable attempt) | running (another process is
+        running it now) for the targets and what they need, each key computed once, in DAG
+        order."""
         found: dict[str, str] = {}
+        holder = self.store.holder()
         for name in self.closure(targets):
             manifest = self.store.manifest(name)
             computed = self.key(name)
             work = self.store.work_dir(name, computed[0]) if computed else None
-            if self.store.pending_commit(name) is not None:
+            if holder is not None and holder.get("stage") == name:
+                found[name] = "running"
+            elif self.store.pending_commit(name) is not None:
                 found[name] = "partial"  # the next run finishes moving it into place
             elif manifest is not None:
                 upstream_fresh = all(found[n] == "fresh" for n in self.spec(name).needs)
                 fresh = computed is not None and manifest["key"] == computed[0] and upstream_fresh
                 found[name] = "fresh" if fresh else "stale"
-            elif work is not None and any((work / store.DONE).glob("*")):
+            elif work is not None and _resumable(work):
                 found[name] = "partial"
             else:
                 found[name] = "missing"
         return found
+
+    def progress(self, name: str, state: str) -> str | None:
+        """What is known of a running or partial stage's attempt: its finished chunks and the
+        last line it logged (a training's latest step, say)."""
+        if state == "running":
+            held = self.store.holder() or {}
+            work = self.store.stage_dir(name) / held.get("work", "")
+            who = f"by {store.describe_holder(held)}"
+        elif state == "partial":
+            computed = self.key(name)
+            if computed is None:
+                return None
+            work, who = self.store.work_dir(name, computed[0]), "resumable"
+        else:
+            return None
+        chunks = len(list((work / store.DONE).glob("*"))) if (work / store.DONE).is_dir() else 0
+        said = [who] + ([f"{chunks} chunk(s) done"] if chunks else [])
+        if (note := self.store.note(work)) is not None:
+            said.append(f"last: {note}")
+        return "; ".join(said)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -351,7 +378,15 @@ class Pipeline:
                 )
             forced |= self.descendants(name)
         outcome = {}
-        with self.store.lock():
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.store.lock())
+            except OSError as err:
+                # A finished run on read-only media (or in a folder this user may not write):
+                # a run with nothing to write needs no lock.
+                if err.errno not in _READ_ONLY or not self._nothing_to_write(order, forced):
+                    raise
+                console.print(f"[dim]{self.store.root} is read-only; every stage is cached[/]")
             for stage in self.store.recover():
                 console.print(f"[dim]{stage}: finished moving an interrupted attempt into place[/]")
             for name in order:
@@ -368,6 +403,7 @@ class Pipeline:
                     outcome[name] = "cached"
                     continue
                 self._check_inputs_have_rows(name)
+                self.store.announce(name, self.store.work_dir(name, key))
                 try:
                     self._run_stage(name, key, parts, fresh=name in forced)
                 except Exception as err:  # writing parts, hashing, finalizing: name the stage
@@ -377,6 +413,11 @@ class Pipeline:
                     raise
                 outcome[name] = "ran"
         return outcome
+
+    def _nothing_to_write(self, order: list[str], forced: set[str]) -> bool:
+        """Every stage of `order` cached and fresh, none forced, no move left to finish."""
+        states = self.statuses(order)
+        return not forced and all(states[n] == "fresh" and self.spec(n).cached for n in order)
 
     def _check_inputs_have_rows(self, name: str) -> None:
         for read in self.spec(name).must_have_rows:
@@ -426,6 +467,7 @@ class Pipeline:
             workdir=work / store.FILES,
             run_config=self.resolved,
             show_progress=True,
+            note=work / store.NOTE,
         )
         env.workdir.mkdir(exist_ok=True)
         started = time.monotonic()
@@ -528,6 +570,12 @@ class Pipeline:
                 f"inspect {work / 'rejected'} and fix the input, or raise "
                 f"{name}.max_rejected_share"
             )
+
+
+def _resumable(work: Path) -> bool:
+    """An attempt with something to resume from: finished chunks, or files (a checkpoint)."""
+    files = work / store.FILES
+    return any((work / store.DONE).glob("*")) or (files.is_dir() and any(files.iterdir()))
 
 
 def _check_schema(name: str, table: str, got: pa.Schema, want: pa.Schema) -> None:
