@@ -256,3 +256,20 @@ def test_request_seeds_do_not_depend_on_order(scripted_dir):
     b, _ = eval_suites.plan_prefill(PrefillSuite(n=2, ks=(5,)), model, seed=1)
     assert [r.seed for r in a[:2]] == [r.seed for r in b]
     assert isinstance(a[0], Request)
+
+
+def test_the_eval_folder_is_unique_per_model_and_stable(tmp_path):
+    """Readable name plus a hash of the model's identity: same-named folders, checkpoints of two
+    runs and two revisions of one Hub id each get their own folder; a rerun gets the same one."""
+    folders = [tmp_path / "ctrlE", tmp_path / "k" / "ctrlE"]
+    folders += [tmp_path / r / "train" / "files" / "final" for r in ("a", "b")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    names = [eval_model.slug(str(f)) for f in folders]
+    names += [eval_model.slug("org/model"), eval_model.slug("org/model", "v2")]
+    assert len(set(names)) == len(names)
+    assert [n.rsplit("-", 1)[0] for n in names] == [
+        "ctrlE", "ctrlE", "a-final", "b-final", "org-model", "org-model-v2",
+    ]  # fmt: skip
+    assert eval_model.slug(str(tmp_path / "k" / ".." / "ctrlE")) == names[0]  # by resolved path
+    assert eval_model.slug(None) == "train"

@@ -3,6 +3,7 @@ model without control tokens, and `--compare` over two eval folders."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from trainer_fixtures import one_thread
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from stages import eval_model
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 runner = CliRunner()
@@ -32,7 +34,9 @@ def test_eval_then_compare(tmp_path, tiny_model_dir):
     result = _eval(tmp_path, trained, "--decode", "context=drop")
     assert result.exit_code == 0, result.output
     report = Path(result.stdout.strip())
-    assert report == tmp_path / "runs" / "cli" / "eval" / "with-controls" / "files" / "report.md"
+    folder = eval_model.slug(str(trained))  # with-controls-<hash of its path>
+    assert folder.startswith("with-controls-")
+    assert report == tmp_path / "runs" / "cli" / "eval" / folder / "files" / "report.md"
     assert "| prefill | k=5 | asr_visible | keyword |" in report.read_text()
 
     refused = _eval(tmp_path, tiny_model_dir)
@@ -53,3 +57,27 @@ def test_eval_then_compare(tmp_path, tiny_model_dir):
 def test_compare_needs_two_folders(tmp_path):
     result = runner.invoke(app, ["eval", "--compare", str(tmp_path)])
     assert result.exit_code == 1 and "two or more" in result.stderr
+
+
+def test_two_evals_of_same_named_models_both_survive(tmp_path):
+    """`…/ctrlE` and `…/k/ctrlE` (as every `train/files/final`) once shared one eval folder: the
+    second eval replaced the first's generations, results and report."""
+    first = control_model(tmp_path / "a" / "ctrlE", sliding_window=64)
+    second = control_model(tmp_path / "b" / "k" / "ctrlE", sliding_window=64, seed=1)
+    reports = []
+    for model in (first, second):
+        result = _eval(tmp_path, model)
+        assert result.exit_code == 0, result.output
+        reports.append(Path(result.stdout.strip()))
+    kept = reports[0].read_bytes()
+    folders = [r.parents[1] for r in reports]
+    assert folders[0] != folders[1] and all(f.name.startswith("ctrlE-") for f in folders)
+    assert reports[0].read_bytes() == kept  # the second eval left the first's report alone
+    for folder, model in zip(folders, (first, second), strict=True):
+        results = json.loads((folder / "files" / "results.json").read_text())
+        assert {r["model"] for r in results["results"]} == {folder.name}
+        assert results["model"] == folder.name and results["source"] == str(model)
+        assert (folder / "generations").is_dir() and (folder / "_manifest.json").is_file()
+    again = _eval(tmp_path, first)  # the same model keeps its folder: a rerun is cached
+    assert again.exit_code == 0 and Path(again.stdout.strip()) == reports[0]
+    assert "eval: cached" in again.stderr
