@@ -16,9 +16,10 @@ Suites (eval.suites; each planned, decoded in resumable chunks, judged, summaris
 `midstream`, `benign`, `utility`, `decoding` (stages/eval_suites.py, eval_midstream.py,
 eval_utility.py) and `finetune-attack` (stages/eval_finetune.py).
 
-Rejects, with reason: missing_prompt, missing_field, missing_answer, unknown_policy,
-no_final_answer, no_boxed_answer (unusable eval rows), prefill_too_short (a harmful answer with
-fewer than k tokens, per k).
+Rejects, with reason: malformed_line, undecodable (a prompt-file line that is no JSON object of
+UTF-8 text), missing_prompt, missing_field, missing_answer, unknown_policy, no_final_answer,
+no_boxed_answer (unusable eval rows), prefill_too_short (a harmful answer with fewer than k tokens,
+per k).
 """
 
 from __future__ import annotations

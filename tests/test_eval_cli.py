@@ -4,6 +4,7 @@ model without control tokens, and `--compare` over two eval folders."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,27 @@ def test_two_evals_of_same_named_models_both_survive(tmp_path):
     again = _eval(tmp_path, first)  # the same model keeps its folder: a rerun is cached
     assert again.exit_code == 0 and Path(again.stdout.strip()) == reports[0]
     assert "eval: cached" in again.stderr
+
+
+@pytest.mark.parametrize("case", ["binary prompts", "no such model", "truncated weights"])
+def test_a_bad_eval_input_is_one_line_not_a_traceback(tmp_path, control_model_dir, case):
+    model, extra = control_model_dir, []
+    if case == "binary prompts":
+        prompts = tmp_path / "borderline.jsonl"
+        prompts.write_bytes(b"\x00\x01\xff\xfe\x00binary\x00")
+        extra = ["--suite", "benign", "--set", f"eval.benign.prompts.path={prompts}"]
+        needle = f"{prompts} is not a JSON Lines file"
+    elif case == "no such model":
+        model = tmp_path / "runs" / "old" / "train" / "files" / "final"
+        needle = f"model {model}: no such folder"
+    else:
+        model = tmp_path / "torn"
+        shutil.copytree(control_model_dir, model)
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+        needle = f"model folder {model}: model.safetensors is truncated or corrupt"
+    result = _eval(tmp_path, model, *extra)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    # Progress lines aside (the stage's, the weights' bar), one line says what went wrong.
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert needle in error, result.stderr
