@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import config as config_mod
@@ -97,7 +98,8 @@ def _fail(err: Exception, message: str, code: int) -> None:
         raise err
     notes = "; ".join(getattr(err, "__notes__", ()))
     line = f"{message} ({notes})" if notes else message
-    console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+    # The message may quote user text ("[bold]", "[/]"): printed as it is, not as markup.
+    console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -159,8 +161,15 @@ def _print_status(pipe: Pipeline) -> None:
     table = Table(title=f"run {pipe.store.root}")
     for col in ("stage", "state", "rows out", "rejected", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
-    colours = {"fresh": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    colours = {
+        "fresh": "green",
+        "stale": "yellow",
+        "partial": "yellow",
+        "running": "cyan",
+        "missing": "dim",
+    }
     states = pipe.statuses(list(pipe.stages))
+    notes = []
     for name in pipe.stages:
         state = states[name]
         manifest = pipe.store.manifest(name) or {}
@@ -174,10 +183,15 @@ def _print_status(pipe: Pipeline) -> None:
             str(manifest.get("rejected", "-")),
             f"{manifest['seconds']:.1f}" if manifest else "-",
         )
+        if (progress := pipe.progress(name, state)) is not None:
+            notes.append(f"{name} {state}: {progress}")
     # The table is data: stdout.
     from rich.console import Console
 
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    for line in notes:
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -316,7 +330,7 @@ GuardOpt = Annotated[
     typer.Option("--guard", help="Scorer-guided rollback with this scorer (profanity-check)."),
 ]
 BackendOpt = Annotated[str, typer.Option(help="transformers or vllm.")]
-BatchOpt = Annotated[int, typer.Option(help="Turns decoded together.")]
+BatchOpt = Annotated[int, typer.Option(help="Turns decoded together.", min=1)]
 DecodeConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (its decode: section).")
 ]
@@ -383,18 +397,22 @@ def generate(
     import json
     import sys
 
-    from pipeline.decode.batch import generate_rows, read_requests
+    from pipeline.decode import batch
     from pipeline.progress import bar
 
     if not prompts.is_file():
         raise FileNotFoundError(f"--prompts {prompts} does not exist; give a JSONL file")
+    lines, bad = batch.read_prompts(prompts)  # before the model loads: a bad file fails at once
+    for b in bad:
+        line = escape(f"{b.where} ({b.reason}): {b.detail}")  # the line's text is not markup
+        console.print(f"[yellow]rejected[/] {line}", highlight=False, soft_wrap=True)
     decoder, seed = _decoder(model, config, set_, bias, guard, backend, batch_size)
-    requests = read_requests(prompts, seed)
+    requests = batch.requests(lines, seed)
     tmp = out.with_name(out.name + ".tmp") if out else None
     sink = tmp.open("w") if tmp else sys.stdout
     try:
         with bar("generate", len(requests)) as progress:
-            for row in generate_rows(decoder, requests, batch_size):
+            for row in batch.generate_rows(decoder, requests, batch_size):
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 progress.advance(1, tokens=row["emitted_tokens"])
     finally:
@@ -403,3 +421,7 @@ def generate(
     if tmp and out:
         tmp.replace(out)  # complete files only (DESIGN §3)
         console.print(f"wrote {len(requests)} turns to {out}")
+    if bad:
+        console.print(
+            f"{len(bad)} line(s) of {prompts} rejected (listed above); fix and rerun them"
+        )

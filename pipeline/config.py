@@ -72,13 +72,30 @@ def validate(
     except ValidationError as err:
         lines = [f"{origin}: {len(err.errors())} invalid setting(s):"]
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            where = ".".join(str(p) for p in _key_path(raw, e["loc"])) or "(top level)"
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
             lines.append(f"  {where}: {msg}{got}")
         if any(e["type"] == "extra_forbidden" for e in err.errors()):
             lines.append("  known sections: " + ", ".join([*SECTIONS, *stages]))
         raise ConfigError("\n".join(lines)) from None
+
+
+def _key_path(raw: Any, loc: tuple[Any, ...]) -> list[Any]:
+    """An error's location as the keys the user wrote: without the member names pydantic puts in
+    for a union (`filter.scorer.one.batch_size` is `filter.scorer.batch_size`)."""
+    keys, here = [], raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, str) and not last:
+            if isinstance(here, list) or (isinstance(here, Mapping) and part not in here):
+                continue  # a union member's name, not a key of the input
+        keys.append(part)
+        try:
+            here = here[part]
+        except (KeyError, IndexError, TypeError):
+            here = None
+    return keys
 
 
 def load(

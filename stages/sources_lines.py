@@ -13,12 +13,13 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import json
 import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from pipeline.jsonl import problem as _json_problem  # one definition of a bad line
 
 _OPEN = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 
@@ -96,24 +97,6 @@ def _json_records(f: IO[bytes]) -> Iterator[Record]:
     for number, raw in enumerate(f, 1):
         if raw.strip():
             yield number, raw, _json_problem(raw)
-
-
-def _json_problem(raw: bytes) -> tuple[str, str] | None:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return "undecodable", f"not UTF-8: {err}"
-    try:
-        value = json.loads(text.rstrip("\r\n"))
-    except json.JSONDecodeError as err:
-        return "malformed_line", f"not JSON: {err.msg} (column {err.colno})"
-    if not isinstance(value, dict):
-        return "malformed_line", f"a JSON {type(value).__name__}, not an object"
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return "undecodable", "a lone surrogate escape (\\ud800-\\udfff) is no text"
-    return None
 
 
 def _csv_records(f: IO[bytes]) -> Iterator[Record]:

@@ -4,6 +4,9 @@ per bad key) and a non-zero exit; a bug keeps its traceback."""
 from __future__ import annotations
 
 import errno
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import typer
@@ -48,8 +51,6 @@ def test_show_before_format_says_what_to_run(tmp_path):
 
 
 def test_every_shipped_config_validates():
-    from pathlib import Path
-
     from pipeline import config
     from pipeline.dag import load_stages
 
@@ -145,3 +146,100 @@ def test_the_failing_stage_and_chunk_are_on_the_line(capsys):
 def test_a_bug_keeps_its_traceback(error):
     with pytest.raises(type(error)):
         _invoke(error)()
+
+
+# --- inputs to generate and eval ----------------------------------------------------------------
+
+
+def _one_line_failure(result, *needles: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff\xfe",
+            "is not a JSON Lines file (line 1: not",
+        ),
+        (b'{"prompt": 5}\n', ":1: `prompt`: Input should be a valid string (got 5)"),
+        (b'{"prompt": "Hi", "seed": "abc"}\n', ":1: `seed`: Input should be a valid integer"),
+        (b'{"id": "x"}\n', ":1: give exactly one of `prompt` (text) or `messages`"),
+        (b'{"prompt": null}\n', ":1: give exactly one of `prompt` (text) or `messages`"),
+        (b'{"messages": [{"role": "user", "content": null}]}\n', "`messages.0.content`"),
+        (b'{"prompt": "Hi", "prefill": ["x"]}\n', "`prefill`: Input should be a valid string"),
+    ],
+)
+def test_generate_refuses_a_file_without_a_usable_prompt_in_one_line(tmp_path, content, needle):
+    """Each of these once decoded a null or non-text message, or died in a traceback."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(content)
+    # The file is checked before any model loads: this model would fail if it got that far.
+    result = runner.invoke(app, ["generate", "--prompts", str(prompts), "--model", "./nowhere"])
+    _one_line_failure(result, str(prompts), needle, "no line of")
+
+
+def test_generate_rejects_bad_lines_by_number_and_decodes_the_rest(tmp_path, control_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [
+        '{"id": "a", "prompt": "Hi"}',
+        '{"prompt": 5}',
+        "not json",
+        '{"id": "b", "prompt": "Yo"}',
+    ]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "turns.jsonl"
+    args = ["generate", "--prompts", str(prompts), "--model", str(control_model_dir)]
+    result = runner.invoke(app, [*args, "--out", str(out), "--set", "decode.max_new_tokens=2"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(r)["id"] for r in out.read_text().splitlines()] == ["a", "b"]
+    assert f"rejected {prompts}:2 (bad_field): `prompt`: Input should be a valid string" in (
+        result.stderr
+    )
+    assert f"rejected {prompts}:3 (malformed_line): not JSON" in result.stderr
+    assert "2 line(s) of" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("model", ["./no-such-ckpt", "/no/such/ckpt", "runs/x/train/files/final"])
+def test_a_model_path_that_does_not_exist_is_one_line_not_a_hub_lookup(tmp_path, model):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    result = runner.invoke(app, ["generate", "--prompts", str(prompts), "--model", model])
+    _one_line_failure(result, f"model {model}: no such folder", "'embedded' or a Hub id")
+
+
+def test_a_model_path_whose_first_folder_exists_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hi"}\n')
+    args = ["generate", "--prompts", "prompts.jsonl", "--model", "ckpts/final"]
+    _one_line_failure(runner.invoke(app, args), "model ckpts/final: no such folder")
+
+
+def truncated_copy(model_dir: Path, to: Path, keep: int) -> Path:
+    """A copy of a model folder with its model.safetensors cut to `keep` bytes (negative: that
+    many bytes short), as a full disk or a killed copy leaves it."""
+    shutil.copytree(model_dir, to)
+    weights = to / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    return to
+
+
+@pytest.mark.parametrize("keep", [-100, 6, 50])
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(tmp_path, control_model_dir, keep):
+    torn = truncated_copy(control_model_dir, tmp_path / "torn", keep)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    result = runner.invoke(app, ["generate", "--prompts", str(prompts), "--model", str(torn)])
+    _one_line_failure(result, f"model folder {torn}: model.safetensors is truncated or corrupt")
+
+
+def test_a_scorer_batch_size_of_zero_fails_at_config_time_naming_the_key(tmp_path):
+    result = runner.invoke(app, ["status", "--set", "filter.scorer.batch_size=0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "filter.scorer.batch_size: Input should be greater than or equal to 1" in result.stderr

@@ -4,6 +4,7 @@ SIGKILL, one writer per run, code and model identity, empty inputs, the stage co
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -669,3 +670,102 @@ def test_a_failure_outside_a_chunk_still_names_the_stage(tmp_path, monkeypatch):
     with pytest.raises(OSError) as err:
         make(tmp_path).run(["numbers"])
     assert err.value.__notes__ == ["in stage numbers"]
+
+
+# --- torn manifests, read-only media, a run in progress ------------------------------------------
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"stage": "square", "key": "ab', b"\x00\xff\xfe", b"[]"])
+def test_a_torn_or_corrupt_manifest_means_not_finished(tmp_path, torn):
+    """A 0-byte or unparseable _manifest.json (a kill, a full disk) is a stage to run again,
+    not a traceback on every rerun."""
+    pipe = make(tmp_path)
+    pipe.run(["report"])
+    (pipe.store.stage_dir("square") / "_manifest.json").write_bytes(torn)
+    assert pipe.store.manifest("square") is None
+    assert status(pipe) == ["fresh", "missing", "stale"]
+    # square's rows come out the same, so report (keyed by their content) stays cached.
+    outcome = make(tmp_path).run(["report"])
+    assert outcome == {"numbers": "cached", "square": "ran", "report": "cached"}
+    assert squares(pipe) == expected() and status(make(tmp_path)) == ["fresh"] * 3
+
+
+@pytest.fixture
+def read_only():
+    """Bind-mount a folder read-only onto itself (root ignores permission bits, not a read-only
+    mount); skipped where this process may not mount."""
+    mounted: list[Path] = []
+
+    def mount(path: Path) -> None:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("needs root and mount(8) for a read-only bind mount")
+        for args in (["--bind", path, path], ["-o", "remount,bind,ro", path]):
+            done = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+            if done.returncode:
+                for p in [*mounted, path]:
+                    subprocess.run(["umount", str(p)], capture_output=True)
+                pytest.skip(f"cannot bind-mount read-only here: {done.stderr.strip()}")
+            mounted.append(path) if args[0] == "--bind" else None
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_finished_run_on_read_only_media_is_a_no_op(tmp_path, read_only):
+    make(tmp_path).run(["report"])
+    before = _snapshot(tmp_path / "runs")
+    read_only(tmp_path / "runs")
+    with pytest.raises(OSError) as err:  # the media really is read-only
+        (tmp_path / "runs" / "probe").write_text("x")
+    assert err.value.errno == errno.EROFS
+    text = f"run:\n  runs_dir: {tmp_path}/runs\n  chunk_size: 4\n"  # its cfg.yaml is elsewhere
+    pipe = make(tmp_path / "cfg", text=text)
+    assert pipe.run(["report"]) == {"numbers": "cached", "square": "cached", "report": "cached"}
+    assert status(pipe) == ["fresh"] * 3 and _snapshot(tmp_path / "runs") == before
+    # Something to write is still the one-line read-only error, naming the lock it could not open.
+    with pytest.raises(OSError) as err:
+        make(tmp_path / "other", ["square.offset=3"], text=text).run(["report"])
+    assert err.value.errno == errno.EROFS and err.value.filename == str(pipe.store.root / ".lock")
+
+
+def test_status_says_running_with_the_last_line_a_running_stage_logged(tmp_path, capsys):
+    from pipeline.cli import _print_status
+
+    make(tmp_path)
+    hold = tmp_path / "go"
+    first = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "cfg.yaml"), "report"],
+        env={**CHILD_ENV, "RETRACE_TEST_HOLD": str(hold)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not hold.with_suffix(".waiting").exists():  # the first run is inside square
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        pipe = make(tmp_path)
+        assert status(pipe) == ["fresh", "running", "missing"]
+        progress = pipe.progress("square", "running")
+        assert f"by pid {first.pid} (`" in progress and ", running square" in progress
+        assert progress.endswith("last: square: holding in chunk 0")
+        _print_status(pipe)
+        out = capsys.readouterr().out
+        assert "running" in out and "square running: by pid" in out
+    finally:
+        hold.touch()
+        assert first.wait(60) == 0, first.communicate()
+    assert status(make(tmp_path)) == ["fresh", "fresh", "fresh"]  # released: no longer running
+
+
+def test_a_killed_stage_with_files_in_its_attempt_is_partial_not_missing(tmp_path):
+    """A training killed after a checkpoint keeps files in its attempt and resumes from them."""
+    pipe = make(tmp_path)
+    pipe.run(["square"])
+    work = pipe.store.work_dir("report", pipe.key("report")[0])
+    (work / "files" / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (work / "_note").write_text("step 2/10 | loss 1.5")
+    assert status(pipe) == ["fresh", "fresh", "partial"]
+    assert pipe.progress("report", "partial") == "resumable; last: step 2/10 | loss 1.5"

@@ -14,7 +14,8 @@ from trainer_fixtures import one_thread
 from pipeline import config as config_mod
 from pipeline.dag import Pipeline, load_stages
 from pipeline.env import LocalEnv
-from stages import eval_model, eval_suites
+from pipeline.errors import RetraceError
+from stages import eval_data, eval_model, eval_suites
 from stages.eval_config import BenignSuite, PrefillSuite
 from stages.eval_data import PromptFile
 from stages.eval_judges import KeywordJudge, KeywordJudgeSpec, is_refusal
@@ -256,3 +257,44 @@ def test_request_seeds_do_not_depend_on_order(scripted_dir):
     b, _ = eval_suites.plan_prefill(PrefillSuite(n=2, ks=(5,)), model, seed=1)
     assert [r.seed for r in a[:2]] == [r.seed for r in b]
     assert isinstance(a[0], Request)
+
+
+def test_the_eval_folder_is_unique_per_model_and_stable(tmp_path):
+    """Readable name plus a hash of the model's identity: same-named folders, checkpoints of two
+    runs and two revisions of one Hub id each get their own folder; a rerun gets the same one."""
+    folders = [tmp_path / "ctrlE", tmp_path / "k" / "ctrlE"]
+    folders += [tmp_path / r / "train" / "files" / "final" for r in ("a", "b")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    names = [eval_model.slug(str(f)) for f in folders]
+    names += [eval_model.slug("org/model"), eval_model.slug("org/model", "v2")]
+    assert len(set(names)) == len(names)
+    assert [n.rsplit("-", 1)[0] for n in names] == [
+        "ctrlE", "ctrlE", "a-final", "b-final", "org-model", "org-model-v2",
+    ]  # fmt: skip
+    assert eval_model.slug(str(tmp_path / "k" / ".." / "ctrlE")) == names[0]  # by resolved path
+    assert eval_model.slug(None) == "train"
+
+
+def test_a_bad_prompt_file_line_is_rejected_by_number_and_the_rest_are_kept(tmp_path):
+    """As `sources` does: one malformed line costs one row (it once failed the whole eval, or
+    died in a traceback on a line that is JSON but no object)."""
+    path = tmp_path / "borderline.jsonl"
+    lines = [b'{"prompt": "one"}', b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'{"prompt": "two"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows, rejected = eval_data.column_rows(PromptFile(path=path), ("prompt",))
+    assert [(r["id"], r["prompt"]) for r in rows] == [("0", "one"), ("4", "two")]  # stable ids
+    assert [(r["reason"], r["detail"].split(":")[0]) for r in rejected] == [
+        ("malformed_line", f"line 2 of {path}"),
+        ("undecodable", f"line 4 of {path}"),
+        ("malformed_line", f"line 5 of {path}"),
+    ]
+    prompts, bad = eval_data.harmful_prompts(PromptFile(path=path))
+    assert [p.prompt for p in prompts] == ["one", "two"] and len(bad) == 3
+    path.write_bytes(b"\x00\xff" * 50)
+    with pytest.raises(RetraceError, match="is not a JSON Lines file"):
+        eval_data.column_rows(PromptFile(path=path), ("prompt",))
+    csv = tmp_path / "behaviors.csv"
+    csv.write_bytes(b"Behavior\n\xff\xfe\n")
+    with pytest.raises(eval_data.DataError, match="is not UTF-8 text"):
+        eval_data.harmful_prompts(PromptFile(path=csv))

@@ -3,6 +3,8 @@ model without control tokens, and `--compare` over two eval folders."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from trainer_fixtures import one_thread
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from stages import eval_model
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 runner = CliRunner()
@@ -32,7 +35,9 @@ def test_eval_then_compare(tmp_path, tiny_model_dir):
     result = _eval(tmp_path, trained, "--decode", "context=drop")
     assert result.exit_code == 0, result.output
     report = Path(result.stdout.strip())
-    assert report == tmp_path / "runs" / "cli" / "eval" / "with-controls" / "files" / "report.md"
+    folder = eval_model.slug(str(trained))  # with-controls-<hash of its path>
+    assert folder.startswith("with-controls-")
+    assert report == tmp_path / "runs" / "cli" / "eval" / folder / "files" / "report.md"
     assert "| prefill | k=5 | asr_visible | keyword |" in report.read_text()
 
     refused = _eval(tmp_path, tiny_model_dir)
@@ -53,3 +58,51 @@ def test_eval_then_compare(tmp_path, tiny_model_dir):
 def test_compare_needs_two_folders(tmp_path):
     result = runner.invoke(app, ["eval", "--compare", str(tmp_path)])
     assert result.exit_code == 1 and "two or more" in result.stderr
+
+
+def test_two_evals_of_same_named_models_both_survive(tmp_path):
+    """`…/ctrlE` and `…/k/ctrlE` (as every `train/files/final`) once shared one eval folder: the
+    second eval replaced the first's generations, results and report."""
+    first = control_model(tmp_path / "a" / "ctrlE", sliding_window=64)
+    second = control_model(tmp_path / "b" / "k" / "ctrlE", sliding_window=64, seed=1)
+    reports = []
+    for model in (first, second):
+        result = _eval(tmp_path, model)
+        assert result.exit_code == 0, result.output
+        reports.append(Path(result.stdout.strip()))
+    kept = reports[0].read_bytes()
+    folders = [r.parents[1] for r in reports]
+    assert folders[0] != folders[1] and all(f.name.startswith("ctrlE-") for f in folders)
+    assert reports[0].read_bytes() == kept  # the second eval left the first's report alone
+    for folder, model in zip(folders, (first, second), strict=True):
+        results = json.loads((folder / "files" / "results.json").read_text())
+        assert {r["model"] for r in results["results"]} == {folder.name}
+        assert results["model"] == folder.name and results["source"] == str(model)
+        assert (folder / "generations").is_dir() and (folder / "_manifest.json").is_file()
+    again = _eval(tmp_path, first)  # the same model keeps its folder: a rerun is cached
+    assert again.exit_code == 0 and Path(again.stdout.strip()) == reports[0]
+    assert "eval: cached" in again.stderr
+
+
+@pytest.mark.parametrize("case", ["binary prompts", "no such model", "truncated weights"])
+def test_a_bad_eval_input_is_one_line_not_a_traceback(tmp_path, control_model_dir, case):
+    model, extra = control_model_dir, []
+    if case == "binary prompts":
+        prompts = tmp_path / "borderline.jsonl"
+        prompts.write_bytes(b"\x00\x01\xff\xfe\x00binary\x00")
+        extra = ["--suite", "benign", "--set", f"eval.benign.prompts.path={prompts}"]
+        needle = f"{prompts} is not a JSON Lines file"
+    elif case == "no such model":
+        model = tmp_path / "runs" / "old" / "train" / "files" / "final"
+        needle = f"model {model}: no such folder"
+    else:
+        model = tmp_path / "torn"
+        shutil.copytree(control_model_dir, model)
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+        needle = f"model folder {model}: model.safetensors is truncated or corrupt"
+    result = _eval(tmp_path, model, *extra)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    # Progress lines aside (the stage's, the weights' bar), one line says what went wrong.
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert needle in error, result.stderr

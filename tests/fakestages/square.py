@@ -29,6 +29,7 @@ class Config(StageConfig):
 def run(inputs, cfg, env):
     rows = inputs["numbers.values"].to_pylist()
     if (hold := os.environ.get("RETRACE_TEST_HOLD")) and rows[0]["value"] == 0:
+        env.log("square: holding in chunk 0")  # what `retrace status` shows of a running stage
         _wait_for(Path(hold))
     if os.environ.get("RETRACE_TEST_KILL_AT") == str(rows[0]["value"] if rows else None):
         os._exit(137)
