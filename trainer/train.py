@@ -39,6 +39,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from pipeline import taxonomy
 from trainer import data as data_mod
 from trainer import tokens
 from trainer.batching import IGNORE
@@ -89,9 +90,10 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         if left_out:
             log(f"per_step trains only {', '.join(cfg.per_step)}; not trained: {left_out}")
     # Control tokens the corpus uses beyond the taxonomy (a corpus from elsewhere may name its own
-    # policies) become control tokens too, said here, rather than rows dropped in silence.
-    known = set(tokens.control_tokens())
-    extra = tuple(t for t in data_mod.corpus_controls(sources) if t not in known)
+    # policies) become control tokens too, said here, rather than rows dropped in silence; all
+    # in tokens.control_tokens' one order, the `-tok` twins' too.
+    used = tuple(data_mod.corpus_controls(sources))
+    extra = [t for t in used if t not in taxonomy.load().all_tokens]
     if extra:
         log(f"control tokens from the corpus, not in the taxonomy, added: {', '.join(extra)}")
     data_id = data_mod.identity(sources)
@@ -130,12 +132,12 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
             seed,
             cfg.revision,
             cfg.attn_implementation,
-            extra,
+            used,
             lambda: data_mod.corpus_text(sources),
         )
     tokens.set_generation_stops(model, tok)  # saved with every checkpoint
-    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok, extra))
-    reference = _reference(cfg, tok, seed, device, extra) if objective.needs_reference else None
+    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok, used))
+    reference = _reference(cfg, tok, seed, device, used) if objective.needs_reference else None
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -143,7 +145,7 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     decoder = model.get_decoder()
     forward = torch.compile(decoder) if cfg.compile else decoder
     heads = Heads(logits_fn(model), logits_fn(reference) if reference is not None else None)
-    controls = tokens.control_tokens(extra)
+    controls = tokens.control_tokens(used)
     encoder = Encoder(tok, cfg.max_length, controls, cfg.decision_weight, draw)
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -152,6 +154,10 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         + ", ".join(f"{s.config} ({s.rows} rows x {s.weight:g})" for s in sources)
     )
     log(draw_source)
+    recounts = data_mod.rlbf_recounts(sources, tok)
+    if recounts:
+        trained = cfg.tokenizer if cfg.model.startswith("random:") else cfg.model
+        log(f"rlbf: [BACKTRACK_BY_<n>] re-counted in the trained tokenizer {trained}: {recounts}")
 
     # ---------------------------------------------------------------------------- optimizer
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -356,7 +362,7 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return mult
 
 
-def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, extra: tuple[str, ...]):
+def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, used: tuple[str, ...]):
     """The frozen reference: cfg.reference, or the start model rebuilt exactly (also on resume)."""
     source = cfg.reference or cfg.model
     ref, ref_tok = tokens.load_for_training(
@@ -365,7 +371,7 @@ def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, extra: tu
         seed,
         cfg.revision,
         cfg.attn_implementation,
-        extra,
+        used,
         tok=tok if source.startswith("random:") else None,  # the same tokenizer, not retrained
     )
     if ref_tok.get_vocab() != tok.get_vocab():
