@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parents[1] / "tests")]
 
 import torch  # noqa: E402
-from test_trainer_learning import SIZES, make_train_config  # noqa: E402
+from test_trainer_learning import SEED, SIZES, make_train_config  # noqa: E402
 from trainer_fixtures import corpus  # noqa: E402
 from trainer_probes import measure, passes  # noqa: E402
 
@@ -38,15 +38,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--weights", type=float, nargs="+", default=[4.0, 1.0])
     ap.add_argument("--steps", type=int, help="override train.steps")
+    ap.add_argument("--seed", type=int, default=SEED, help="run seed (the learning test's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp("probe"))
     folder = corpus(root / "data", SIZES, validation=0)
     changes = {"steps": args.steps} if args.steps else {}
-    cfg = make_train_config(**changes)
+    cfg = make_train_config(seed=args.seed, **changes)
     sources = open_folder(folder, cfg.configs)
     twin, tok = tokens.load_for_training(
-        cfg.model, cfg.tokenizer, 0, corpus_text=lambda: corpus_text(sources)
+        cfg.model, cfg.tokenizer, args.seed, corpus_text=lambda: corpus_text(sources)
     )
     show("untrained", measure(twin, Encoder(tok, 512, tokens.control_tokens())))
     for weight in args.weights:

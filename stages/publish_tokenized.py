@@ -8,8 +8,11 @@ the mask is 1, else -100, and the model shifts once. So completion_mask[i] is th
 trained[i] ("token i is a training target"): 0 on the prompt, harmful spans, unsafe prefixes and
 h≤k, 1 on the trained segments and the end of turn, non-contiguous where a row needs it. The
 chat template is applied and control tokens are the special tokens the trainer adds; the folder
-carries that tokenizer so the ids can be reproduced. Recovery rows keep their published k (the
-bundled trainer redraws k every epoch; a fixed table cannot).
+carries that tokenizer so the ids can be reproduced, every control token at the id the trainer
+gives it (trainer/tokens.py `control_tokens`: one order). Recovery rows keep their published k
+(the bundled trainer redraws k every epoch; a fixed table cannot); rlbf rows have their
+`[BACKTRACK_BY_<n>]` counted in the tokenizer published, by the decoder's rule, as the trainer
+counts it (trainer/rlbf.py).
 
 A row the encoder refuses (no trained token, say) is left out with the encoder's reason, as
 the bundled trainer drops it.
@@ -46,7 +49,7 @@ def encoder(source: str) -> Any:
     from trainer import tokens
     from trainer.encode import Encoder
 
-    # RLBF's tokens too, after the taxonomy's (the ids the trainer gives them on an rlbf corpus).
+    # RLBF's tokens too, in the trainer's order: the ids a model trained on an rlbf corpus has.
     rlbf = taxonomy.load().rlbf_tokens
     tok = tokens.load_tokenizer(source)
     tokens.add_control_tokens(tok, rlbf)

@@ -197,3 +197,58 @@ def test_the_trainer_puts_exactly_x_untrained_tokens_before_the_category_token(t
     assert doc.ids[at - 11 : at] == enc.text(" " + SPAN)  # the X tokens it takes back
     assert not any(doc.trained[:at])  # prompt, part1 and the span are context
     assert all(doc.trained[at:])  # category, take-back, continuation, end of turn
+
+
+def test_an_rlbf_corpus_trained_with_another_tokenizer_is_recounted(tiny_model_dir, tmp_path):
+    # The format stage counts n in its target tokenizer (meta.tokenizer: the tiny BPE); training
+    # with a corpus BPE instead re-counts n in the trained tokenizer by the decoder's rule, so the
+    # trained model's take-back removes exactly the span (issue 21 item 2).
+    from trainer_fixtures import write_config
+
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    (row,) = one_violation(tiny_model_dir)["rlbf"].to_pylist()
+    assert row["meta"]["tokenizer"] == str(tiny_model_dir)
+    assert "[BACKTRACK_BY_11]" in row["completion"][0]["content"]
+    write_config(tmp_path / "data", "rlbf", "train", [row] * 4)
+    cfg = TrainConfig(
+        model="random:tiny", tokenizer="corpus:1000", configs={"rlbf": 1.0}, steps=1, batch_size=2,
+        eval_rows=0,
+    )  # fmt: skip
+    lines: list[str] = []
+    final = train(cfg, tmp_path / "data", tmp_path / "out", log=lines.append)
+    trained = tokens.load_tokenizer(str(final))
+    # n by hand: the trained tokenizer's tokens of the visible text that lie in the span
+    part1 = "Tea is green."
+    spans = trained(part1 + " " + SPAN, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [b for _, b in spans["offset_mapping"]]
+    assert len(part1) in ends  # a token ends where the span starts
+    n = sum(1 for b in ends if b > len(part1))
+    assert n != 11, n
+    assert any("n changed in 4 of 4 rows" in ln and str(tiny_model_dir) in ln for ln in lines)
+    enc = Encoder(trained, 512, tokens.control_tokens(TAX.rlbf_tokens))
+    doc = enc.encode(row, "rlbf")
+    at = doc.ids.index(trained.convert_tokens_to_ids("[CATEGORY-HARASSMENT]"))
+    assert doc.ids[at + 1] == trained.convert_tokens_to_ids(TAX.backtrack_by(n))
+    trained_turn = row["completion"][0]["content"].replace("[BACKTRACK_BY_11]", TAX.backtrack_by(n))
+    assert render(trained_turn, strict=True, tokenizer=trained) == row["visible"]
+
+
+def test_an_rlbf_span_too_long_in_the_trained_tokenizer_is_dropped_with_a_reason(tok):
+    t = type(tok).from_pretrained(tok.name_or_path)
+    tokens.add_control_tokens(t, TAX.rlbf_tokens)
+    enc = Encoder(t, 1 << 20, tokens.control_tokens(TAX.rlbf_tokens))
+    span = " " + " ".join(["zq"] * 80)  # 160 tokens or more in the tiny BPE
+    segments = [
+        {"text": "Tea is green.", "role": "text", "train": False},
+        {"text": span, "role": "harmful", "train": False},
+        {"text": "[CATEGORY-HATE]", "role": "control", "train": True},
+        {"text": "[BACKTRACK_BY_5]", "role": "control", "train": True},
+        {"text": " Fine.", "role": "text", "train": True},
+    ]
+    assert len(enc.text(span)) > TAX.backtrack_by_max
+    r = {"id": "x", "kind": "rlbf", "prompt": [{"role": "user", "content": "Hi"}]}
+    assert enc.encode({**r, "segments": segments}, "rlbf") == "span_too_long"
+    no_span = [segments[0], *segments[2:]]
+    assert enc.encode({**r, "segments": no_span}, "rlbf") == "take_back_without_span"

@@ -187,3 +187,31 @@ def test_trl_sft_loss_equals_the_bundled_trainer_loss_and_masked_positions_get_n
 
     trainer.train()  # and TRL trains on it, one step
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("config", ["rlbf", "bsafe"])
+def test_tok_ids_equal_a_retrace_trained_models_for_every_control_token(
+    folder, tiny_model_dir, tmp_path, config
+):
+    # One order (trainer/tokens.py control_tokens): a model `retrace train` trained on the
+    # published rows, rlbf's or not, numbers every control token it has as the -tok tokenizer does,
+    # so continuing it on `<config>-tok` puts each token on its own embedding (issue 21 item 4).
+    from transformers import AutoTokenizer
+
+    from trainer.train import train
+
+    cfg = TrainConfig(
+        model=str(tiny_model_dir), configs={config: 1.0}, steps=1, batch_size=2, eval_rows=0
+    )
+    final = train(cfg, folder, tmp_path / "out", log=lambda _: None)
+    trained = AutoTokenizer.from_pretrained(final)
+    published = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    have = [t for t in taxonomy.load().all_tokens if t in trained.get_vocab()]
+    assert {t: trained.convert_tokens_to_ids(t) for t in have} == {
+        t: published.convert_tokens_to_ids(t) for t in have
+    }
+    assert set(tokens.control_tokens()) <= set(have)
+    if config == "rlbf":
+        assert set(RLBF) <= set(have)  # the corpus uses a few: the model gets all of RLBF's
+    else:
+        assert not set(RLBF) & set(have)  # a model not trained on rlbf keeps its vocabulary

@@ -114,11 +114,52 @@ def test_decision_points_weigh_control_tokens_and_sentence_starts(tok):
     doc = enc.encode(r, "reset")
     body = list(zip(doc.ids[doc.prompt_len :], doc.weights[doc.prompt_len :], strict=True))
     heavy = [tok.decode([i]) for i, w in body if w == 4.0]
-    first = [tok.decode(enc.text(" It")[:1]), "[RESET]", tok.decode(enc.text("No")[:1])]
-    assert heavy == first  # after "green.", the control token, after "grows." (before [RESET])
-    assert sum(w == 1.0 for _, w in body) == len(body) - 3
+    # after "green." and the control token; "No" after [RESET] is no decision (the control token
+    # was), though "grows." before [RESET] ends a sentence (issue 21 item 6)
+    assert heavy == [tok.decode(enc.text(" It")[:1]), "[RESET]"]
+    assert sum(w == 1.0 for _, w in body) == len(body) - 2
     assert enc.encode(r, "reset").weights == doc.weights
     assert set(Encoder(tok, 512, tokens.control_tokens()).encode(r, "reset").weights) == {1.0}
+
+
+def _heavy(enc, tok, segments) -> list[str]:
+    doc = enc.encode(row("bsafe", "Hi", segments), "bsafe")
+    start = doc.prompt_len
+    return [
+        tok.decode([i])
+        for i, w in zip(doc.ids[start:], doc.weights[start:], strict=True)
+        if w == enc.decision_weight
+    ]
+
+
+def test_decision_points_are_the_sentence_starts_of_pipeline_text(tok):
+    # One sentence definition (pipeline/text.py, the guard's): "3.5" and "e.g." end no sentence,
+    # a line break ends one, and the text right after a control token is no decision point.
+    enc = Encoder(tok, 512, tokens.control_tokens(), decision_weight=4.0)
+
+    def first(s: str) -> str:  # the first token of `s` that is not whitespace alone
+        return next(p for p in map(tok.decode, ([i] for i in enc.text(s))) if p.strip())
+
+    assert _heavy(enc, tok, [("It costs 3.5 euros, e.g. today. Buy it.", "text", True)]) == [
+        first(" Buy")
+    ]
+    assert _heavy(enc, tok, [("A list:\nFirst item", "text", True)]) == [first("First")]
+    span = "Such idiots are filthy scum."
+    heavy = _heavy(
+        enc,
+        tok,
+        [
+            ("Tea is green.", "text", True),
+            (" " + span, "harmful", False),
+            ("[BACKTRACK-HATE]", "control", True),
+            (span, "copy", True),
+            ("[REPLACE]", "control", True),
+            ("Some people disagree. Fine.", "replacement", True),
+        ],
+    )
+    # " Such" starts a sentence (a backtrack could come instead); neither "Such" of the copy nor
+    # "Some" right after a control token is one; " Fine" is
+    assert heavy == [first(" Such"), "[BACKTRACK-HATE]", "[REPLACE]", first(" Fine")]
 
 
 def test_corpus_tokenizer_and_generation_stops(tmp_path):

@@ -122,3 +122,51 @@ def test_python_m_trainer_train_takes_the_engines_overrides(tmp_path, tiny_model
         main([*args, "--set", "train.lr=-1"])
     main([*args, "--set", "steps=1", "--set", "train.eval_rows=0", "--set", "batch_size=2"])
     assert [r["step"] for r in _steps(tmp_path / "out")] == [1]
+
+
+def _cut_safetensors(step_dir):
+    weights = step_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a kill mid-write
+
+
+def _garble_state(step_dir):
+    (step_dir / "trainer_state.pt").write_bytes(b"\x80\x04garbage, not a pickle" * 10)
+
+
+@pytest.mark.parametrize("damage", [_cut_safetensors, _garble_state], ids=["weights", "state"])
+def test_a_torn_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_model_dir, damage):
+    # issue 21 item 10: the latest checkpoint unreadable, the earlier one still there -> one
+    # warning line, resume from the earlier one, and the run ends as an uninterrupted one does
+    folder = corpus(tmp_path / "data", {"bsafe": 8, "reset": 6}, validation=0)
+    cfg = TrainConfig(
+        model=str(tiny_model_dir), steps=6, batch_size=4, buffer_rows=16, shuffle_buffer=8,
+        save_every=2, eval_rows=0, warmup_steps=2,
+    )  # fmt: skip
+    train(cfg, folder, tmp_path / "full", log=lambda _: None)
+    out = tmp_path / "cut"
+    train(cfg, folder, out, stop_after=4, log=lambda _: None)
+    step2, step4 = out / "checkpoints" / "step-0000002", out / "checkpoints" / "step-0000004"
+    assert step2.is_dir() and step4.is_dir()
+    damage(step4)
+    lines: list[str] = []
+    final = train(cfg, folder, out, log=lines.append)
+    warnings = [ln for ln in lines if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "step-0000004 cannot be loaded" in warnings[0]
+    assert any(ln.startswith(f"resuming from {step2} (step 2)") for ln in lines)
+    assert final == out / "final" and (final / "model.safetensors").is_file()
+    full, cut = _steps(tmp_path / "full"), _steps(out)
+    assert [(r["step"], r["loss"]) for r in cut] == [(r["step"], r["loss"]) for r in full]
+    assert (out / "checkpoints" / "corrupt-step-0000004").is_dir()  # kept aside, never resumed
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_model_dir):
+    folder = corpus(tmp_path / "data", {"utility": 8}, validation=0)
+    cfg = TrainConfig(model=str(tiny_model_dir), steps=4, batch_size=4, eval_rows=0)
+    out = tmp_path / "out"
+    train(cfg, folder, out, stop_after=2, log=lambda _: None)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "epoch": 0, "lo')  # killed mid-write of step 3's record
+    lines: list[str] = []
+    train(cfg, folder, out, log=lines.append)
+    assert sum(ln.startswith("warning: dropped 1 torn line") for ln in lines) == 1
+    assert [r["step"] for r in _steps(out)] == [1, 2, 3, 4]

@@ -74,8 +74,9 @@ class TrainConfig(BaseModel):
     kl_alpha: float = Field(1.0, ge=0)
     kl_mass: tuple[float, float] = (0.01, 0.1)
     reference: str | None = None  # reference for constrained/controlled; None: the start model
-    # Every objective: this loss weight on control-token targets and on the first token after
-    # each sentence end, where a backtrack could come instead; 1 elsewhere.
+    # Every objective: this loss weight on control-token targets and on the token each later
+    # sentence starts in (pipeline/text.py's sentences), where a backtrack could come instead; 1
+    # elsewhere.
     decision_weight: float = Field(1.0, gt=0)
 
     # --- optimisation ---------------------------------------------------------------------------

@@ -37,12 +37,14 @@ import pyarrow.parquet as pq
 
 from pipeline import seeds
 from pipeline.errors import RetraceError
+from trainer import rlbf
 from trainer.batching import Batch, collate, plan
 from trainer.encode import Doc, Encoder, Recovery, component
 
 COLUMNS = ("id", "kind", "prompt", "segments")
-# The meta fields the trainer reads, when there: recovery's redraw, and the anchor's generator.
-META_FIELDS = ("harmful", "k_max", "h_tokens", "generator")
+# The meta fields the trainer reads, when there: recovery's redraw, the anchor's generator, and
+# the tokenizer rlbf's n and recovery's k were counted in.
+META_FIELDS = ("harmful", "k_max", "h_tokens", "generator", "tokenizer")
 _READ = (*COLUMNS, "meta")
 
 
@@ -221,6 +223,33 @@ def recovery_draw(folder: Path, cfg: Any) -> tuple[Recovery, str]:
         f"recovery redraw: P(k=0)={draw.p_zero:g}, cap {draw.k_cap}, separator "
         f"{draw.separator!r}, from train.recovery where set, else {where}"
     )
+
+
+def rlbf_recounts(sources: list[Source], tokenizer: Any) -> str:
+    """What re-counting rlbf's n in `tokenizer` (trainer/rlbf.py) does to each config's train
+    rows, as one line ("" when no row takes back): rows whose n changed, rows dropped, and the
+    tokenizers the rows say they were counted in (meta.tokenizer)."""
+    parts = []
+    for src in sources:
+        seen, changed, dropped, counted_in = 0, 0, Counter(), Counter()
+        for row in _file_rows(src.train):
+            if not rlbf.takes_back(row["segments"]):
+                continue
+            seen += 1
+            counted_in[row["meta"].get("tokenizer", "unknown")] += 1
+            got = rlbf.recount(row["segments"], tokenizer)
+            if isinstance(got, str):
+                dropped[got] += 1
+            else:
+                changed += bool(got[1])
+        if seen:
+            drops = ", ".join(f"{r} {n}" for r, n in sorted(dropped.items())) or "none"
+            was = ", ".join(f"{t} {n}" for t, n in sorted(counted_in.items()))
+            parts.append(
+                f"{src.config}: n changed in {changed} of {seen} rows, dropped {drops} "
+                f"(counted in meta.tokenizer {was})"
+            )
+    return "; ".join(parts)
 
 
 def _has_trained_segment(files: tuple[Path, ...]) -> bool:

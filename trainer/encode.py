@@ -14,6 +14,9 @@ untrained segment is not trained, nor is a whitespace-only token right before an
 a corpus that puts the space before a harmful span on the trained side yields " Bad" (context), or
 an untrained " " + "Bad", never a trained lone " " before it.
 
+An rlbf row's `[BACKTRACK_BY_<n>]` is re-counted in this tokenizer by the decoder's rule
+(trainer/rlbf.py), whatever tokenizer the format stage counted it in; a row no n fits is dropped.
+
 Flags come from the segments (DESIGN §1): harmful spans and unsafe prefixes are context, the rest
 of the assistant turn and its end-of-turn token are trained. `recovery` rows may redraw k each
 epoch (Qi et al.) with pipeline/recovery.py, the format stage's own draw and joint, so the trained
@@ -27,16 +30,15 @@ control, copy, replacement) to the last; a row whose edits alone do not fit is d
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import recovery, seeds
+from pipeline.text import sentence_spans
+from trainer import rlbf
 
 _SENTINEL = "\x00RETRACE{}\x00"  # stands in for message contents when rendering a chat template
 _SCAFFOLDS = 65536  # prompts whose token ids are kept (a few MB)
-# A sentence ends at . ! ? (and any closing quotes or brackets), then whitespace or nothing.
-_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s*$")
 
 
 # Roles of an edit (from a harmful span to its replacement): a cut to max_length never enters one.
@@ -48,7 +50,7 @@ class _Turn:
     ids: list[int]
     trained: list[bool]
     where: list[int]  # the segment each token belongs to
-    decision: list[bool]  # a control token, or the first token after a sentence end
+    decision: list[bool]  # a control token, or the token a sentence starts in
 
 
 @dataclass
@@ -180,10 +182,8 @@ class Encoder:
         all of them are."""
         out = _Turn([], [], [], [])
         run: list[int] = []
-        said = ""  # the turn's text so far, control tokens left out
 
         def flush() -> None:
-            nonlocal said
             if not run:
                 return
             texts = [segments[j]["text"] for j in run]
@@ -192,17 +192,22 @@ class Encoder:
                 starts.append(starts[-1] + len(t))
             joined = "".join(texts)
             piece, spans = self.offsets(joined)
+            # Decision points: where a sentence after the first starts, by the one definition
+            # the guard rolls back by (pipeline/text.py; a line break ends one too). The text
+            # right after a control token is no decision: that was the control token.
+            begins = iter(start for start, _ in sentence_spans(joined)[1:])
+            begin = next(begins, None)
             for tid, (a, b) in zip(piece, spans, strict=True):
                 first = _segment_at(starts, a)
                 last = _segment_at(starts, max(a, b - 1))
-                before = (said + joined[:a])[-8:]
                 out.ids.append(tid)
                 out.trained.append(all(segments[run[j]]["train"] for j in range(first, last + 1)))
                 out.where.append(run[first])
-                out.decision.append(
-                    bool(joined[a:b].strip() and before.strip() and _SENTENCE_END.search(before))
-                )
-            said += joined
+                # the token the sentence starts in, whitespace before it aside (" It" or "It")
+                starts_one = begin is not None and begin < b and not joined[a:begin].strip()
+                out.decision.append(starts_one)
+                while begin is not None and begin < b:
+                    begin = next(begins, None)
             run.clear()
 
         for j, seg in enumerate(segments):
@@ -237,6 +242,11 @@ class Encoder:
         segments = row["segments"]
         if redraw is not None and row.get("kind") == "recovery":
             segments = self.redrawn(row, *redraw)
+        if rlbf.takes_back(segments):  # n counted in this tokenizer, as the decoder counts it
+            recounted = rlbf.recount(segments, self.tok)
+            if isinstance(recounted, str):
+                return recounted
+            segments = recounted[0]
         turn = self.turn(segments)
         if isinstance(turn, str):
             return turn
@@ -246,7 +256,7 @@ class Encoder:
         if not any(flags):
             return "no_trained_tokens"
         head, tail = self.scaffold(row["prompt"])
-        # decision_weight on control tokens and on the first token after each sentence end (a
+        # decision_weight on control tokens and on the token each later sentence starts in (a
         # decision point: a backtrack could come instead).
         weights = [self.decision_weight if d else 1.0 for d in turn.decision]
         edited = [i for i, j in enumerate(where) if segments[j]["role"] in _EDIT_ROLES]

@@ -20,7 +20,7 @@ checkpointing) so a 262k vocabulary never holds more than one chunk of logits.
   schedule open; FORMATS.md). The loop logs the KL term and the share of positions with α_t > 0.
 
 Every objective multiplies each token's loss by the Doc's weight (`decision_weight` on control
-targets and on the first token after a sentence end; 1 elsewhere).
+targets and on the token a sentence starts in, trainer/encode.py; 1 elsewhere).
 
 Reference log-probs come from a frozen copy of the start model run on the same micro-batch under
 no_grad: the same numbers a table computed once before training would hold, and the only way to

@@ -60,9 +60,17 @@ def resolve(source: str, revision: str | None = None) -> str:
 TURN_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 
 
-def control_tokens(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The taxonomy's control tokens, then any others a corpus uses (`extra`), once each."""
-    return tuple(dict.fromkeys((*taxonomy.load().control_tokens, *extra)))
+def control_tokens(used: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every control token a model gets, in the one order the trainer and publish's `-tok` twins
+    both add them (so each has the same id in both, issue 21): the taxonomy's BSAFE and reset
+    tokens; then all of RLBF's in taxonomy order when `used` (the corpus's control tokens) holds
+    any of them, so a model not trained on rlbf keeps its vocabulary; then the rest of `used`
+    (a corpus's own policies), sorted."""
+    tax = taxonomy.load()
+    used = set(used)
+    rlbf = tax.rlbf_tokens if used.intersection(tax.rlbf_tokens) else ()
+    extra = sorted(used.difference(tax.all_tokens))
+    return tuple(dict.fromkeys((*tax.control_tokens, *rlbf, *extra)))
 
 
 def corpus_tokenizer(texts: Iterable[str], vocab_size: int, controls: tuple[str, ...]):
@@ -91,9 +99,10 @@ def corpus_tokenizer(texts: Iterable[str], vocab_size: int, controls: tuple[str,
     )
 
 
-def add_control_tokens(tokenizer, extra: tuple[str, ...] = ()) -> int:
-    """Add every control token as a special token; returns how many were new."""
-    missing = [t for t in control_tokens(extra) if t not in tokenizer.get_vocab()]
+def add_control_tokens(tokenizer, used: Iterable[str] = ()) -> int:
+    """Add every control token (`control_tokens(used)`, in its order) as a special token; returns
+    how many were new."""
+    missing = [t for t in control_tokens(used) if t not in tokenizer.get_vocab()]
     if not missing:
         return 0
     return tokenizer.add_special_tokens(
@@ -138,13 +147,13 @@ def load_for_training(
     seed: int,
     revision: str | None = None,
     attn_implementation: str = "sdpa",
-    extra_controls: tuple[str, ...] = (),
+    used_controls: Iterable[str] = (),
     corpus_text: Callable[[], Iterable[str]] | None = None,
     tok=None,
 ):
-    """(model, tokenizer) with the control tokens (and `extra_controls`) added and embeddings
-    resized, in fp32. `corpus_text` gives the text a `corpus:<N>` tokenizer is trained on; `tok`
-    reuses a tokenizer already built (the reference of a random model).
+    """(model, tokenizer) with the control tokens (`control_tokens(used_controls)`) added and
+    embeddings resized, in fp32. `corpus_text` gives the text a `corpus:<N>` tokenizer is trained
+    on; `tok` reuses a tokenizer already built (the reference of a random model).
 
     fp32 master weights: bf16 comes from autocast on CUDA, so AdamW updates are never rounded away.
     """
@@ -155,10 +164,10 @@ def load_for_training(
             if corpus_text is None:
                 raise ValueError("train.tokenizer corpus:<N> needs the dataset's text")
             size = int(tokenizer.split(":", 1)[1])
-            tok = corpus_tokenizer(corpus_text(), size, control_tokens(extra_controls))
+            tok = corpus_tokenizer(corpus_text(), size, control_tokens(used_controls))
         elif tok is None:
             tok = load_tokenizer(tokenizer)
-        add_control_tokens(tok, extra_controls)
+        add_control_tokens(tok, used_controls)
         net = random_gemma(model.split(":", 1)[1], tok, seed, attn_implementation)
         _check_tied(net)
         return net, tok
@@ -167,7 +176,7 @@ def load_for_training(
     net = AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    added = add_control_tokens(tok, extra_controls)
+    added = add_control_tokens(tok, used_controls)
     if added or net.get_input_embeddings().num_embeddings < len(tok):
         torch.manual_seed(seed)  # mean_resizing samples the new rows
         net.resize_token_embeddings(len(tok), mean_resizing=True)
@@ -205,5 +214,5 @@ def set_generation_stops(model, tokenizer) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def control_ids(tokenizer, extra: tuple[str, ...] = ()) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(t) for t in control_tokens(extra)]
+def control_ids(tokenizer, used: Iterable[str] = ()) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in control_tokens(used)]

@@ -39,6 +39,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from pipeline import taxonomy
 from trainer import data as data_mod
 from trainer import tokens
 from trainer.batching import IGNORE
@@ -89,9 +90,10 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         if left_out:
             log(f"per_step trains only {', '.join(cfg.per_step)}; not trained: {left_out}")
     # Control tokens the corpus uses beyond the taxonomy (a corpus from elsewhere may name its own
-    # policies) become control tokens too, said here, rather than rows dropped in silence.
-    known = set(tokens.control_tokens())
-    extra = tuple(t for t in data_mod.corpus_controls(sources) if t not in known)
+    # policies) become control tokens too, said here, rather than rows dropped in silence; all
+    # in tokens.control_tokens' one order, the `-tok` twins' too.
+    used = tuple(data_mod.corpus_controls(sources))
+    extra = [t for t in used if t not in taxonomy.load().all_tokens]
     if extra:
         log(f"control tokens from the corpus, not in the taxonomy, added: {', '.join(extra)}")
     data_id = data_mod.identity(sources)
@@ -106,21 +108,8 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         torch.backends.cudnn.allow_tf32 = True
 
     # ---------------------------------------------------------------------------- model
-    resume = _latest_checkpoint(out)
+    resume, state, model, tok = _resume_point(out, cfg, seed, data_id, data, log)
     if resume is not None:
-        state = torch.load(resume / "trainer_state.pt", weights_only=False)
-        _check_same_config(state["config"], cfg, resume)
-        if state["seed"] != seed:
-            raise RuntimeError(
-                f"train: checkpoint {resume} was made with seed {state['seed']}, not {seed}; "
-                "resume with the same run seed or train into a new folder"
-            )
-        if state.get("data") != data_id:
-            raise RuntimeError(
-                f"train: checkpoint {resume} was trained on other data than {data}; train into "
-                "a new folder (retrace train --data gives each dataset its own)"
-            )
-        model, tok = tokens.load_checkpoint(resume, cfg.attn_implementation)
         log(f"resuming from {resume} (step {state['step']})")
     else:
         state = None
@@ -130,12 +119,12 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
             seed,
             cfg.revision,
             cfg.attn_implementation,
-            extra,
+            used,
             lambda: data_mod.corpus_text(sources),
         )
     tokens.set_generation_stops(model, tok)  # saved with every checkpoint
-    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok, extra))
-    reference = _reference(cfg, tok, seed, device, extra) if objective.needs_reference else None
+    objective = Objective(cfg.objective, cfg, tokens.control_ids(tok, used))
+    reference = _reference(cfg, tok, seed, device, used) if objective.needs_reference else None
     model.to(device)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -143,7 +132,7 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     decoder = model.get_decoder()
     forward = torch.compile(decoder) if cfg.compile else decoder
     heads = Heads(logits_fn(model), logits_fn(reference) if reference is not None else None)
-    controls = tokens.control_tokens(extra)
+    controls = tokens.control_tokens(used)
     encoder = Encoder(tok, cfg.max_length, controls, cfg.decision_weight, draw)
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -152,6 +141,10 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         + ", ".join(f"{s.config} ({s.rows} rows x {s.weight:g})" for s in sources)
     )
     log(draw_source)
+    recounts = data_mod.rlbf_recounts(sources, tok)
+    if recounts:
+        trained = cfg.tokenizer if cfg.model.startswith("random:") else cfg.model
+        log(f"rlbf: [BACKTRACK_BY_<n>] re-counted in the trained tokenizer {trained}: {recounts}")
 
     # ---------------------------------------------------------------------------- optimizer
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -172,7 +165,7 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
         sched.load_state_dict(state["scheduler"])
         step, position, counts = state["step"], Position(**state["position"]), state["counts"]
         _set_rng(state["rng"])
-        _truncate_log(out / "log.jsonl", step)
+        _truncate_log(out / "log.jsonl", step, log)
     else:
         torch.manual_seed(seed)
         (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
@@ -356,7 +349,7 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return mult
 
 
-def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, extra: tuple[str, ...]):
+def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, used: tuple[str, ...]):
     """The frozen reference: cfg.reference, or the start model rebuilt exactly (also on resume)."""
     source = cfg.reference or cfg.model
     ref, ref_tok = tokens.load_for_training(
@@ -365,7 +358,7 @@ def _reference(cfg: TrainConfig, tok, seed: int, device: torch.device, extra: tu
         seed,
         cfg.revision,
         cfg.attn_implementation,
-        extra,
+        used,
         tok=tok if source.startswith("random:") else None,  # the same tokenizer, not retrained
     )
     if ref_tok.get_vocab() != tok.get_vocab():
@@ -388,9 +381,59 @@ def _check_same_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
         )
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = sorted((out / "checkpoints").glob("step-*/trainer_state.pt"))
-    return done[-1].parent if done else None
+def _resume_point(out: Path, cfg: TrainConfig, seed: int, data_id: str, data: Path, log):
+    """(checkpoint, state, model, tokenizer) of the newest checkpoint that loads, or Nones.
+
+    A checkpoint that does not load (a file cut short by a kill or a full disk, garbage) would
+    fail every rerun: it is moved aside to `corrupt-step-N` with one warning line and the one
+    before it is tried. A checkpoint that loads but belongs to another config, seed or data is
+    refused, as always."""
+    for found in sorted((out / "checkpoints").glob("step-*/trainer_state.pt"), reverse=True):
+        folder = found.parent
+        try:
+            state = torch.load(found, weights_only=False)
+            if not isinstance(state, dict) or not _STATE_KEYS <= set(state):
+                raise ValueError("not a trainer state")
+        except Exception as e:  # unpickling, zip, EOF errors: whatever garbage raises
+            _set_aside(folder, e, log)
+            continue
+        _check_resumable(state, cfg, seed, data_id, data, folder)
+        try:
+            model, tok = tokens.load_checkpoint(folder, cfg.attn_implementation)
+        except Exception as e:  # safetensors, JSON, tokenizer errors of a torn file
+            _set_aside(folder, e, log)
+            continue
+        return folder, state, model, tok
+    return None, None, None, None
+
+
+# What every trainer_state.pt holds.
+_STATE_KEYS = {"step", "position", "counts", "optimizer", "scheduler", "rng", "config", "seed"}
+
+
+def _set_aside(folder: Path, error: Exception, log) -> None:
+    aside = folder.with_name(f"corrupt-{folder.name}")  # not step-*: never resumed nor pruned
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    why = (str(error).strip().splitlines() or [""])[0][:160]
+    log(
+        f"warning: checkpoint {folder} cannot be loaded ({type(error).__name__}: {why}); "
+        f"moved to {aside.name}, resuming from the checkpoint before it, if any"
+    )
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, seed: int, data_id: str, data, where) -> None:
+    _check_same_config(state["config"], cfg, where)
+    if state["seed"] != seed:
+        raise RuntimeError(
+            f"train: checkpoint {where} was made with seed {state['seed']}, not {seed}; "
+            "resume with the same run seed or train into a new folder"
+        )
+    if state.get("data") != data_id:
+        raise RuntimeError(
+            f"train: checkpoint {where} was trained on other data than {data}; train into "
+            "a new folder (retrace train --data gives each dataset its own)"
+        )
 
 
 def _save_checkpoint(out: Path, step: int, model, tok, state: dict, keep: int) -> Path:
@@ -422,11 +465,24 @@ def _set_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records a killed run wrote after its last checkpoint; the resume rewrites them."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+def _truncate_log(path: Path, step: int, log) -> None:
+    """Drop records a killed run wrote after its last checkpoint (the resume rewrites them), and
+    a line a kill tore mid-write, which would fail every later read of the log."""
+    if not path.exists():
+        return
+    keep, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            after = record["step"] > step
+        except (ValueError, TypeError, KeyError):
+            torn += 1
+            continue
+        if not after:
+            keep.append(line)
+    if torn:
+        log(f"warning: dropped {torn} torn line(s) of {path} (a kill mid-write)")
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 # ---------------------------------------------------------------------------- command line
