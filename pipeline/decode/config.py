@@ -43,6 +43,10 @@ class DecodeConfig(BaseModel):
     # keep: taken-back text stays in the model's context (what the corpus trains); drop: once an
     # edit closes, the KV cache is cropped so the rest is conditioned only on the visible text.
     context: Literal["keep", "drop"] = "keep"
+    # How [BACKTRACK_BY_<n>] counts its n: canonical, the tokenizer's split of the visible text
+    # before the cursor (DESIGN §9's one counting rule: what format counts and the trainer
+    # trains); emitted, the last n tokens the model emitted (RLBF's stream handler).
+    backtrack_by: Literal["canonical", "emitted"] = "canonical"
     bias: dict[str, float] = {}  # added to a control token's logit (BSAFE opt-in/out, Zhang's knob)
     disable: tuple[str, ...] = ()  # these control tokens get -inf: never emitted
     max_edits: int = Field(8, ge=0)  # control tokens that open or apply an edit, per turn

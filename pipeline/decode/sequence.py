@@ -27,12 +27,15 @@ from pipeline.text import sentence_spans
 class Event:
     """Something that changed the turn, at the emitted token `position` (0-based)."""
 
-    kind: str  # backtrack | replace | reset | control | rollback | refusal | budget
+    # backtrack | replace | reset | category | backtrack_by | control | rollback | refusal |
+    # budget | stop_string (the visible text cut before a stop string, `detail`)
+    kind: str
     position: int
     token: str | None = None  # the control token, for control-token events
     policy: str | None = None  # the policy it names (a replace takes its backtrack's)
     removed: str = ""  # visible text it took away from the user
     detail: str = ""
+    restore: int | None = None  # rollback: the emitted-token count the turn went back to
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,9 +47,14 @@ class Decoded:
 
     `raw` is every emitted token's text, control tokens inline (a rolled-back attempt stays in it;
     its events say where). `visible` is what the user sees: the renderer's output, with scorer
-    rollbacks applied. Token counts: `emitted_tokens` counts every sampled token but the closing
-    end of turn; `visible_tokens` those with text in `visible`; `wasted_tokens` the rest, emitted
-    but never shown (taken-back spans, control tokens, copies, rolled-back attempts).
+    rollbacks applied. The record describes itself (`pipeline.decode.record.rerender` recomputes
+    `visible` from it): `prefill` is the text the turn started with, `offsets` where each emitted
+    token's text starts in `raw`, and the events name every real control token by its position,
+    so a control string the model spelled in ordinary tokens is never mistaken for one.
+
+    Token counts: `emitted_tokens` counts every sampled token but the closing end of turn;
+    `visible_tokens` those with text in `visible`; `wasted_tokens` the rest, emitted but never
+    shown (taken-back spans, control tokens, copies, rolled-back attempts).
     """
 
     raw: str
@@ -58,10 +66,13 @@ class Decoded:
     finish_reason: str  # stop | length | stop_string | edit_budget | wasted_budget | refused
     prompt_tokens: int
     seed: int
+    prefill: str = ""
+    offsets: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["events"] = [e.to_dict() for e in self.events]
+        out["offsets"] = list(self.offsets)
         return out
 
 
@@ -154,8 +165,14 @@ class Sequence:
         self._starts: list[int] = []  # raw offset of each emitted token's text
         self._detok = _Detokenizer(tokenizer)
         # With the tokenizer, RLBF's [BACKTRACK_BY_<n>] takes back n of this model's tokens; no
-        # hold: the decoder shows text as it comes and records the take-back as an edit.
-        self.renderer = StreamRenderer(tokenizer=tokenizer, hold=0)
+        # hold: the decoder shows text as it comes and records the take-back as an edit. The
+        # controls are the model's own (its tokenizer's), not the taxonomy's list.
+        self.renderer = StreamRenderer(
+            tokenizer=tokenizer,
+            hold=0,
+            controls=tuple(controls.ids),
+            backtrack_by=cfg.backtrack_by,
+        )
         self.owners: list[int | None] = []  # emitted token of each visible char (None: prefill)
         self.events: list[Event] = []
         self.edits = 0
@@ -171,11 +188,12 @@ class Sequence:
         # The guard's most recent safe state, and the state before the current token (a sentence
         # is known to be complete only once the whitespace after it arrives).
         self._safe = self._before = self._snapshot() if cfg.guard else None
+        self.prefill = ""
         if prefill:
-            text = tokenizer.decode(prefill, skip_special_tokens=False)
+            text = self.prefill = tokenizer.decode(prefill, skip_special_tokens=False)
             self.context += prefill
             self.texts += [""] * (len(prefill) - 1) + [text]
-            self.renderer.feed_text(text)
+            self.renderer.feed_text(text, emitted=False)
             self.owners = [None] * len(self.renderer.visible)
 
     # --- what the backend asks ----------------------------------------------------------------
@@ -213,7 +231,7 @@ class Sequence:
         events: list[Event] = []
         name = self.control_tokens.get(token)
         if name is None:
-            self._show(self.last_piece, position, plain=True)
+            self._show(self.last_piece, position)
         else:
             events += self._control(name, position)
         if self.finishing is None:
@@ -232,7 +250,7 @@ class Sequence:
     def _control(self, name: str, position: int) -> list[Event]:
         was_editing = self.renderer.editing
         undo = copy.deepcopy(self.renderer), list(self.owners)
-        removed = self._show(self.last_piece, position)
+        removed = self._show(self.last_piece, position, control=name)
         if not (was_editing and not self.renderer.editing):  # all but closing an edit count
             self.edits += 1
             if self.edits > self.cfg.max_edits:
@@ -246,7 +264,9 @@ class Sequence:
         if kind in ("replace", "backtrack_by"):  # closes the edit its opener named
             opener = ("backtrack", "category")
             policy = next((e.policy for e in reversed(self.events) if e.kind in opener), None)
-        events = [Event(kind, position, name, policy, removed)]
+        # A take-back's detail says how its n was counted (decode.backtrack_by).
+        detail = self.cfg.backtrack_by if kind == "backtrack_by" else ""
+        events = [Event(kind, position, name, policy, removed, detail)]
         if self.cfg.context == "drop" and not self.renderer.editing:
             self._drop_to_visible()
         return events
@@ -261,11 +281,15 @@ class Sequence:
 
     # --- the visible text and who wrote it ---------------------------------------------------
 
-    def _show(self, piece: str, position: int, plain: bool = False) -> str:
-        """Feed the renderer (ordinary tokens as plain text, so a control string spelled in
-        ordinary tokens edits nothing); returns the visible text the piece took away."""
+    def _show(self, piece: str, position: int, control: str | None = None) -> str:
+        """Feed the renderer: an ordinary token's text as plain text (so a control string spelled
+        in ordinary tokens edits nothing), a control id as its control token; returns the visible
+        text the token took away."""
         before = self.renderer.visible
-        after = self.renderer.feed_text(piece) if plain else self.renderer.feed(piece)
+        if control is None:
+            after = self.renderer.feed_text(piece)
+        else:
+            after = self.renderer.control(control, piece)
         removed = self._track(before, after, position)
         if self.cfg.stop and self.finishing is None:
             start = max(0, len(before) - max(map(len, self.cfg.stop)))
@@ -378,20 +402,21 @@ class Sequence:
     def _rollback(self, sentence: str, value: float) -> list[Event]:
         guard = self.cfg.guard
         assert guard is not None
-        position = len(self.emitted) - 1
         if self._stop_token is not None:  # the end of turn it sampled is undone: it was wasted
             self._emit(self._stop_token)
             self._stop_token = None
+        position = len(self.emitted) - 1  # the token after which the turn went back
         before = self.renderer.visible
         snap = self._safe
         self.renderer = copy.deepcopy(snap.renderer)
         self.owners, self._checked, self._dirty = list(snap.owners), snap.checked, _NEVER
         self._retarget(snap.context, snap.texts)
         removed = before[len(self.renderer.visible) :]
+        back = snap.emitted
         detail = f"score {value:.3f}: {sentence}"
         if self.finishing == "length" or self.retries >= guard.retries:
             self.finishing = "refused" if self.finishing != "length" else "length"
-            events = [Event("rollback", position, removed=removed, detail=detail)]
+            events = [Event("rollback", position, removed=removed, detail=detail, restore=back)]
             if self.finishing == "refused":
                 events.append(Event("refusal", position, detail=guard.refusal))
             self.events += events
@@ -403,7 +428,7 @@ class Sequence:
         if guard.ban_first_token and snap.emitted < len(self.emitted):
             self.ban = self.emitted[snap.emitted]
         detail = f"retry {self.retries}, {detail}"
-        event = Event("rollback", position, removed=removed, detail=detail)
+        event = Event("rollback", position, removed=removed, detail=detail, restore=back)
         self.events.append(event)
         return [event]
 
@@ -414,8 +439,11 @@ class Sequence:
         visible = self.renderer.finish()
         self._track(before, visible, len(self.emitted) - 1)
         if self.cfg.stop:
-            cut = min((i for i in (visible.find(s) for s in self.cfg.stop) if i >= 0), default=-1)
-            if cut >= 0:
+            found = [(i, s) for s in self.cfg.stop if (i := visible.find(s)) >= 0]
+            if found:
+                cut, stop = min(found)
+                at = len(self.emitted) - 1
+                self.events.append(Event("stop_string", at, removed=visible[cut:], detail=stop))
                 visible, self.owners = visible[:cut], self.owners[:cut]
         if self.finishing == "refused" and self.cfg.guard is not None:
             joint = " " if visible and not visible[-1].isspace() else ""
@@ -431,5 +459,7 @@ class Sequence:
             finish_reason=self.finishing or "length",
             prompt_tokens=self.prompt_len,
             seed=self.seed,
+            prefill=self.prefill,
+            offsets=tuple(self._starts),
         )
         return self.result
