@@ -151,8 +151,10 @@ class Sequence:
         encode_text: Callable[[str], list[int]],
         stop_ids: list[int],
         seed: int,
+        positions: int | None = None,
     ) -> None:
         self.row, self.cfg, self.seed = row, cfg, seed
+        self.positions = positions  # the model's positions: a turn ends before it runs past them
         self.controls, self.control_tokens = controls, controls.tokens
         self._encode_text, self.stop_ids = encode_text, set(stop_ids)
         self.prompt_len = len(prompt)
@@ -236,7 +238,10 @@ class Sequence:
             events += self._control(name, position)
         if self.finishing is None:
             events += self._budgets(position)
-        if self.finishing is None and len(self.emitted) >= self.cfg.max_new_tokens:
+        if self.finishing is None and (
+            len(self.emitted) >= self.cfg.max_new_tokens
+            or (self.positions is not None and len(self.context) >= self.positions)
+        ):
             self.finishing = "length"
         self.events += events
         return events
