@@ -51,6 +51,9 @@ class _Grammar:
     longest: int
     prefixes: frozenset[str]  # every proper prefix of a token: a tail that could still become one
 
+    def __deepcopy__(self, memo: dict) -> _Grammar:
+        return self  # immutable and shared: a renderer's snapshot need not copy it
+
 
 def controls_of(controls: tuple[str, ...] | None) -> tuple[str, ...]:
     """The control-token strings a turn is read with: `controls` (a model's, see

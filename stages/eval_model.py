@@ -70,9 +70,10 @@ class EvalModel:
 
     @cached_property
     def backtrack_ids(self) -> dict[str, int]:
-        """The tokens that take text back: every backtrack token and [RESET] ([REPLACE] only
-        closes an edit)."""
-        return {t: i for t, i in self.control_ids.items() if token_kind(t) != "replace"}
+        """The tokens that decide to take text back: every backtrack token, [RESET] and RLBF's
+        category tokens ([REPLACE] and [BACKTRACK_BY_<n>] only close the edit they opened)."""
+        opens = ("backtrack", "reset", "category")
+        return {t: i for t, i in self.control_ids.items() if token_kind(t) in opens}
 
     def text_ids(self, text: str) -> list[int]:
         return self.encoder.text(text)
