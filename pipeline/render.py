@@ -302,8 +302,8 @@ class StreamRenderer:
     deletes has been shown, as BSAFE's [REPLACE] edits text already shown). `controls` are the
     control-token strings that count (a model's; default: the taxonomy's). `backtrack_by` is how a
     take-back counts its n: `canonical` (the tokenizer's split of the visible text, what the
-    format stage counts and the trainer trains) or `emitted` (the last n tokens fed, each
-    `feed`/`feed_text` call one token, as RLBF's stream handler does).
+    format stage counts and the trainer trains) or `emitted` (the last n emitted
+    tokens, as the `token` each piece is fed with says: RLBF's stream handler).
     """
 
     def __init__(
@@ -316,20 +316,16 @@ class StreamRenderer:
     ):
         self._editor = _Editor(strict, tokenizer, controls, backtrack_by)
         self._pending = ""
-        self._tokens = 0
         g = self._editor.grammar
         most = max(g.backtrack_by.values(), default=0)
         self._hold = hold if hold is not None else (most if tokenizer else 0)
         if self._hold and tokenizer is None:
             raise ValueError("StreamRenderer: hold > 0 counts target tokens; pass tokenizer=")
 
-    def _next_token(self, emitted: bool) -> None:
-        self._editor.token = self._tokens if emitted else None
-        self._tokens += emitted
-
-    def feed(self, piece: str) -> str:
-        """Add decoded text; return the visible text so far."""
-        self._next_token(True)
+    def feed(self, piece: str, token: int | None = None) -> str:
+        """Add decoded text; return the visible text so far. `token`: the emitted token it came
+        from (what `marks` records; None: text not emitted, as a prefill)."""
+        self._editor.token = token
         g = self._editor.grammar
         pieces = g.pattern.split(self._pending + piece)
         tail = pieces.pop()  # plain text after the last complete token
@@ -344,20 +340,20 @@ class StreamRenderer:
         self._pending = tail[hold:]
         return self.visible
 
-    def feed_text(self, piece: str, emitted: bool = True) -> str:
+    def feed_text(self, piece: str, token: int | None = None) -> str:
         """Add text known to be plain (decoded from ordinary token ids): never read as a control
-        token, even when it spells one, so only real control ids edit (DESIGN §4). `emitted`
-        False: text the model was given, not emitted (a prefill)."""
-        self._next_token(emitted)
+        token, even when it spells one, so only real control ids edit (DESIGN §4). `token` as
+        for `feed`."""
+        self._editor.token = token
         self._editor.text(self._pending + piece)
         self._pending = ""
         return self.visible
 
-    def control(self, token: str, piece: str | None = None) -> str:
-        """Apply a control token known to be real (decoded from its id). `piece` is the token's
-        decoded text: text before the token string in it (the end of a character an earlier
-        token began) is plain text."""
-        self._next_token(True)
+    def control(self, token: str, piece: str | None = None, at: int | None = None) -> str:
+        """Apply a control token known to be real (decoded from its id), emitted as token `at`.
+        `piece` is the token's decoded text: text before the token string in it (the end of a
+        character an earlier token began) is plain text."""
+        self._editor.token = at
         lead = piece[: len(piece) - len(token)] if piece and piece.endswith(token) else ""
         self._editor.text(self._pending + lead)
         self._pending = ""
@@ -372,6 +368,12 @@ class StreamRenderer:
         # Only text before the cursor can be taken back; a BSAFE edit's kept tail stays shown.
         before, after = editor.visible[: editor.cursor], editor.visible[editor.cursor :]
         return before[: token_cut(editor.tokenizer, before, self._hold)] + after
+
+    @property
+    def marks(self) -> list[int | None]:
+        """The emitted token each char of the editor's visible text came from (None: not
+        emitted), as the `token`s fed said."""
+        return self._editor.marks
 
     @property
     def cursor(self) -> int:

@@ -59,7 +59,7 @@ def rerender(turn: dict[str, Any], tokenizer: Any = None) -> str:
         backtrack_by=reading,
     )
     if turn.get("prefill"):
-        renderer.feed_text(turn["prefill"], emitted=False)
+        renderer.feed_text(turn["prefill"])  # no token: the prefill was not emitted
     skipped = {e["position"] for e in evs if e["kind"] == "budget" and e.get("token")}
     rollbacks = {e["position"]: e["restore"] for e in evs if e["kind"] == "rollback"}
     targets = set(rollbacks.values())
@@ -70,9 +70,9 @@ def rerender(turn: dict[str, Any], tokenizer: Any = None) -> str:
         if i in skipped:
             continue  # not applied: the turn ended before an edit it had no budget for
         if control is None:
-            renderer.feed_text(text)
+            renderer.feed_text(text, i)
         else:
-            renderer.control(control, text)
+            renderer.control(control, text, i)
         if i in rollbacks:  # back to the state before token `restore` (saved on the way)
             renderer = copy.deepcopy(saved[rollbacks[i]])
     visible = renderer.finish()

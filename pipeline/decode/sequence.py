@@ -12,7 +12,6 @@ is the renderer's business: the sequence only reads `visible`, `cursor` and `edi
 from __future__ import annotations
 
 import copy
-from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -87,7 +86,6 @@ class Update:
 
 
 _NEVER = 1 << 62
-_LONGEST = 64  # more than any control token's length: how far back held-back text can start
 
 
 def diff(before: str, after: str) -> tuple[int, int]:
@@ -106,7 +104,6 @@ def diff(before: str, after: str) -> tuple[int, int]:
 @dataclass
 class _Snapshot:
     renderer: StreamRenderer
-    owners: list[int | None]
     context: list[int]
     texts: list[str]
     emitted: int
@@ -175,7 +172,6 @@ class Sequence:
             controls=tuple(controls.ids),
             backtrack_by=cfg.backtrack_by,
         )
-        self.owners: list[int | None] = []  # emitted token of each visible char (None: prefill)
         self.events: list[Event] = []
         self.edits = 0
         self.finishing: str | None = None  # why the turn is ending, once it is
@@ -195,8 +191,7 @@ class Sequence:
             text = self.prefill = tokenizer.decode(prefill, skip_special_tokens=False)
             self.context += prefill
             self.texts += [""] * (len(prefill) - 1) + [text]
-            self.renderer.feed_text(text, emitted=False)
-            self.owners = [None] * len(self.renderer.visible)
+            self.renderer.feed_text(text)  # no token: the prefill was not emitted
 
     # --- what the backend asks ----------------------------------------------------------------
 
@@ -254,13 +249,13 @@ class Sequence:
 
     def _control(self, name: str, position: int) -> list[Event]:
         was_editing = self.renderer.editing
-        undo = copy.deepcopy(self.renderer), list(self.owners)
+        undo = copy.deepcopy(self.renderer)
         removed = self._show(self.last_piece, position, control=name)
         if not (was_editing and not self.renderer.editing):  # all but closing an edit count
             self.edits += 1
             if self.edits > self.cfg.max_edits:
                 # Not applied: the turn ends before an edit it has no budget for.
-                self.renderer, self.owners = undo
+                self.renderer = undo
                 self.finishing = "edit_budget"
                 detail = f"max_edits {self.cfg.max_edits} reached"
                 return [Event("budget", position, name, detail=detail)]
@@ -284,7 +279,7 @@ class Sequence:
             return [Event("budget", position, detail=detail)]
         return []
 
-    # --- the visible text and who wrote it ---------------------------------------------------
+    # --- the visible text ---------------------------------------------------------------------
 
     def _show(self, piece: str, position: int, control: str | None = None) -> str:
         """Feed the renderer: an ordinary token's text as plain text (so a control string spelled
@@ -292,41 +287,27 @@ class Sequence:
         text the token took away."""
         before = self.renderer.visible
         if control is None:
-            after = self.renderer.feed_text(piece)
+            after = self.renderer.feed_text(piece, position)
         else:
-            after = self.renderer.control(control, piece)
-        removed = self._track(before, after, position)
+            after = self.renderer.control(control, piece, position)
+        removed = self._track(before, after)
         if self.cfg.stop and self.finishing is None:
             start = max(0, len(before) - max(map(len, self.cfg.stop)))
             if any(s in after[start:] for s in self.cfg.stop):
                 self.finishing = "stop_string"
         return removed
 
-    def _track(self, before: str, after: str, position: int) -> str:
+    def _track(self, before: str, after: str) -> str:
+        """The visible text an update took away; notes the leftmost char it changed."""
         a, b = diff(before, after)
-        inserted = after[a : len(after) - b]
         if a < len(before):
             self._dirty = min(self._dirty, a)
-        self.owners = (
-            self.owners[:a] + self._owners_of(inserted, position) + self.owners[len(before) - b :]
-        )
         return before[a : len(before) - b]
 
-    def _owners_of(self, inserted: str, position: int) -> list[int | None]:
-        """Inserted visible text is raw text the renderer released; it ends at most one held-back
-        control-token prefix before the raw end. Each char is owned by the token that wrote it."""
-        if not inserted:
-            return []
-        n = len(self.raw)
-        for hold in range(0, min(n - len(inserted), _LONGEST) + 1):
-            end = n - hold
-            if self.raw.startswith(inserted, end - len(inserted)):
-                start = end - len(inserted)
-                return [bisect_right(self._starts, start + j) - 1 for j in range(len(inserted))]
-        return [position] * len(inserted)
-
-    def _visible_count(self) -> int:
-        return len({o for o in self.owners if o is not None})
+    def _visible_count(self, marks: list[int | None] | None = None) -> int:
+        """Emitted tokens with text in the visible text (the renderer's marks say which)."""
+        marks = self.renderer.marks if marks is None else marks
+        return len({m for m in marks if m is not None})
 
     # --- context: drop and rollback ---------------------------------------------------------
 
@@ -369,7 +350,6 @@ class Sequence:
     def _snapshot(self) -> _Snapshot:
         return _Snapshot(
             copy.deepcopy(self.renderer),
-            list(self.owners),
             list(self.context),
             list(self.texts),
             len(self.emitted),
@@ -414,7 +394,7 @@ class Sequence:
         before = self.renderer.visible
         snap = self._safe
         self.renderer = copy.deepcopy(snap.renderer)
-        self.owners, self._checked, self._dirty = list(snap.owners), snap.checked, _NEVER
+        self._checked, self._dirty = snap.checked, _NEVER
         self._retarget(snap.context, snap.texts)
         removed = before[len(self.renderer.visible) :]
         back = snap.emitted
@@ -440,20 +420,19 @@ class Sequence:
     # --- the end ----------------------------------------------------------------------------
 
     def finish(self) -> Decoded:
-        before = self.renderer.visible
         visible = self.renderer.finish()
-        self._track(before, visible, len(self.emitted) - 1)
+        marks = self.renderer.marks
         if self.cfg.stop:
             found = [(i, s) for s in self.cfg.stop if (i := visible.find(s)) >= 0]
             if found:
                 cut, stop = min(found)
                 at = len(self.emitted) - 1
                 self.events.append(Event("stop_string", at, removed=visible[cut:], detail=stop))
-                visible, self.owners = visible[:cut], self.owners[:cut]
+                visible, marks = visible[:cut], marks[:cut]
         if self.finishing == "refused" and self.cfg.guard is not None:
             joint = " " if visible and not visible[-1].isspace() else ""
             visible += joint + self.cfg.guard.refusal
-        shown = self._visible_count()
+        shown = self._visible_count(marks)
         self.result = Decoded(
             raw=self.raw,
             visible=visible,
