@@ -4,8 +4,8 @@ Each input line is an object with `prompt` (a user message) or `messages` (`[{ro
 and optionally `id`, `prefill` (text the assistant turn starts with) and `seed`. Each output line
 is the input's `id` and `messages` plus the decoded turn (`Decoded.to_dict()`: raw, visible,
 events, token counts, finish reason, seed, and `prefill` as text and `offsets`, so the row
-re-renders alone: `pipeline.decode.record.rerender`). A line's seed is its own, or one derived from the
-run seed and its id, so a row decodes the same wherever it sits in the file.
+re-renders alone: `pipeline.decode.record.rerender`). A line's seed is its own, or one derived
+from the run seed and its id, so a row decodes the same wherever it sits in the file.
 """
 
 from __future__ import annotations
