@@ -55,18 +55,14 @@ class _Grammar:
         return self  # immutable and shared: a renderer's snapshot need not copy it
 
 
-def controls_of(controls: tuple[str, ...] | None) -> tuple[str, ...]:
-    """The control-token strings a turn is read with: `controls` (a model's, see
-    `pipeline.decode.controls.model_controls`) or, by default, every token of the taxonomy."""
-    return taxonomy.load().all_tokens if controls is None else tuple(controls)
-
-
 @cache
 def _grammar(controls: tuple[str, ...] | None = None) -> _Grammar:
+    """The grammar of `controls` (a model's, `pipeline.decode.controls.model_controls`) or, by
+    default, of every token of the taxonomy."""
     tax = taxonomy.load()
     kinds: dict[str, list[str]] = {}
     by: dict[str, int] = {}
-    for t in controls_of(controls):
+    for t in tax.all_tokens if controls is None else controls:
         c = tax.classify(t)
         if c is None:
             raise ValueError(f"render: {t!r} is not a control token")
@@ -139,7 +135,8 @@ class _Editor:
         self.backtrack_by = backtrack_by
         self.visible = ""
         # The emitted token each visible char came from (None: text not emitted, as a prefill):
-        # what the `emitted` reading of [BACKTRACK_BY_<n>] counts.
+        # what the `emitted` reading of [BACKTRACK_BY_<n>] counts, and the decoder's visible
+        # token count.
         self.marks: list[int | None] = []
         self.token: int | None = None  # the token whose text is being inserted
         self.cursor = 0

@@ -128,6 +128,9 @@ def _scenarios(dec_of, scorer):
     g = dec_of(scorer=scorer, guard=guard)
     yield "rollback", g, Request(USER), _turn(g, SAFE, PLANTED, " The capital is Paris.", eot)
     yield "rollback at the end", g, Request(USER), _turn(g, SAFE, PLANTED, eot)
+    flagged = Request(USER, prefill=PLANTED.strip() + " And")
+    yield "rollback of the prefill", g, flagged, _turn(g, " so on.", SAFE, eot)
+    yield "rollback after the prefill", g, Request(USER, prefill=SAFE), _turn(g, PLANTED, eot)
     yield "refusal", g, Request(USER), _turn(g, SAFE, PLANTED, PLANTED, PLANTED, PLANTED)
     yield "rollback over an edit", g, Request(USER), _turn(
         g, SAFE, " It bites.", "[BACKTRACK-VIOLENCE]", " It bites.", "[REPLACE]", " It naps.",

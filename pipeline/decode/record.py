@@ -58,12 +58,12 @@ def rerender(turn: dict[str, Any], tokenizer: Any = None) -> str:
         controls=tuple(dict.fromkeys([*taxonomy.load().all_tokens, *sorted(names)])),
         backtrack_by=reading,
     )
+    saved = {-1: copy.deepcopy(renderer)}  # rollback targets: the state before that token
     if turn.get("prefill"):
         renderer.feed_text(turn["prefill"])  # no token: the prefill was not emitted
     skipped = {e["position"] for e in evs if e["kind"] == "budget" and e.get("token")}
     rollbacks = {e["position"]: e["restore"] for e in evs if e["kind"] == "rollback"}
     targets = set(rollbacks.values())
-    saved: dict[int, StreamRenderer] = {}
     for i, (text, control) in enumerate(toks):
         if i in targets and i not in saved:
             saved[i] = copy.deepcopy(renderer)

@@ -34,7 +34,8 @@ class Event:
     policy: str | None = None  # the policy it names (a replace takes its backtrack's)
     removed: str = ""  # visible text it took away from the user
     detail: str = ""
-    restore: int | None = None  # rollback: the emitted-token count the turn went back to
+    # rollback: the emitted-token count the turn went back to (-1: to before the prefill)
+    restore: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +187,7 @@ class Sequence:
         # The guard's most recent safe state, and the state before the current token (a sentence
         # is known to be complete only once the whitespace after it arrives).
         self._safe = self._before = self._snapshot() if cfg.guard else None
+        self._start = self._safe  # before the prefill: a flagged prefill is taken back too
         self.prefill = ""
         if prefill:
             text = self.prefill = tokenizer.decode(prefill, skip_special_tokens=False)
@@ -397,7 +399,7 @@ class Sequence:
         self._checked, self._dirty = snap.checked, _NEVER
         self._retarget(snap.context, snap.texts)
         removed = before[len(self.renderer.visible) :]
-        back = snap.emitted
+        back = -1 if snap is self._start and self.prefill else snap.emitted
         detail = f"score {value:.3f}: {sentence}"
         if self.finishing == "length" or self.retries >= guard.retries:
             self.finishing = "refused" if self.finishing != "length" else "length"
