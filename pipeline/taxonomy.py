@@ -26,6 +26,27 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Control:
+    """What a control token does: `kind` backtrack | replace | reset | category | backtrack_by."""
+
+    kind: str
+    policy: str | None = None  # the policy a backtrack or category token names (None: generic)
+    n: int | None = None  # backtrack_by: how many tokens it takes back
+
+
+# The control-token forms a model may carry beyond the taxonomy (a corpus from elsewhere names its
+# own policies, and the trainer adds whatever control tokens a corpus uses): read by form.
+_FORM = re.compile(
+    r"\[(?:BACKTRACK(?:-(?P<policy>[A-Z0-9][A-Z0-9_\-]*))?|(?P<replace>REPLACE)|(?P<reset>RESET)"
+    r"|CATEGORY-(?P<category>[A-Z0-9][A-Z0-9_\-]*)|BACKTRACK_BY_(?P<n>[1-9][0-9]*))\]"
+)
+
+
+def _policy_name(tag: str) -> str:
+    return tag.lower().replace("-", "_")
+
+
+@dataclass(frozen=True)
 class Taxonomy:
     generic_token: str
     replace_token: str
@@ -86,6 +107,35 @@ class Taxonomy:
         if not digits.isdigit() or str(int(digits)) != digits:
             return None
         return int(digits) if 1 <= int(digits) <= self.backtrack_by_max else None
+
+    def classify(self, token: str) -> Control | None:
+        """What `token` does: the taxonomy's own tokens by their role, any other string by its
+        form (`[BACKTRACK]`, `[BACKTRACK-<X>]`, `[REPLACE]`, `[RESET]`, `[CATEGORY-<X>]`,
+        `[BACKTRACK_BY_<n>]`); None for a string that is no control token."""
+        if token == self.generic_token:
+            return Control("backtrack")
+        if token == self.replace_token:
+            return Control("replace")
+        if token == self.reset_token:
+            return Control("reset")
+        for name, p in self.policies.items():
+            if token == p.token:
+                return Control("backtrack", name)
+            if token == self.category(name):
+                return Control("category", name)
+        n = self.backtrack_by_count(token)
+        if n is not None:
+            return Control("backtrack_by", n=n)
+        m = _FORM.fullmatch(token)
+        if m is None:
+            return None
+        if m["replace"] or m["reset"]:
+            return Control("replace" if m["replace"] else "reset")
+        if m["category"]:
+            return Control("category", _policy_name(m["category"]))
+        if m["n"]:
+            return Control("backtrack_by", n=int(m["n"]))
+        return Control("backtrack", _policy_name(m["policy"]) if m["policy"] else None)
 
     def backtrack_token(self, policy: str, per_policy: bool = True) -> str:
         if not per_policy:

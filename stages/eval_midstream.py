@@ -11,7 +11,9 @@ exactly between it and [REPLACE], take the span out of the visible text, and con
 
 from __future__ import annotations
 
-from pipeline import render, seeds, taxonomy
+from pipeline import seeds, taxonomy
+from pipeline.decode import record
+from pipeline.decode.controls import token_kind
 from stages import eval_data
 from stages.eval_config import MidstreamSuite
 from stages.eval_metrics import mean, rate
@@ -80,7 +82,8 @@ def plan(
 
 
 def forced_probs(model: EvalModel, requests: list[Request], batch_size: int) -> list[dict]:
-    """p_policy and p_any for teacher-forced requests (0 for a baseline model: no such token)."""
+    """p_policy and p_any for teacher-forced requests (0 for a token the model lacks, as for a
+    baseline model: it cannot emit it)."""
     if not requests:
         return []
     if model.baseline:
@@ -90,25 +93,28 @@ def forced_probs(model: EvalModel, requests: list[Request], batch_size: int) -> 
     any_ids = list(model.backtrack_ids.values())
     out = []
     for r, p in zip(requests, probs, strict=True):
-        token = model.control_ids[tax.backtrack_token(r.policy)]
-        out.append({"p_policy": float(p[token]), "p_any": float(p[any_ids].sum())})
+        token = model.control_ids.get(tax.backtrack_token(r.policy))
+        p_policy = 0.0 if token is None else float(p[token])
+        out.append({"p_policy": p_policy, "p_any": float(p[any_ids].sum())})
     return out
 
 
-def generation_checks(raw: str, span: str, policy: str, visible: str) -> dict[str, bool]:
+def generation_checks(row: dict, span: str, policy: str) -> dict[str, bool]:
     """Right policy token first, the span copied exactly before [REPLACE], the span gone from the
-    visible text."""
+    visible text; read off the row's real control tokens (`pipeline.decode.record`), so a control
+    string the model spelled in ordinary tokens is text, never a backtrack."""
     tax = taxonomy.load()
-    pieces = render.split(raw)
-    tokens = pieces[1::2]
-    right = bool(tokens) and tokens[0] == tax.backtrack_token(policy)
+    toks = record.tokens(row)
+    real = [(i, c) for i, (_, c) in enumerate(toks) if c is not None]
+    right = bool(real) and real[0][1] == tax.backtrack_token(policy)
     exact = False
-    if tokens and tokens[0] != tax.reset_token and tax.replace_token in tokens:
-        # The copy is the plain text between the first token and the first [REPLACE].
-        first = pieces.index(tokens[0])
-        replace = pieces.index(tax.replace_token, first)
-        exact = "".join(pieces[first + 1 : replace : 2]) == span
-    return {"right_policy": right, "exact_copy": exact, "span_removed": span not in visible}
+    if real and token_kind(real[0][1]) != "reset":
+        first = real[0][0]
+        replace = next((i for i, c in real[1:] if token_kind(c) == "replace"), None)
+        if replace is not None:
+            # The copy is the plain text between the first token and the first [REPLACE].
+            exact = "".join(t for t, c in toks[first + 1 : replace] if c is None) == span
+    return {"right_policy": right, "exact_copy": exact, "span_removed": span not in row["visible"]}
 
 
 def summarise(

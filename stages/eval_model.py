@@ -15,8 +15,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pipeline import models, taxonomy
+from pipeline import models
 from pipeline.backends import GeneratorSpec
+from pipeline.decode.controls import model_controls, token_kind
 from pipeline.errors import RetraceError
 from trainer.encode import Encoder
 
@@ -57,7 +58,9 @@ class EvalModel:
 
     @cached_property
     def encoder(self) -> Encoder:
-        return Encoder(self.tokenizer, 1 << 30, taxonomy.load().control_tokens)
+        # The model's own control tokens (its tokenizer's), not the taxonomy's list: a model may
+        # carry a subset of the policies, or policies of a corpus from elsewhere.
+        return Encoder(self.tokenizer, 1 << 30, model_controls(self.tokenizer))
 
     @cached_property
     def control_ids(self) -> dict[str, int]:
@@ -68,10 +71,10 @@ class EvalModel:
 
     @cached_property
     def backtrack_ids(self) -> dict[str, int]:
-        """The tokens that take text back: every backtrack token and [RESET] ([REPLACE] only
-        closes an edit)."""
-        replace = taxonomy.load().replace_token
-        return {t: i for t, i in self.control_ids.items() if t != replace}
+        """The tokens that decide to take text back: every backtrack token, [RESET] and RLBF's
+        category tokens ([REPLACE] and [BACKTRACK_BY_<n>] only close the edit they opened)."""
+        opens = ("backtrack", "reset", "category")
+        return {t: i for t, i in self.control_ids.items() if token_kind(t) in opens}
 
     def text_ids(self, text: str) -> list[int]:
         return self.encoder.text(text)
@@ -130,17 +133,19 @@ def slug(model: str | None, revision: str | None = None) -> str:
 
 
 def check_controls(tokenizer: Any, name: str, baseline: bool) -> bool:
-    """True when the model lacks control tokens (a baseline); an error unless that is allowed."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in taxonomy.load().control_tokens if t not in vocab]
-    if missing and not baseline:
+    """True when the model has no control tokens at all (a baseline); an error unless that is
+    allowed. A model with some of them (a subset of the policies, or policies of its own) is
+    evaluated with the ones it has."""
+    if model_controls(tokenizer):
+        return False
+    if not baseline:
         raise ModelError(
-            f"eval: model {name} has no control tokens ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}); evaluate a model trained by `retrace train`, "
-            "or this one as a baseline with `--baseline` (eval.baseline: true; its backtrack rate "
-            "is then 0 by construction)"
+            f"eval: model {name} has no control tokens (no [BACKTRACK], [BACKTRACK-<POLICY>], "
+            "[REPLACE], [RESET], [CATEGORY-<POLICY>] or [BACKTRACK_BY_<n>] in its vocabulary); "
+            "evaluate a model trained by `retrace train`, or this one as a baseline with "
+            "`--baseline` (eval.baseline: true; its backtrack rate is then 0 by construction)"
         )
-    return bool(missing)
+    return True
 
 
 def load(spec: GeneratorSpec, name: str, baseline: bool, env: Any) -> EvalModel:

@@ -3,8 +3,11 @@
 A suite plans `Request`s (deterministic: the same config and seed plan the same list, so a resumed
 run continues where it stopped); the runner decodes or teacher-forces each one, judges it, and
 writes a `GENERATIONS` row. Judges see two texts per generation: `raw` (the prefill and everything
-the model emitted, control tokens removed: was harmful text produced at all?) and `visible` (the
-renderer applied to prefill + emitted text: what a user is shown).
+the model emitted, its real control tokens removed: was harmful text produced at all?) and
+`visible` (the renderer applied to prefill + emitted text: what a user is shown). A row describes
+itself (`pipeline.decode.record`): `prefill`, `raw`, `offsets` and `events` say which control
+strings were real control tokens, so `visible` can be recomputed from the row and a control string
+the model spelled is never scored as a backtrack.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import render
+from pipeline.decode import record
+from pipeline.decode.controls import token_kind
 from stages.eval_judges import is_refusal
 
 VERDICT = pa.struct(
@@ -42,6 +46,7 @@ GENERATIONS = pa.schema(
         ("policy", pa.string()),  # midstream: the planted span's policy
         ("category", pa.string()),
         ("raw", pa.string()),  # everything the model emitted, control tokens inline
+        ("offsets", pa.list_(pa.int64())),  # where each emitted token's text starts in `raw`
         ("visible", pa.string()),  # the decoder's visible text, prefill included: what a user sees
         ("events", pa.string()),  # the decoder's edit events as JSON
         ("finish_reason", pa.string()),
@@ -89,10 +94,6 @@ class Request:
     extra: dict[str, Any] = field(default_factory=dict, hash=False)  # suite-specific: gold, span
 
 
-def strip_controls(text: str) -> str:
-    return "".join(render.split(text)[0::2])
-
-
 def row(model: str, req: Request, dec: Any, **extra: Any) -> dict[str, Any]:
     """A GENERATIONS row for a request and its `pipeline.decode.Decoded` turn (None when
     teacher-forced); the verdicts are added by the runner."""
@@ -112,18 +113,21 @@ def row(model: str, req: Request, dec: Any, **extra: Any) -> dict[str, Any]:
         category=req.category,
     )
     if dec is not None:
-        controls = render.control_tokens(dec.raw)
-        backtracks = [t for t in controls if t != _replace()]
+        # The real control tokens (the decoder's events), never control strings read off `raw`.
+        controls = record.controls(dec.to_dict())
+        kinds = [token_kind(t) for t in controls]
         base.update(
+            prefill=dec.prefill,  # the prefill's text as the decoder showed it
             raw=dec.raw,
+            offsets=list(dec.offsets),
             visible=dec.visible,
             events=json.dumps([e.to_dict() for e in dec.events], sort_keys=True),
             finish_reason=dec.finish_reason,
             emitted_tokens=dec.emitted_tokens,
             visible_tokens=dec.visible_tokens,
             wasted_tokens=dec.wasted_tokens,
-            backtracked=bool(backtracks),
-            reset=_reset() in controls,
+            backtracked=any(k != "replace" for k in kinds),
+            reset="reset" in kinds,
             first_control=controls[0] if controls else None,
         )
         base["refusal"] = is_refusal(base["visible"])
@@ -133,16 +137,4 @@ def row(model: str, req: Request, dec: Any, **extra: Any) -> dict[str, Any]:
 
 def judge_texts(r: dict[str, Any]) -> tuple[str, str]:
     """(raw, visible) texts a judge scores for a generation row."""
-    return strip_controls(r["prefill"] + r["raw"]), r["visible"]
-
-
-def _replace() -> str:
-    from pipeline import taxonomy
-
-    return taxonomy.load().replace_token
-
-
-def _reset() -> str:
-    from pipeline import taxonomy
-
-    return taxonomy.load().reset_token
+    return record.plain(r), r["visible"]

@@ -92,11 +92,7 @@ def _chunk(
         if req.suite == "utility":
             r.update(eval_utility.score(req.setting, r["visible"], req.extra["gold"]))
         if req.suite == "midstream":
-            r.update(
-                eval_midstream.generation_checks(
-                    r["raw"], req.extra["span"], req.policy, r["visible"]
-                )
-            )
+            r.update(eval_midstream.generation_checks(r, req.extra["span"], req.policy))
         out.append(r)
     _judge(out, judges)
     return out

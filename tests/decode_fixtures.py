@@ -21,11 +21,22 @@ FORCE = 1e4  # added to a scripted token's logit: it wins unless a bias sets it 
 
 
 def control_model(
-    out_dir: Path, sliding_window: int = 4, seed: int = 0, extra: tuple[str, ...] = ()
+    out_dir: Path,
+    sliding_window: int = 4,
+    seed: int = 0,
+    extra: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
 ) -> Path:
+    """`only`: exactly these control tokens instead of the taxonomy's (a model trained on a
+    subset of the policies)."""
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
-    add_control_tokens(tok, extra)  # extra: e.g. RLBF's tokens, as a corpus using them adds
+    if only is None:
+        add_control_tokens(tok, extra)  # extra: e.g. RLBF's tokens, as a corpus using them adds
+    else:
+        tok.add_special_tokens(
+            {"additional_special_tokens": list(only)}, replace_extra_special_tokens=False
+        )
     tok.save_pretrained(out_dir)
     layers = ["sliding_attention", "full_attention"]
     return save_tiny_gemma(out_dir, tok, seed, sliding_window=sliding_window, layer_types=layers)
@@ -54,7 +65,9 @@ class Script:
         return scores
 
 
-def memorised_model(out_dir: Path, user: str, turn: str, steps: int = 40) -> Path:
+def memorised_model(
+    out_dir: Path, user: str, turn: str, steps: int = 40, extra: tuple[str, ...] = ()
+) -> Path:
     """The control model trained until it answers `user` with exactly `turn` (control tokens
     written inline, as in a corpus row) and <end_of_turn>: a backtracking model small enough to
     drive the real CLI, greedy decoding giving a known turn."""
@@ -63,7 +76,7 @@ def memorised_model(out_dir: Path, user: str, turn: str, steps: int = 40) -> Pat
 
     from pipeline.decode.controls import Controls, PromptEncoder
 
-    out_dir = control_model(out_dir, sliding_window=64)
+    out_dir = control_model(out_dir, sliding_window=64, extra=extra)
     tok = AutoTokenizer.from_pretrained(out_dir)
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     prompt = PromptEncoder(tok, Controls.build(tok, {}, ())).prompt(

@@ -113,3 +113,26 @@ def test_streaming_flushes_a_held_tail_that_never_became_a_token():
     assert stream.feed("d]") == "list [REd]"
     stream.feed(" and [BACK")
     assert stream.finish() == "list [REd] and [BACK"
+
+
+@pytest.mark.parametrize(
+    "text", ["The fox naps. Type <end_of_turn> now.", "The fox naps. Press [RESET] now."]
+)
+def test_take_back_tokens_count_special_token_strings_as_ordinary_text(control_tok, text):
+    # One counting rule (DESIGN §9): the renderer's take-back splits text as the trainer does.
+    from pipeline.render import token_spans
+    from trainer.encode import Encoder
+
+    _, trainer_spans = Encoder(control_tok, 1 << 30, ()).offsets(text)
+    assert token_spans(control_tok, text) == trainer_spans
+    special = "<end_of_turn>" if "<end" in text else "[RESET]"
+    assert len(control_tok(special, add_special_tokens=False)["input_ids"]) == 1  # live: one id
+    assert len(token_spans(control_tok, special)) > 1
+
+
+def test_a_models_own_control_tokens_edit_when_given():
+    own = "[BACKTRACK-PRIVACY_VIOLATION]"
+    turn = f"At 22 Birch Lane.{own}22 Birch Lane.[REPLACE]home."
+    assert render(turn) == turn.replace("[REPLACE]", "")  # not a taxonomy token: text
+    assert render(turn, controls=(own, "[REPLACE]")) == "At home."
+    assert control_tokens(turn, controls=(own, "[REPLACE]")) == [own, "[REPLACE]"]

@@ -9,10 +9,13 @@
 
 - `config`: the `decode:` section (sampling, `context: keep|drop`, `bias`, `disable`, budgets,
   `guard` for scorer-guided rollback).
-- `controls`: control-token ids, config names, privileged prompt encoding (the trainer's rule).
+- `controls`: the model's control tokens (its tokenizer's, read by form) and their ids, config
+  names, privileged prompt encoding (the trainer's rule).
 - `sequence`: one turn's state machine, shared by every backend; `Decoded`, `Event`, `Update`.
 - `runner`: the transformers decoder (KV cache, crops, per-row seeds).
 - `vllm`: the same interface over vLLM's offline API.
+- `record`: a decoded turn as a self-describing record: its real control tokens, its plain text,
+  and `rerender` (its visible text recomputed from the record alone).
 """
 
 import importlib

@@ -5,8 +5,9 @@ and optionally `id`, `prefill` (text the assistant turn starts with) and `seed` 
 checked strictly). A line that is not one is rejected with its line number and reason and the rest
 are decoded; a file with no usable line (a binary file, say) fails with one line. Each output line
 is the input's `id` and `messages` plus the decoded turn (`Decoded.to_dict()`: raw, visible,
-events, token counts, finish reason, seed). A line's seed is its own, or one derived from the
-run seed and its id, so a row decodes the same wherever it sits in the file.
+events, token counts, finish reason, seed, and `prefill` as text and `offsets`, so the row
+re-renders alone: `pipeline.decode.record.rerender`). A line's seed is its own, or one derived
+from the run seed and its id, so a row decodes the same wherever it sits in the file.
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.errors import RetraceError
 from pipeline.scorers import ScorerSpec, without_verdict
+
+
+class DecodeConfigError(RetraceError, ValueError):
+    """A `decode:` setting the loaded model or scorer cannot honour."""
 
 
 class GuardConfig(BaseModel):
@@ -43,6 +48,10 @@ class DecodeConfig(BaseModel):
     # keep: taken-back text stays in the model's context (what the corpus trains); drop: once an
     # edit closes, the KV cache is cropped so the rest is conditioned only on the visible text.
     context: Literal["keep", "drop"] = "keep"
+    # How [BACKTRACK_BY_<n>] counts its n: canonical, the tokenizer's split of the visible text
+    # before the cursor (DESIGN §9's one counting rule: what format counts and the trainer
+    # trains); emitted, the last n tokens the model emitted (RLBF's stream handler).
+    backtrack_by: Literal["canonical", "emitted"] = "canonical"
     bias: dict[str, float] = {}  # added to a control token's logit (BSAFE opt-in/out, Zhang's knob)
     disable: tuple[str, ...] = ()  # these control tokens get -inf: never emitted
     max_edits: int = Field(8, ge=0)  # control tokens that open or apply an edit, per turn
@@ -60,3 +69,25 @@ class DecodeConfig(BaseModel):
             except KeyError as err:
                 raise ValueError(err.args[0]) from None
         return value
+
+
+def check_loaded(cfg: DecodeConfig, positions: int | None, scorer: Any) -> None:
+    """What the config can only be checked against once the model and the guard's scorer are
+    loaded: the budget against the model's positions (a turn past them has no meaning, and one of
+    1e9 tokens runs until killed) and the guard's label against the scorer's labels."""
+    if positions is not None and cfg.max_new_tokens > positions:
+        raise DecodeConfigError(
+            f"decode.max_new_tokens {cfg.max_new_tokens} is past the model's {positions} "
+            f"positions (max_position_embeddings); set it to at most {positions}"
+        )
+    guard = cfg.guard
+    if guard is None:
+        return
+    if scorer is None:
+        raise ValueError("decode.guard is set but no scorer was given to the decoder")
+    labels = tuple(getattr(scorer, "labels", ()))
+    if guard.label is not None and guard.label not in labels:
+        raise DecodeConfigError(
+            f"decode.guard.label {guard.label!r} is not a label of scorer "
+            f"{guard.scorer.kind}; its labels: {', '.join(labels) or 'none'}"
+        )

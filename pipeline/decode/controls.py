@@ -21,41 +21,40 @@ class PrivilegedTokenError(RetraceError, ValueError):
 
 
 def token_kind(token: str) -> str:
-    """What a control token does, by the taxonomy: backtrack, replace, reset, RLBF's category and
-    backtrack_by, or control."""
-    tax = taxonomy.load()
-    if token == tax.reset_token:
-        return "reset"
-    if token == tax.replace_token:
-        return "replace"
-    if token in tax.category_tokens:
-        return "category"
-    if tax.backtrack_by_count(token) is not None:
-        return "backtrack_by"
-    if token == tax.generic_token or token in _policy_of_token():
-        return "backtrack"
-    return "control"
-
-
-def _policy_of_token() -> dict[str, str]:
-    """Each policy's BSAFE backtrack token and its RLBF category token -> the policy."""
-    tax = taxonomy.load()
-    return {t: name for name, p in tax.policies.items() for t in (p.token, tax.category(name))}
+    """What a control token does (`taxonomy.classify`): backtrack, replace, reset, RLBF's category
+    and backtrack_by, or control for any other string."""
+    c = taxonomy.load().classify(token)
+    return "control" if c is None else c.kind
 
 
 def token_policy(token: str) -> str | None:
-    """The policy a control token names, if any."""
-    return _policy_of_token().get(token)
+    """The policy a backtrack or category token names, if any."""
+    c = taxonomy.load().classify(token)
+    return None if c is None else c.policy
+
+
+def model_controls(tokenizer: Any) -> tuple[str, ...]:
+    """A model's control tokens: the taxonomy's that its vocabulary holds, then every other token
+    it added that has a control token's form (a trainer adds what its corpus uses, which may be
+    policies the taxonomy does not name). These, not a fixed list, are what inference reads."""
+    tax = taxonomy.load()
+    vocab = tokenizer.get_vocab()
+    own = [t for t in tax.all_tokens if t in vocab]
+    known = set(own)
+    added = sorted(t for t in tokenizer.get_added_vocab() if t not in known and tax.classify(t))
+    return (*own, *added)
 
 
 def resolve_name(name: str) -> str:
     """A config name (`RESET`, `BACKTRACK-HATE`, `[RESET]`, or a policy such as `hate`) as its
-    control-token string; an unknown name is a KeyError listing the known ones."""
+    control-token string; an unknown name is a KeyError listing the known ones. A name of a
+    control token's form the taxonomy lacks (`BACKTRACK-PRIVACY_VIOLATION`) is a model's own:
+    it is checked against the model's vocabulary when the decoder loads."""
     tax = taxonomy.load()
     if name in tax.policies:
         return tax.policies[name].token
     token = name if name.startswith("[") else f"[{name}]"
-    if token in tax.control_tokens:
+    if token in tax.control_tokens or tax.classify(token) is not None:
         return token
     known = ", ".join([t.strip("[]") for t in tax.control_tokens] + list(tax.policies))
     raise KeyError(f"decode: unknown control token or policy {name!r}; known: {known}")
@@ -75,7 +74,7 @@ class Controls:
     @classmethod
     def build(cls, tokenizer: Any, bias: dict[str, float], disable: tuple[str, ...]) -> Controls:
         vocab = tokenizer.get_vocab()
-        ids = {t: vocab[t] for t in taxonomy.load().all_tokens if t in vocab}
+        ids = {t: vocab[t] for t in model_controls(tokenizer)}
         offsets: dict[int, float] = {}
         for key, names in (("bias", list(bias)), ("disable", list(disable))):
             for name in names:

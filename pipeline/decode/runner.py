@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline import seeds as seeds_mod
 from pipeline.backends import NucleusSampler, TransformersGenerator
-from pipeline.decode.config import DecodeConfig
+from pipeline.decode.config import DecodeConfig, check_loaded
 from pipeline.decode.controls import Controls, PromptEncoder
 from pipeline.decode.sequence import Decoded, Sequence, Update
 
@@ -51,8 +51,8 @@ class Decoder:
     """Decode requests with a loaded transformers generator (CPU or CUDA) and a DecodeConfig."""
 
     def __init__(self, generator: TransformersGenerator, cfg: DecodeConfig, scorer: Any = None):
-        if cfg.guard is not None and scorer is None:
-            raise ValueError("decode.guard is set but no scorer was given to the decoder")
+        self.positions = getattr(generator.model.config, "max_position_embeddings", None)
+        check_loaded(cfg, self.positions, scorer)
         self.generator, self.cfg, self.scorer = generator, cfg, scorer
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.controls = Controls.build(self.tokenizer, dict(cfg.bias), cfg.disable)
@@ -228,6 +228,7 @@ def build_sequence(decoder: Any, row: int, request: Request) -> Sequence:
         decoder.prompts.text,
         decoder.generator.stop_token_ids(),
         request.seed,
+        getattr(decoder, "positions", None),
     )
 
 

@@ -12,7 +12,6 @@ is the renderer's business: the sequence only reads `visible`, `cursor` and `edi
 from __future__ import annotations
 
 import copy
-from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,12 +26,16 @@ from pipeline.text import sentence_spans
 class Event:
     """Something that changed the turn, at the emitted token `position` (0-based)."""
 
-    kind: str  # backtrack | replace | reset | control | rollback | refusal | budget
+    # backtrack | replace | reset | category | backtrack_by | control | rollback | refusal |
+    # budget | stop_string (the visible text cut before a stop string, `detail`)
+    kind: str
     position: int
     token: str | None = None  # the control token, for control-token events
     policy: str | None = None  # the policy it names (a replace takes its backtrack's)
     removed: str = ""  # visible text it took away from the user
     detail: str = ""
+    # rollback: the emitted-token count the turn went back to (-1: to before the prefill)
+    restore: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,9 +47,14 @@ class Decoded:
 
     `raw` is every emitted token's text, control tokens inline (a rolled-back attempt stays in it;
     its events say where). `visible` is what the user sees: the renderer's output, with scorer
-    rollbacks applied. Token counts: `emitted_tokens` counts every sampled token but the closing
-    end of turn; `visible_tokens` those with text in `visible`; `wasted_tokens` the rest, emitted
-    but never shown (taken-back spans, control tokens, copies, rolled-back attempts).
+    rollbacks applied. The record describes itself (`pipeline.decode.record.rerender` recomputes
+    `visible` from it): `prefill` is the text the turn started with, `offsets` where each emitted
+    token's text starts in `raw`, and the events name every real control token by its position,
+    so a control string the model spelled in ordinary tokens is never mistaken for one.
+
+    Token counts: `emitted_tokens` counts every sampled token but the closing end of turn;
+    `visible_tokens` those with text in `visible`; `wasted_tokens` the rest, emitted but never
+    shown (taken-back spans, control tokens, copies, rolled-back attempts).
     """
 
     raw: str
@@ -58,10 +66,13 @@ class Decoded:
     finish_reason: str  # stop | length | stop_string | edit_budget | wasted_budget | refused
     prompt_tokens: int
     seed: int
+    prefill: str = ""
+    offsets: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["events"] = [e.to_dict() for e in self.events]
+        out["offsets"] = list(self.offsets)
         return out
 
 
@@ -76,7 +87,6 @@ class Update:
 
 
 _NEVER = 1 << 62
-_LONGEST = 64  # more than any control token's length: how far back held-back text can start
 
 
 def diff(before: str, after: str) -> tuple[int, int]:
@@ -95,7 +105,6 @@ def diff(before: str, after: str) -> tuple[int, int]:
 @dataclass
 class _Snapshot:
     renderer: StreamRenderer
-    owners: list[int | None]
     context: list[int]
     texts: list[str]
     emitted: int
@@ -140,8 +149,10 @@ class Sequence:
         encode_text: Callable[[str], list[int]],
         stop_ids: list[int],
         seed: int,
+        positions: int | None = None,
     ) -> None:
         self.row, self.cfg, self.seed = row, cfg, seed
+        self.positions = positions  # the model's positions: a turn ends before it runs past them
         self.controls, self.control_tokens = controls, controls.tokens
         self._encode_text, self.stop_ids = encode_text, set(stop_ids)
         self.prompt_len = len(prompt)
@@ -154,9 +165,14 @@ class Sequence:
         self._starts: list[int] = []  # raw offset of each emitted token's text
         self._detok = _Detokenizer(tokenizer)
         # With the tokenizer, RLBF's [BACKTRACK_BY_<n>] takes back n of this model's tokens; no
-        # hold: the decoder shows text as it comes and records the take-back as an edit.
-        self.renderer = StreamRenderer(tokenizer=tokenizer, hold=0)
-        self.owners: list[int | None] = []  # emitted token of each visible char (None: prefill)
+        # hold: the decoder shows text as it comes and records the take-back as an edit. The
+        # controls are the model's own (its tokenizer's), not the taxonomy's list.
+        self.renderer = StreamRenderer(
+            tokenizer=tokenizer,
+            hold=0,
+            controls=tuple(controls.ids),
+            backtrack_by=cfg.backtrack_by,
+        )
         self.events: list[Event] = []
         self.edits = 0
         self.finishing: str | None = None  # why the turn is ending, once it is
@@ -171,12 +187,13 @@ class Sequence:
         # The guard's most recent safe state, and the state before the current token (a sentence
         # is known to be complete only once the whitespace after it arrives).
         self._safe = self._before = self._snapshot() if cfg.guard else None
+        self._start = self._safe  # before the prefill: a flagged prefill is taken back too
+        self.prefill = ""
         if prefill:
-            text = tokenizer.decode(prefill, skip_special_tokens=False)
+            text = self.prefill = tokenizer.decode(prefill, skip_special_tokens=False)
             self.context += prefill
             self.texts += [""] * (len(prefill) - 1) + [text]
-            self.renderer.feed_text(text)
-            self.owners = [None] * len(self.renderer.visible)
+            self.renderer.feed_text(text)  # no token: the prefill was not emitted
 
     # --- what the backend asks ----------------------------------------------------------------
 
@@ -213,12 +230,15 @@ class Sequence:
         events: list[Event] = []
         name = self.control_tokens.get(token)
         if name is None:
-            self._show(self.last_piece, position, plain=True)
+            self._show(self.last_piece, position)
         else:
             events += self._control(name, position)
         if self.finishing is None:
             events += self._budgets(position)
-        if self.finishing is None and len(self.emitted) >= self.cfg.max_new_tokens:
+        if self.finishing is None and (
+            len(self.emitted) >= self.cfg.max_new_tokens
+            or (self.positions is not None and len(self.context) >= self.positions)
+        ):
             self.finishing = "length"
         self.events += events
         return events
@@ -231,13 +251,13 @@ class Sequence:
 
     def _control(self, name: str, position: int) -> list[Event]:
         was_editing = self.renderer.editing
-        undo = copy.deepcopy(self.renderer), list(self.owners)
-        removed = self._show(self.last_piece, position)
+        undo = copy.deepcopy(self.renderer)
+        removed = self._show(self.last_piece, position, control=name)
         if not (was_editing and not self.renderer.editing):  # all but closing an edit count
             self.edits += 1
             if self.edits > self.cfg.max_edits:
                 # Not applied: the turn ends before an edit it has no budget for.
-                self.renderer, self.owners = undo
+                self.renderer = undo
                 self.finishing = "edit_budget"
                 detail = f"max_edits {self.cfg.max_edits} reached"
                 return [Event("budget", position, name, detail=detail)]
@@ -246,7 +266,9 @@ class Sequence:
         if kind in ("replace", "backtrack_by"):  # closes the edit its opener named
             opener = ("backtrack", "category")
             policy = next((e.policy for e in reversed(self.events) if e.kind in opener), None)
-        events = [Event(kind, position, name, policy, removed)]
+        # A take-back's detail says how its n was counted (decode.backtrack_by).
+        detail = self.cfg.backtrack_by if kind == "backtrack_by" else ""
+        events = [Event(kind, position, name, policy, removed, detail)]
         if self.cfg.context == "drop" and not self.renderer.editing:
             self._drop_to_visible()
         return events
@@ -259,45 +281,35 @@ class Sequence:
             return [Event("budget", position, detail=detail)]
         return []
 
-    # --- the visible text and who wrote it ---------------------------------------------------
+    # --- the visible text ---------------------------------------------------------------------
 
-    def _show(self, piece: str, position: int, plain: bool = False) -> str:
-        """Feed the renderer (ordinary tokens as plain text, so a control string spelled in
-        ordinary tokens edits nothing); returns the visible text the piece took away."""
+    def _show(self, piece: str, position: int, control: str | None = None) -> str:
+        """Feed the renderer: an ordinary token's text as plain text (so a control string spelled
+        in ordinary tokens edits nothing), a control id as its control token; returns the visible
+        text the token took away."""
         before = self.renderer.visible
-        after = self.renderer.feed_text(piece) if plain else self.renderer.feed(piece)
-        removed = self._track(before, after, position)
+        if control is None:
+            after = self.renderer.feed_text(piece, position)
+        else:
+            after = self.renderer.control(control, piece, position)
+        removed = self._track(before, after)
         if self.cfg.stop and self.finishing is None:
             start = max(0, len(before) - max(map(len, self.cfg.stop)))
             if any(s in after[start:] for s in self.cfg.stop):
                 self.finishing = "stop_string"
         return removed
 
-    def _track(self, before: str, after: str, position: int) -> str:
+    def _track(self, before: str, after: str) -> str:
+        """The visible text an update took away; notes the leftmost char it changed."""
         a, b = diff(before, after)
-        inserted = after[a : len(after) - b]
         if a < len(before):
             self._dirty = min(self._dirty, a)
-        self.owners = (
-            self.owners[:a] + self._owners_of(inserted, position) + self.owners[len(before) - b :]
-        )
         return before[a : len(before) - b]
 
-    def _owners_of(self, inserted: str, position: int) -> list[int | None]:
-        """Inserted visible text is raw text the renderer released; it ends at most one held-back
-        control-token prefix before the raw end. Each char is owned by the token that wrote it."""
-        if not inserted:
-            return []
-        n = len(self.raw)
-        for hold in range(0, min(n - len(inserted), _LONGEST) + 1):
-            end = n - hold
-            if self.raw.startswith(inserted, end - len(inserted)):
-                start = end - len(inserted)
-                return [bisect_right(self._starts, start + j) - 1 for j in range(len(inserted))]
-        return [position] * len(inserted)
-
-    def _visible_count(self) -> int:
-        return len({o for o in self.owners if o is not None})
+    def _visible_count(self, marks: list[int | None] | None = None) -> int:
+        """Emitted tokens with text in the visible text (the renderer's marks say which)."""
+        marks = self.renderer.marks if marks is None else marks
+        return len({m for m in marks if m is not None})
 
     # --- context: drop and rollback ---------------------------------------------------------
 
@@ -340,7 +352,6 @@ class Sequence:
     def _snapshot(self) -> _Snapshot:
         return _Snapshot(
             copy.deepcopy(self.renderer),
-            list(self.owners),
             list(self.context),
             list(self.texts),
             len(self.emitted),
@@ -378,20 +389,21 @@ class Sequence:
     def _rollback(self, sentence: str, value: float) -> list[Event]:
         guard = self.cfg.guard
         assert guard is not None
-        position = len(self.emitted) - 1
         if self._stop_token is not None:  # the end of turn it sampled is undone: it was wasted
             self._emit(self._stop_token)
             self._stop_token = None
+        position = len(self.emitted) - 1  # the token after which the turn went back
         before = self.renderer.visible
         snap = self._safe
         self.renderer = copy.deepcopy(snap.renderer)
-        self.owners, self._checked, self._dirty = list(snap.owners), snap.checked, _NEVER
+        self._checked, self._dirty = snap.checked, _NEVER
         self._retarget(snap.context, snap.texts)
         removed = before[len(self.renderer.visible) :]
+        back = -1 if snap is self._start and self.prefill else snap.emitted
         detail = f"score {value:.3f}: {sentence}"
         if self.finishing == "length" or self.retries >= guard.retries:
             self.finishing = "refused" if self.finishing != "length" else "length"
-            events = [Event("rollback", position, removed=removed, detail=detail)]
+            events = [Event("rollback", position, removed=removed, detail=detail, restore=back)]
             if self.finishing == "refused":
                 events.append(Event("refusal", position, detail=guard.refusal))
             self.events += events
@@ -403,24 +415,26 @@ class Sequence:
         if guard.ban_first_token and snap.emitted < len(self.emitted):
             self.ban = self.emitted[snap.emitted]
         detail = f"retry {self.retries}, {detail}"
-        event = Event("rollback", position, removed=removed, detail=detail)
+        event = Event("rollback", position, removed=removed, detail=detail, restore=back)
         self.events.append(event)
         return [event]
 
     # --- the end ----------------------------------------------------------------------------
 
     def finish(self) -> Decoded:
-        before = self.renderer.visible
         visible = self.renderer.finish()
-        self._track(before, visible, len(self.emitted) - 1)
+        marks = self.renderer.marks
         if self.cfg.stop:
-            cut = min((i for i in (visible.find(s) for s in self.cfg.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                visible, self.owners = visible[:cut], self.owners[:cut]
+            found = [(i, s) for s in self.cfg.stop if (i := visible.find(s)) >= 0]
+            if found:
+                cut, stop = min(found)
+                at = len(self.emitted) - 1
+                self.events.append(Event("stop_string", at, removed=visible[cut:], detail=stop))
+                visible, marks = visible[:cut], marks[:cut]
         if self.finishing == "refused" and self.cfg.guard is not None:
             joint = " " if visible and not visible[-1].isspace() else ""
             visible += joint + self.cfg.guard.refusal
-        shown = self._visible_count()
+        shown = self._visible_count(marks)
         self.result = Decoded(
             raw=self.raw,
             visible=visible,
@@ -431,5 +445,7 @@ class Sequence:
             finish_reason=self.finishing or "length",
             prompt_tokens=self.prompt_len,
             seed=self.seed,
+            prefill=self.prefill,
+            offsets=tuple(self._starts),
         )
         return self.result

@@ -22,7 +22,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from pipeline import seeds as seeds_mod
-from pipeline.decode.config import DecodeConfig
+from pipeline.decode.config import DecodeConfig, check_loaded
 from pipeline.decode.controls import Controls, PromptEncoder
 from pipeline.decode.runner import Request, build_sequence, guard_step
 from pipeline.decode.sequence import Decoded, Sequence, Update
@@ -35,8 +35,8 @@ class VllmDecoder:
     """Decode requests with a loaded `VllmGenerator`; same results type as `Decoder`."""
 
     def __init__(self, generator: Any, cfg: DecodeConfig, scorer: Any = None) -> None:
-        if cfg.guard is not None and scorer is None:
-            raise ValueError("decode.guard is set but no scorer was given to the decoder")
+        self.positions = _max_model_len(generator)
+        check_loaded(cfg, self.positions, scorer)
         self.generator, self.cfg, self.scorer = generator, cfg, scorer
         self.tokenizer = generator.tokenizer
         self.controls = Controls.build(self.tokenizer, dict(cfg.bias), cfg.disable)
@@ -97,3 +97,11 @@ class VllmDecoder:
     def _guard(self, rows: list[Sequence]) -> None:
         for s, _ in guard_step(rows, self.cfg, self.scorer):
             s.take_crop()  # the next round resubmits the rolled-back context
+
+
+def _max_model_len(generator: Any) -> int | None:
+    """The positions vLLM serves the model with (None where the engine does not say)."""
+    try:
+        return int(generator.llm.llm_engine.model_config.max_model_len)
+    except (AttributeError, TypeError, ValueError):
+        return None
