@@ -93,12 +93,18 @@ def token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
     RLBF take-back counts. Special-token strings in it are split as ordinary text (DESIGN §9: the
     trainer's and the decoder's rule), since the model emitted visible text as ordinary tokens: a
     visible "<end_of_turn>" or "[RESET]" is several tokens, never one."""
-    if not text:
+    return token_spans_of(tokenizer, [text])[0] if text else []
+
+
+def token_spans_of(tokenizer: Any, texts: list[str]) -> list[list[tuple[int, int]]]:
+    """`token_spans` of each text, in one tokenizer call: the one counting rule that format's n
+    and k, the trainer's recount and the decoder's take-back share."""
+    if not texts:
         return []
     enc = tokenizer(
-        text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
     )
-    return [tuple(o) for o in enc["offset_mapping"]]
+    return [[tuple(o) for o in offsets] for offsets in enc["offset_mapping"]]
 
 
 def token_cut(tokenizer: Any, text: str, n: int) -> int:

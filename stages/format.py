@@ -42,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import records, recovery, seeds, taxonomy
+from pipeline import records, recovery, render, seeds, taxonomy
 from pipeline.render import RenderError, render_pieces, split
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.text import clean
@@ -124,20 +124,18 @@ def _tokenizer(model: str, revision: str | None) -> Any:
 
 
 def token_offsets(tokenizer: Any, texts: list[str]) -> list[list[tuple[int, int]]]:
-    """Each text's tokens as char spans, without special tokens (so h's EOS is never counted).
+    """Each text's tokens as char spans, without special tokens (so h's EOS is never counted),
+    by the one counting rule (`render.token_spans_of`: special-token strings split as text).
 
     Offsets, not decoding: h≤k must be an exact prefix of h's text, and decoding a token prefix
     is not one for byte-level pieces of a character or for normalising tokenizers.
     """
-    if not texts:
-        return []
     if not getattr(tokenizer, "is_fast", True):
         raise TypeError(
             "format: target_tokenizer must be a fast (Rust) tokenizer, which reports char "
             "offsets; pick a model that ships tokenizer.json"
         )
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [[tuple(o) for o in offsets] for offsets in enc["offset_mapping"]]
+    return render.token_spans_of(tokenizer, texts)
 
 
 # --- rows and their checks -------------------------------------------------------------------

@@ -457,3 +457,20 @@ def test_show_colours_segments_by_role_and_loss_flag():
     shown = console.export_text()
     assert shown.count("bsafe " + row["id"]) == 1 and "policy=harassment" in shown
     assert row["visible"] in shown
+
+
+def test_format_counts_special_token_strings_as_the_trainer_and_decoder_do(tiny_model_dir):
+    """n and k are counted by the one rule (issue 21): a special-token string in text is ordinary
+    text, as the trainer encodes it and the decoder takes it back, never one special id."""
+    from transformers import AutoTokenizer
+
+    from pipeline.render import token_spans
+    from trainer.encode import Encoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = " Type <end_of_turn> now. Press [RESET] now."
+    spans = fmt.token_offsets(tok, [text])[0]
+    assert len(spans) == len(Encoder(tok, 1 << 20, ()).text(text))
+    assert spans == token_spans(tok, text)
+    assert "".join(text[a:b] for a, b in spans).replace(" ", "") == text.replace(" ", "")
+    assert len(spans) > len(tok(text, add_special_tokens=False)["input_ids"])

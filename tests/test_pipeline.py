@@ -118,6 +118,16 @@ def test_second_run_is_all_cache_hits(published):
     assert "running" not in result.stderr and result.stderr.count("cached") == 9
 
 
+def test_the_card_says_which_tokens_backtrack_by_n_counts(published):
+    """Issue 21: n is the visible text's canonical tokens (the trainer's, -tok's and the decoder's
+    rule); the card says so and names the paper's emitted-token reading and its option."""
+    _, _, folder = published
+    assert (folder / "data" / "rlbf").is_dir()
+    card = " ".join((folder / "README.md").read_text().split())
+    assert "n counts the visible text's *canonical* tokens" in card
+    assert "`decode.backtrack_by: emitted`" in card
+
+
 def test_from_card_rebuilds_byte_identical_shards(published, tmp_path, fluent_model_dir):
     _, _, folder = published
     again = tmp_path / "again"
