@@ -36,8 +36,8 @@ class GeneratorSpec(ModelSpec):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # bf16 on CUDA, fp32 on CPU
     # Rows decoded at once; on a 2-core CPU 8 runs ~2.5x the batch-1 rate (bench_generate.py).
-    batch_size: int = 8
-    tensor_parallel_size: int = 1  # vllm only
+    batch_size: int = Field(8, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm only
     gpu_memory_utilization: float = 0.9  # vllm only
     max_model_len: int | None = None  # vllm only; None takes the model's
     # openai only (pipeline/backend_openai.py); batch_size is then the requests in flight.

@@ -239,7 +239,11 @@ def test_a_truncated_checkpoint_is_one_line_naming_the_file(tmp_path, control_mo
     _one_line_failure(result, f"model folder {torn}: model.safetensors is truncated or corrupt")
 
 
-def test_a_scorer_batch_size_of_zero_fails_at_config_time_naming_the_key(tmp_path):
-    result = runner.invoke(app, ["status", "--set", "filter.scorer.batch_size=0"])
+@pytest.mark.parametrize(
+    "key",
+    ["filter.scorer.batch_size", "sample.generator.batch_size", "rewrite.generator.batch_size"],
+)
+def test_a_batch_size_of_zero_fails_at_config_time_naming_the_key(key):
+    result = runner.invoke(app, ["status", "--set", f"{key}=0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "filter.scorer.batch_size: Input should be greater than or equal to 1" in result.stderr
+    assert f"{key}: Input should be greater than or equal to 1" in result.stderr
