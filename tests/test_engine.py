@@ -227,7 +227,8 @@ def test_rejected_share_over_bound_fails_with_one_clear_message(tmp_path):
 DEPENDENTS = {
     "pipeline/backends.py": {"sample", "inject", "rewrite", "eval"},
     "pipeline/scorers.py": {"filter", "inject", "natural", "rewrite", "eval"},
-    "pipeline/render.py": {"format", "eval"},
+    # publish's -tok twins and the trainer re-count rlbf's n by the renderer's take-back rule.
+    "pipeline/render.py": {"format", "publish", "train", "eval"},
     # publish builds the tokenized twins with the trainer's encoder, which renders prompts and
     # redraws k (prompting, seeds).
     "pipeline/prompting.py": {"sample", "inject", "rewrite", "publish", "train", "eval"},

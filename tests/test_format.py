@@ -98,9 +98,16 @@ def rewrites_table(*rows):
 
 
 class WhitespaceTokenizer:
-    """A stand-in target tokenizer: one token per whitespace-separated word."""
+    """A stand-in target tokenizer: one token per whitespace-separated word (it has no special
+    tokens, so splitting their strings changes nothing)."""
 
-    def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=True):
+    def __call__(
+        self,
+        texts,
+        add_special_tokens=False,
+        split_special_tokens=True,
+        return_offsets_mapping=True,
+    ):
         import re
 
         return {"offset_mapping": [[m.span() for m in re.finditer(r"\S+", t)] for t in texts]}
