@@ -5,9 +5,9 @@ pairs of sources.utility: Alpaca, GSM8K, MATH answers already joined by the sour
 the Qi et al. anchor of filter.responses: benign prompts answered by the generator) and the eval
 prompts (sources.eval). Writes one table per published config (one per kind) with every surviving
 row, the `mixture` (the mixable components mixed by the configured ratios), each with a trailing
-`split` column, and `report` (records.BLEND_REPORT): what every
-step removed, the requested vs realised shares, and a `manifest` row (seed, the sources config
-with its revisions, the ratios). The config tables and the mixture come back as readers of
+`split` column, and `report` (records.BLEND_REPORT): what every step removed, the requested vs
+realised shares, and a `manifest` row (seed, the sources config with its revisions, the
+ratios). The config tables and the mixture come back as readers of
 OUTPUT_ROWS-row batches taken from the inputs by row number as the engine writes them, and the
 passes keep per row only numbers, a digest and LSH band keys: blend holds no copy of the rows,
 so its memory beyond its inputs grows by ~100 bytes a row (measured in scripts/bench_publish.py).
