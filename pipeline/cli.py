@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import config as config_mod
+from pipeline import kinds
 from pipeline.dag import Pipeline, StageError, load_stages
 from pipeline.errors import RetraceError
 from pipeline.progress import console
@@ -197,7 +198,7 @@ def _print_status(pipe: Pipeline) -> None:
 @app.command()
 @_friendly
 def show(
-    kind: Annotated[str, typer.Option(help="bsafe, reset, recovery or preference.")] = "bsafe",
+    kind: Annotated[str, typer.Option(help=f"One of {', '.join(kinds.NAMES)}.")] = "bsafe",
     n: Annotated[int, typer.Option("-n", help="Examples to show.")] = 3,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
@@ -207,10 +208,13 @@ def show(
 
     from pipeline.show import show_rows
 
+    if kind not in kinds.BY_NAME:
+        raise typer.BadParameter(f"unknown kind {kind!r}; one of {', '.join(kinds.NAMES)}")
+    stage, table = kinds.BY_NAME[kind].table.split(".")
     pipe = _pipeline(config, set_)
-    if pipe.store.manifest("format") is None:
-        raise StageError("no format output in this run yet; run `retrace stage format` first")
-    rows = pipe.store.read("format", kind).slice(0, n).to_pylist()
+    if pipe.store.manifest(stage) is None:
+        raise StageError(f"no {stage} output in this run yet; run `retrace stage {stage}` first")
+    rows = pipe.store.read(stage, table).slice(0, n).to_pylist()
     show_rows(rows, Console(), n)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import kinds
+
 # --- shared pieces ---------------------------------------------------------------------------
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -23,12 +25,8 @@ MESSAGES = pa.list_(MESSAGE)
 SEGMENT_ROLES = ("text", "harmful", "control", "copy", "replacement", "refusal", "safe")
 SEGMENT = pa.struct([("text", pa.string()), ("role", pa.string()), ("train", pa.bool_())])
 
-# Kinds of published row: the recipes `format` writes as SFT rows, plain utility SFT rows, and
-# preference pairs; each has its own config, and `mixture` mixes the SFT kinds.
-RECIPE_KINDS = ("bsafe", "rlbf", "reset", "recovery")
-SFT_KINDS = (*RECIPE_KINDS, "utility")
-KINDS = (*SFT_KINDS, "preference")
-CONFIGS = (*KINDS, "mixture")
+# The published configs: one per kind (pipeline/kinds.py), and `mixture`, which mixes SFT kinds.
+CONFIGS = (*kinds.NAMES, "mixture")
 
 SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
 SCORES = pa.list_(SCORE)
@@ -114,7 +112,7 @@ def config_schema(config: str) -> pa.Schema:
     """The Parquet schema of a published config."""
     if config not in CONFIGS:
         raise KeyError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
-    return PREFERENCE if config == "preference" else SFT
+    return PREFERENCE if kinds.is_preference(config) else SFT
 
 
 # --- tables between stages -------------------------------------------------------------------
@@ -320,8 +318,8 @@ def with_split(schema: pa.Schema) -> pa.Schema:
 
 
 # blend.report: one row per (step, component, split) saying what the step removed; the mixture
-# step's rows carry the requested and realised shares. Components are the published kinds plus
-# "anchor" (Qi et al.'s benign prompts answered by the generator, published as kind "utility").
+# step's rows carry the requested and realised shares. Components are kinds.COMPONENTS (the
+# kinds, and "anchor": Qi et al.'s benign prompts answered by the generator, published as utility).
 BLEND_REPORT = pa.schema(
     [
         ("step", pa.string()),  # manifest | input | invalid | exact_dedup | near_dedup

@@ -1,13 +1,13 @@
 """blend: the recipe examples plus utility data, deduplicated, decontaminated, split and mixed.
 
-Reads the formatted examples (format.bsafe/rlbf/reset/recovery/preference), the utility pairs
-(sources.utility: Alpaca, GSM8K, MATH answers already joined by the sources stage), the Qi et al.
-anchor (filter.responses: benign prompts answered by the generator) and the eval prompts
-(sources.eval). Writes one table per published config (bsafe, rlbf, reset, recovery, utility,
-preference) with every surviving row, the `mixture` (the SFT components mixed by the configured
-ratios), each with a trailing `split` column, and `report` (records.BLEND_REPORT): what every
-step removed, the requested vs realised shares, and a `manifest` row (seed, the sources config
-with its revisions, the ratios). The config tables and the mixture come back as readers of
+Reads every kind's tables (pipeline/kinds.py `built_from`: the formatted examples, the utility
+pairs of sources.utility: Alpaca, GSM8K, MATH answers already joined by the sources stage, and
+the Qi et al. anchor of filter.responses: benign prompts answered by the generator) and the eval
+prompts (sources.eval). Writes one table per published config (one per kind) with every surviving
+row, the `mixture` (the mixable components mixed by the configured ratios), each with a trailing
+`split` column, and `report` (records.BLEND_REPORT): what every step removed, the requested vs
+realised shares, and a `manifest` row (seed, the sources config with its revisions, the
+ratios). The config tables and the mixture come back as readers of
 OUTPUT_ROWS-row batches taken from the inputs by row number as the engine writes them, and the
 passes keep per row only numbers, a digest and LSH band keys: blend holds no copy of the rows,
 so its memory beyond its inputs grows by ~100 bytes a row (measured in scripts/bench_publish.py).
@@ -44,35 +44,23 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipeline import dedup as dd
-from pipeline import records
+from pipeline import kinds, records
 from pipeline.seeds import derive
 from pipeline.stage import StageConfig, StageSpec
 from stages.blend_rows import Rows, components, conform, gather
 
 SPEC = StageSpec(
     name="blend",
-    reads=(
-        "format.bsafe",
-        "format.rlbf",
-        "format.reset",
-        "format.recovery",
-        "format.preference",
-        "sources.utility",
-        "filter.responses",
-        "sources.eval",
-    ),
+    reads=(*(table for k in kinds.KINDS for _, table in k.built_from), "sources.eval"),
     writes={
         **{c: records.with_split(records.config_schema(c)) for c in records.CONFIGS},
         "report": records.BLEND_REPORT,
     },
 )
 
-# Mixture components: the SFT kinds plus Qi et al.'s anchor, which is published as `utility`.
-# rlbf teaches another way to backtrack from the same violations as bsafe, so the default ratios
-# leave it out of the mixture (its own config is always published); give it a weight to mix it.
-MIXED = ("bsafe", "rlbf", "reset", "recovery", "utility", "anchor")
-COMPONENTS = ("bsafe", "rlbf", "reset", "recovery", "preference", "utility", "anchor")
-CONFIG_OF = {c: ("utility" if c == "anchor" else c) for c in COMPONENTS}
+# Components (pipeline/kinds.py): each kind's, in table order (an earlier row wins every
+# duplicate check), plus Qi et al.'s anchor, which is published as `utility`.
+COMPONENTS = kinds.COMPONENTS
 # Rows whose key texts, words and n-grams the duplicate passes hold at once: their working set
 # (~60 MB of numpy arrays for 100-word rows, measured: 4x that at 16K rows) whatever the corpus
 # size, while each numpy call still covers thousands of rows.
@@ -83,9 +71,11 @@ OUTPUT_ROWS = 8192
 
 
 class Config(StageConfig):
-    # Mixture weights, normalised to shares. recovery 1 : anchor 4 is Qi et al.'s alpha = 0.2
-    # (16 safety : 64 anchor examples per step); a component left out or at 0 is not mixed.
-    ratios: dict[Literal["bsafe", "rlbf", "reset", "recovery", "utility", "anchor"], float] = {
+    # Mixture weights of the mixable components (kinds.MIXED), normalised to shares. recovery 1 :
+    # anchor 4 is Qi et al.'s alpha = 0.2 (16 safety : 64 anchor examples per step); a component
+    # left out or at 0 is not mixed. rlbf teaches another way to backtrack from the same
+    # violations as bsafe, so the default leaves it out (its own config is always published).
+    ratios: dict[Literal[kinds.MIXED], float] = {
         "bsafe": 1.0,
         "reset": 1.0,
         "recovery": 1.0,
@@ -138,21 +128,25 @@ def _keys(
     if "prompt" in fields:
         out["prompt"] = _join(table.column("prompt"))
     if "body" in fields:
-        if component == "preference":
+        if _preference(component):
             out["body"] = pc.binary_join_element_wise(
                 _join(table.column("chosen")), _join(table.column("rejected")), "\n"
             )
         else:
             out["body"] = _join(table.column("completion"))
     if "group" in fields:
-        if component == "preference":
-            structure = pa.array(["preference"] * table.num_rows, pa.string())
+        if _preference(component):
+            structure = pa.array([component] * table.num_rows, pa.string())
         else:
             segs = table.column("segments")
             roles = pa.ListArray.from_arrays(segs.offsets, segs.values.field("role"))
             structure = pc.fill_null(pc.binary_join(roles, ","), "")
         out["group"] = pc.binary_join_element_wise(pa.scalar(component), structure, "|")
     return out
+
+
+def _preference(component: str) -> bool:
+    return kinds.BY_NAME[kinds.KIND_OF[component]].preference
 
 
 def _token_counts(texts: pa.Array, tokenizer: str | None) -> np.ndarray:
@@ -222,9 +216,12 @@ def _row(step: str, component: str, rows_in: int, rows_out: int, **extra: Any) -
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     tables, rejected = components(inputs, CHUNK_ROWS)
     report = []
+    # The components blend builds itself count their input rows, then those it found invalid.
     invalid = {
-        "utility": inputs["sources.utility"].num_rows,
-        "anchor": inputs["filter.responses"].num_rows,
+        c: inputs[table].num_rows
+        for k in kinds.KINDS
+        if k.builder == "blend"
+        for c, table in k.built_from
     }
     shuffle: dict[str, np.ndarray] = {}  # each row's shuffle key, by row
     order: dict[str, np.ndarray] = {}  # each component's rows in shuffle order
@@ -355,11 +352,11 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
             report.append(_row("split", c, n, n, split=name, detail=detail))
 
     outputs = {
-        config: _output(tables, kept, shuffle, [c for c in COMPONENTS if CONFIG_OF[c] == config])
-        for config in ("bsafe", "rlbf", "reset", "recovery", "utility", "preference")
+        name: _output(tables, kept, shuffle, kinds.BY_NAME[name].components, name)
+        for name in kinds.NAMES
     }
     mixed = _mixture(tables, kept, cfg, report, env)
-    outputs["mixture"] = _output(tables, mixed, shuffle, list(mixed))
+    outputs["mixture"] = _output(tables, mixed, shuffle, tuple(mixed), "mixture")
     # The blend manifest: where the rows came from (the sources config names each dataset and
     # its revision), the requested ratios and the seed; the mixture rows hold the realised ones.
     manifest = {
@@ -394,7 +391,7 @@ def _mixture(
     """Per split, the leading rows of each weighted component in the configured shares."""
     env_log, seed = env.log, env.seed
     weights = {c: w for c, w in cfg.ratios.items() if w > 0}
-    shares = {c: weights[c] / sum(weights.values()) for c in MIXED if c in weights}
+    shares = {c: weights[c] / sum(weights.values()) for c in kinds.MIXED if c in weights}
     unit = "examples" if cfg.ratio_by == "examples" else ("tokens" if cfg.tokenizer else "words")
     chosen: dict[str, list] = {c: [[], []] for c in shares}
     for s, name in enumerate(records.SPLITS):
@@ -442,11 +439,13 @@ def _output(
     tables: dict[str, Rows],
     chosen: dict[str, tuple[np.ndarray, np.ndarray]],
     shuffle: dict[str, np.ndarray],
-    components: list[str],
+    components: tuple[str, ...],
+    config: str,
 ) -> pa.RecordBatchReader:
-    """The chosen rows of `components`, train then validation, each in shuffle order, as
-    OUTPUT_ROWS-row batches taken when the reader is read: only the rows' numbers are held."""
-    base = records.PREFERENCE if components == ["preference"] else records.SFT
+    """The chosen rows of `components` as published config `config`, train then validation, each
+    in shuffle order, as OUTPUT_ROWS-row batches taken when the reader is read: only the rows'
+    numbers are held."""
+    base = records.config_schema(config)
     schema = records.with_split(base)
     parts = [tables[c] for c in components]
     names = np.array(records.SPLITS, dtype=object)

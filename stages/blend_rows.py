@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import records
+from pipeline import kinds, records
 from pipeline.errors import RetraceError
 from pipeline.taxonomy import neutralise
 
@@ -177,17 +177,25 @@ def _utility_batch(source: pa.RecordBatch, ids: pa.Array, anchor: bool) -> pa.Re
     return pa.RecordBatch.from_pydict(columns, schema=records.SFT)
 
 
+# The tables blend builds `utility` rows from (kinds.KINDS `sources`), with their schemas.
+FORMATTED = {"sources.utility": records.UTILITY, "filter.responses": records.SAMPLES}
+
+
 def components(inputs: dict[str, pa.Table], chunk_rows: int) -> tuple[dict[str, Rows], list[dict]]:
-    """Every component's rows, and the utility and anchor rows rejected as empty."""
-    rows = {
-        k: Rows(conform(inputs[f"format.{k}"], records.SFT, f"format.{k}"))
-        for k in records.RECIPE_KINDS
-    }
-    rows["preference"] = Rows(
-        conform(inputs["format.preference"], records.PREFERENCE, "format.preference")
-    )
-    utility = conform(inputs["sources.utility"], records.UTILITY, "sources.utility")
-    anchor = conform(inputs["filter.responses"], records.SAMPLES, "filter.responses")
-    rows["utility"] = UtilityRows(utility, "utility", chunk_rows)
-    rows["anchor"] = UtilityRows(anchor, "anchor", chunk_rows)
-    return rows, rows["utility"].rejected + rows["anchor"].rejected
+    """Every component's rows (kinds.COMPONENTS), and the rows blend formats itself rejected as
+    empty."""
+    rows: dict[str, Rows] = {}
+    rejected: list[dict] = []
+    for kind in kinds.KINDS:
+        for component, name in kind.built_from:
+            if kind.builder == "blend":
+                made = UtilityRows(
+                    conform(inputs[name], FORMATTED[name], name), component, chunk_rows
+                )
+                rejected += made.rejected
+                rows[component] = made
+            else:
+                rows[component] = Rows(
+                    conform(inputs[name], records.config_schema(kind.name), name)
+                )
+    return rows, rejected

@@ -42,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import records, recovery, render, seeds, taxonomy
+from pipeline import kinds, records, recovery, render, seeds, taxonomy
 from pipeline.render import RenderError, render_pieces, split
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.text import clean
@@ -60,7 +60,7 @@ SPEC = StageSpec(
         "filter.responses",
         "filter.toxic",
     ),
-    writes={k: records.config_schema(k) for k in (*records.RECIPE_KINDS, "preference")},
+    writes={k: records.config_schema(k) for k in kinds.built_by("format")},
     hooks=("fingerprints",),
 )
 

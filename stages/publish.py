@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from pipeline import agreement, card, records
+from pipeline import agreement, card, kinds, records
 from pipeline.stage import StageConfig, StageSpec
 from stages import DATASET_STAGES
 from stages import publish_tokenized as tokenized
@@ -60,6 +60,8 @@ SPEC = StageSpec(
     hooks=("external_files", "fingerprints", "embedded_config"),
 )
 DEFAULT_CONFIG = "mixture"
+# The configs that get `<config>-tok` twins: every kind's that has one, and the mixture.
+TWINNED = (*(k for k in kinds.NAMES if kinds.BY_NAME[k].tokenized), "mixture")
 RECIPE_SECTIONS = ("sample", "filter", "inject", "natural", "rewrite", "format", "blend")
 VERSIONED = ("retrace", "datasets", "pyarrow", "transformers", "torch", "trl", "huggingface_hub")
 # Sections the card leaves out: they act on the published folder or a trained model afterwards
@@ -264,10 +266,11 @@ def _count(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
 
 
 def _origins(tables: dict[str, pa.Table]) -> list[dict[str, Any]]:
-    """bsafe and rlbf rows per origin of their harmful span (meta.origin), every origin listed,
-    so a run without natural violations says 0 rather than nothing."""
+    """Rows of each kind with an `origin` (bsafe, rlbf) per origin of their harmful span
+    (meta.origin), every origin listed, so a run without natural violations says 0 rather than
+    nothing."""
     rows = []
-    for kind in ("bsafe", "rlbf"):
+    for kind in (n for n in kinds.NAMES if kinds.BY_NAME[n].origin):
         origin = pc.struct_field(tables[kind].column("meta"), "origin")
         for name in records.ORIGINS:
             n = pc.sum(pc.equal(origin, name)).as_py() or 0
@@ -310,7 +313,7 @@ def _example(table: pa.Table, kind: str) -> dict[str, Any] | None:
         return None
     row = table.slice(0, 1).to_pylist()[0]
     prompt = "\n\n".join(f"[{m['role']}] {m['content']}" for m in row["prompt"])
-    if kind == "preference":
+    if kinds.is_preference(kind):
         texts = [
             ("Chosen", row["chosen"][0]["content"]),
             ("Rejected", row["rejected"][0]["content"]),
@@ -392,15 +395,17 @@ def _plots(
     tables: dict[str, pa.Table], policy_mix: dict, votes: dict, images_dir: Path
 ) -> dict[str, str]:
     lengths = {
-        k: _chars(tables[k].column("chosen" if k == "preference" else "completion"))
-        for k in records.KINDS
+        k: _chars(tables[k].column("chosen" if kinds.is_preference(k) else "completion"))
+        for k in kinds.NAMES
     }
     ks = [
         k
         for k in pc.struct_field(tables["recovery"].column("meta"), "k").to_pylist()
         if k is not None
     ]
-    before, after = _toxicity([tables[k] for k in records.RECIPE_KINDS])
+    # The SFT rows format wrote (its preference pairs repeat their reset rows' scores).
+    recipes = [k for k in kinds.built_by("format") if not kinds.is_preference(k)]
+    before, after = _toxicity([tables[k] for k in recipes])
     plots = {
         "policy_mix": card.plot_policy_mix(policy_mix, images_dir / "policy_mix.png"),
         "k_histogram": card.plot_k_histogram(ks, images_dir / "k_histogram.png"),
@@ -416,7 +421,7 @@ def _context(
     inputs: dict[str, Any], configs: list[dict], empty: list[str], cfg: Config, env: Any
 ) -> dict[str, Any]:
     tables = {name: inputs[f"blend.{name}"] for name in records.CONFIGS}
-    per_kind = [tables[k] for k in records.KINDS]
+    per_kind = [tables[k] for k in kinds.NAMES]
     report = inputs["blend.report"]
     column = pa.chunked_array([t.column("license") for t in per_kind], pa.string())
     # Counted by normalised expression, so "apache-2.0 AND Apache-2.0" is one "apache-2.0" row.
@@ -426,7 +431,7 @@ def _context(
         pa.table({"license": normal.take(pc.index_in(column, value_set=distinct))}), ["license"]
     )
     policy_rows, policy_mix = [], {}
-    for kind in records.KINDS:
+    for kind in kinds.NAMES:
         flat = pc.list_flatten(tables[kind].column("policy"))
         counts = _count(pa.table({"policy": flat}), ["policy"])
         policy_rows += [{"config": kind, **r} for r in counts]
@@ -456,7 +461,7 @@ def _context(
     total = sum(t.num_rows for t in per_kind)
     license_id = most_restrictive(r["license"] for r in license_counts)
     header = _header(configs, license_id, total, cfg)
-    examples = [_example(tables[k], k) for k in records.KINDS]  # blend puts train rows first
+    examples = [_example(tables[k], k) for k in kinds.NAMES]  # blend puts train rows first
     # No absolute local path reaches the card: the rows' provenance was made portable in run,
     # and the config is the portable one the key covers.
     run_config = embedded_config(env.run_config)
@@ -468,6 +473,7 @@ def _context(
         if any(c["name"] == DEFAULT_CONFIG for c in configs)
         else (configs[0]["name"] if configs else DEFAULT_CONFIG),
         "configs": configs,
+        "kinds": [kinds.BY_NAME[k] for k in kinds.NAMES],  # the Configs table
         "empty_configs": empty,
         "mixture_kinds": _count(tables["mixture"], ["kind", "split"]),
         "pairs": _count(
@@ -583,7 +589,7 @@ def run(inputs: dict[str, Any], cfg: Config, env: Any) -> dict[str, pa.Table]:
             configs.append({"name": name, "splits": splits})
         else:
             empty.append(name)
-    sft = [c["name"] for c in configs if c["name"] != "preference"]
+    sft = [c["name"] for c in configs if c["name"] in TWINNED]
     tok_configs, tok_entries, rejected = (
         _tokenized(inputs, sft, out, cfg, env) if cfg.tokenized else ([], [], [])
     )

@@ -12,9 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline import kinds
+
 OBJECTIVES = ("sft", "constrained", "controlled")
-# Mixture components `per_step` may name: the SFT kinds plus Qi et al.'s anchor (trainer.encode).
-COMPONENTS = ("bsafe", "reset", "recovery", "utility", "anchor")
+# Mixture components `per_step` may name: every SFT kind's (pipeline/kinds.py), Qi et al.'s
+# anchor included (trainer.encode.component tells it from other utility rows).
+COMPONENTS = kinds.SFT_COMPONENTS
 
 
 class RecoveryDraw(BaseModel):

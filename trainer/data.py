@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import seeds
+from pipeline import kinds, seeds
 from pipeline.errors import RetraceError
 from trainer import rlbf
 from trainer.batching import Batch, collate, plan
@@ -78,9 +78,9 @@ def open_folder(folder: Path, configs: dict[str, float]) -> list[Source]:
     have = sorted(p.name for p in root.iterdir() if p.is_dir())
     sources = []
     for config, weight in configs.items():
-        if config == "preference":
+        if kinds.is_preference(config):
             raise DataError(
-                "train.configs: 'preference' holds DPO pairs, not SFT rows; train it with "
+                f"train.configs: {config!r} holds DPO pairs, not SFT rows; train it with "
                 "trl.DPOTrainer and drop it from train.configs"
             )
         train = tuple(sorted((root / config).glob("train-*.parquet")))
