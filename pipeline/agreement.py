@@ -7,17 +7,19 @@ reads the counts, does not depend on the scorers' code (nor is made stale by it)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from itertools import combinations
 from typing import Any
 
 
 class Agreement:
     """Counts over one gate's judgements: per judge how many texts it flagged, per pair how
-    many both flagged and how many both cleared."""
+    many both flagged and how many both cleared. `rules` is each judge's rule by name
+    (pipeline/judges.rules: `threshold`, `label`), kept so the card says what each flagged at."""
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
+    def __init__(self, rules: Mapping[str, Any]) -> None:
+        self.rules = dict(rules)
+        self.names = list(rules)
         self.rows = self.unsafe = 0
         self.flagged = dict.fromkeys(self.names, 0)
         pairs = list(combinations(self.names, 2))
@@ -39,13 +41,22 @@ class Agreement:
         if not self.names:
             return []
         rows = [
-            {"judge": n, "other": None, "rows": self.rows, "flagged": f, "clear": self.rows - f}
+            {
+                "judge": n,
+                "other": None,
+                "rows": self.rows,
+                "flagged": f,
+                "clear": self.rows - f,
+                "threshold": self.rules[n].threshold,
+                "label": self.rules[n].label,
+            }
             for n, f in self.flagged.items()
         ]
         for (a, b), both in self.both_flagged.items():
             clear = self.both_clear[a, b]
             rows.append(
                 {"judge": a, "other": b, "rows": self.rows, "flagged": both, "clear": clear}
+                | {"threshold": None, "label": None}
             )
         return rows
 
@@ -76,19 +87,25 @@ def cohen_kappa(rows: int, a_flagged: int, b_flagged: int, both_flagged: int) ->
 
 def summarise(gates: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """The card's numbers from each gate's records.JUDGES rows (any number of chunks' worth):
-    `judges` (per gate and judge: rows, flagged, flagged share) and `pairs` (per gate and pair:
-    both flagged, both clear, agreement share, Cohen's kappa). Judges keep their config order."""
+    `judges` (per gate and judge: the threshold and label it flagged at, rows, flagged, flagged
+    share) and `pairs` (per gate and pair: both flagged, both clear, agreement share, Cohen's
+    kappa). Judges keep their config order."""
     judges, pairs = [], []
     for gate, rows in gates.items():
         totals: dict[tuple[str, str | None], list[int]] = {}
+        rule: dict[str, dict[str, Any]] = {}  # one run's chunks share the judge's rule
         for r in rows:
             t = totals.setdefault((r["judge"], r["other"]), [0, 0, 0])
             t[0], t[1], t[2] = t[0] + r["rows"], t[1] + r["flagged"], t[2] + r["clear"]
+            if r["other"] is None:
+                rule.setdefault(r["judge"], {"threshold": r["threshold"], "label": r["label"]})
         flagged = {a: t[1] for (a, b), t in totals.items() if b is None}
         for (a, b), (n, f, c) in totals.items():
             if b is None:
                 share = _share(f, n)
-                judges.append({"gate": gate, "judge": a, "rows": n, "flagged": f, "share": share})
+                judges.append(
+                    {"gate": gate, "judge": a, **rule[a], "rows": n, "flagged": f, "share": share}
+                )
                 continue
             kappa = cohen_kappa(n, flagged[a], flagged[b], f)
             pairs.append(

@@ -74,7 +74,13 @@ def validate(
         for e in err.errors():
             where = ".".join(str(p) for p in _key_path(raw, e["loc"])) or "(top level)"
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+            # an unknown key, or a renamed one (pipeline/judges.RenamedKeys): the section as input
+            # says nothing more
+            got = (
+                ""
+                if e["type"] in ("extra_forbidden", "renamed_key")
+                else f" (got {e.get('input')!r})"
+            )
             lines.append(f"  {where}: {msg}{got}")
         if any(e["type"] == "extra_forbidden" for e in err.errors()):
             lines.append("  known sections: " + ", ".join([*SECTIONS, *stages]))

@@ -6,6 +6,10 @@ text, inject's span scores), the stage's `scorer:` takes one ScorerSpec or a lis
 default), `all` only when every judge does. A judge flags a text when its score (its `label`, else
 the stage's label, else the maximum over its labels) reaches its `threshold` (else the stage's).
 
+That last sentence is `Rule`, the one score -> flag rule of the project: the row gates here, the
+decoder's guard (pipeline/decode/runner.py) and eval's scorer judge (stages/eval_judges.py) all
+flag through it, and every config spells its knobs `threshold` (a `Threshold`) and `label`.
+
 One scorer is a single point of failure, the weakness reviewers raised against RLBF's single
 critic; so every judge's scores are kept (`meta.scores`; with several judges each label is
 prefixed `<name>/`, so none collide) and each gate counts how often each judge flagged and each
@@ -15,22 +19,100 @@ and its manifest's stats, and the card reports them with Cohen's kappa.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import RetraceError
 from pipeline.scorers import ScorerSpec
+from pipeline.scorers import Threshold as Threshold  # defined beside ScorerSpec, which uses it
 
 Agree = Literal["any", "all"]
 _VERDICT_FIELDS = ("name", "threshold", "label")  # how a judge reads scores, not its model
+
+# Keys the gates spelled differently before they shared `threshold` and `label`.
+RENAMED = {"toxicity_threshold": "threshold", "toxicity_label": "label"}
+
+
+def reaches(score: float, threshold: float) -> bool:
+    """The one comparison: a score flags at or over its threshold. `>=` because scores are
+    probabilities and a `Threshold` lies in (0, 1]: with `>=` each value means something (1 flags
+    only a certain score; 0, which would flag every text, is refused), where `>` would make 1 flag
+    nothing. Every copy before this one already compared with `>=`, so making them one changed
+    no flag and no published byte."""
+    return score >= threshold
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one judge turns a scorer's label scores into a flag: the score of `label` (None: the
+    maximum over the labels) reaches `threshold`."""
+
+    threshold: float
+    label: str | None = None
+
+    def score(self, scores: Mapping[str, float]) -> float:
+        if self.label is not None:
+            return scores[self.label]
+        return max(scores.values(), default=0.0)
+
+    def flag(self, scores: Mapping[str, float]) -> tuple[float, bool]:
+        """The score this rule reads, and whether it flags."""
+        score = self.score(scores)
+        return score, reaches(score, self.threshold)
+
+    def check(self, labels: Sequence[str], who: str, where: str = "") -> None:
+        """Fail, naming `who`, when the rule's label is not one of the scorer's `labels`."""
+        if self.label is not None and self.label not in labels:
+            raise JudgeError(
+                f"{who} has no label {self.label!r} (its labels: {', '.join(labels) or 'none'}); "
+                f"set its `label`{where} to one of them, or leave it unset for the maximum"
+            )
+
+
+class RenamedKeys(BaseModel):
+    """Mixed into a config that judges: an old key (`toxicity_threshold`) fails naming its new
+    one instead of as an unknown key."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for old, new in RENAMED.items():
+                if old in data:
+                    raise PydanticCustomError(
+                        "renamed_key",
+                        "`{old}` is now `{new}`; rename the key",
+                        {"old": old, "new": new},
+                    )
+        return data
+
+
+class JudgeError(RetraceError):
+    """A judge set up in a way its scorer cannot honour (a label it does not have)."""
 
 
 def names(judges: ScorerSpec | Sequence[ScorerSpec] | None) -> list[str]:
     """Each judge's name, in config order (a judge is named by its kind unless it says)."""
     return [s.name or s.kind for s in specs(judges)]
+
+
+def rules(
+    judges: ScorerSpec | Sequence[ScorerSpec] | None,
+    threshold: float = 0.5,
+    label: str | None = None,
+) -> dict[str, Rule]:
+    """Each judge's rule by name: its own threshold and label, else the stage's."""
+    return {
+        name: Rule(
+            s.threshold if s.threshold is not None else threshold,
+            s.label if s.label is not None else label,
+        )
+        for s, name in zip(specs(judges), names(judges), strict=True)
+    }
 
 
 def specs(judges: ScorerSpec | Sequence[ScorerSpec] | None) -> list[ScorerSpec]:
@@ -60,10 +142,6 @@ Judges = Annotated[
     Discriminator(lambda v: "list" if isinstance(v, list | tuple) else "one"),
     AfterValidator(_unique_names),
 ]
-
-
-class JudgeError(RetraceError):
-    """A judge set up in a way its scorer cannot honour (a label it does not have)."""
 
 
 @dataclass(frozen=True)
@@ -103,26 +181,19 @@ def judge(
     listed = specs(judges)
     several = len(listed) > 1
     per_judge = []
-    for spec, name in zip(listed, names(listed), strict=True):
+    for (name, rule), spec in zip(rules(listed, threshold, label).items(), listed, strict=True):
         # Name, threshold and label say how to read the scores, not which model gives them:
         # two judges on one model share its load.
         scorer = env.scorer(spec.model_copy(update=dict.fromkeys(_VERDICT_FIELDS)))
-        use = spec.label or label
-        if use is not None and use not in scorer.labels:
-            known = ", ".join(scorer.labels)
-            raise JudgeError(
-                f"judge {name!r} has no label {use!r} (its labels: {known}); set its `label` "
-                "(or the stage's) to one of them, or leave it unset for the maximum"
-            )
-        bound = spec.threshold if spec.threshold is not None else threshold
-        per_judge.append((name, use, bound, scorer.score(list(texts)) if texts else []))
+        rule.check(scorer.labels, f"judge {name!r}", " (or the stage's)")
+        per_judge.append((name, rule, scorer.score(list(texts)) if texts else []))
     out = []
     for i in range(len(texts)):
         flags, scores, score, bounds = {}, {}, {}, {}
-        for name, use, bound, results in per_judge:
+        for name, rule, results in per_judge:
             result = results[i]
-            score[name] = result[use] if use else max(result.values(), default=0.0)
-            bounds[name], flags[name] = bound, score[name] >= bound
+            score[name], flags[name] = rule.flag(result)
+            bounds[name] = rule.threshold
             scores.update({f"{name}/{k}" if several else k: v for k, v in result.items()})
         verdict = all if agree == "all" else any
         unsafe = bool(flags) and verdict(flags.values())

@@ -179,6 +179,9 @@ JUDGES = pa.schema(
         ("rows", pa.int64()),  # texts judged
         ("flagged", pa.int64()),
         ("clear", pa.int64()),
+        # the judge's rule (pipeline/judges.Rule), null on a pair's row; label null: the maximum
+        ("threshold", pa.float64()),
+        ("label", pa.string()),
     ]
 )
 

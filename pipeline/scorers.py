@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from pydantic import Field
 
 from pipeline.stage import ModelSpec
+
+# What a score is compared to wherever a judge flags (pipeline/judges.py `reaches`: at or over).
+Threshold = Annotated[float, Field(gt=0, le=1)]
 
 
 class ScorerSpec(ModelSpec):
@@ -29,7 +32,7 @@ class ScorerSpec(ModelSpec):
     # prefixes its labels when several judge one gate (None: its kind), and its own verdict's
     # threshold (None: the stage's) and label (None: the maximum over its labels).
     name: str | None = Field(None, min_length=1)
-    threshold: float | None = Field(None, ge=0, le=1)
+    threshold: Threshold | None = None
     label: str | None = None
 
 

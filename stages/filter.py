@@ -13,7 +13,7 @@ it is:
 - `repetitive`: the share of repeated word n-grams over `max_repeated_ngram_share` (degenerate
   loops, common at high temperature and in small base models);
 - `toxic`: the judges call it unsafe (pipeline/judges.py): one scorer's score
-  (`toxicity_label`, else the maximum over labels) >= threshold, or with a list of scorers each
+  (`label`, else the maximum over labels) reaches `threshold`, or with a list of scorers each
   one's verdict, combined by `agree` (`any`: one flag is enough; `all`: every judge must flag);
 - `duplicate`: the same normalised text (case, punctuation, spacing ignored) as an earlier kept row;
 - `near_duplicate`: MinHash/LSH Jaccard estimate over word shingles >= `near_duplicate_threshold`
@@ -54,12 +54,12 @@ SPEC = StageSpec(
 )
 
 
-class Config(StageConfig):
+class Config(StageConfig, judges.RenamedKeys):
     max_rejected_share: float | None = Field(1.0, ge=0, le=1)
     scorer: judges.Judges = ScorerSpec()  # one scorer, or a list of judges
     agree: judges.Agree = "any"  # several judges: toxic when any (all) of them flags it
-    toxicity_threshold: float = Field(0.5, ge=0, le=1)  # scores are probabilities
-    toxicity_label: str | None = None  # None: the maximum over the scorer's labels
+    threshold: judges.Threshold = 0.5  # a text whose score reaches it is toxic
+    label: str | None = None  # None: the maximum over the scorer's labels
     min_words: int = Field(20, ge=0)
     max_words: int = Field(1000, gt=0)
     drop_unfinished: bool = True
@@ -147,11 +147,9 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
     with env.progress("filter: scoring", total=len(rows)) as progress:
         for start in range(0, len(rows), 256):
             batch = [r["response"] or "" for r in rows[start : start + 256]]
-            verdicts += judges.judge(
-                env, cfg.scorer, batch, cfg.agree, cfg.toxicity_threshold, cfg.toxicity_label
-            )
+            verdicts += judges.judge(env, cfg.scorer, batch, cfg.agree, cfg.threshold, cfg.label)
             progress.advance(len(batch))
-    votes = agreement.Agreement(judges.names(cfg.scorer))
+    votes = agreement.Agreement(judges.rules(cfg.scorer, cfg.threshold, cfg.label))
     votes.add(verdicts)
 
     # Each row's fate in input order: (row, scores, None) if kept so far, else a drop reason.

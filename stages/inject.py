@@ -48,7 +48,7 @@ BANK = taxonomy.PROMPTS_DIR / "spans" / "bank.yaml"
 REDTEAM_TEMPLATE = "inject/redteam.jinja"
 
 
-class Config(StageConfig):
+class Config(StageConfig, judges.RenamedKeys):
     chunk_size: int | None = 4096  # rows per resumable chunk; inject is cheap, so larger than run's
     span_source: Literal["bank", "beavertails", "generator"] = "bank"
     min_violations: int = Field(1, ge=1)
@@ -66,7 +66,8 @@ class Config(StageConfig):
     # runs without a model).
     scorer: judges.Judges | None = ScorerSpec()
     agree: judges.Agree = "any"  # several judges: a span is unsafe when any (all) flags it
-    threshold: float = Field(0.5, gt=0, le=1)  # a judge flags a span whose score reaches it
+    threshold: judges.Threshold = 0.5  # a judge flags a span whose score reaches it
+    label: str | None = None  # None: the maximum over the scorer's labels
     require_unsafe: bool = False  # reject a response whose span the judges call safe
 
     @field_validator("policy_weights")
@@ -243,8 +244,8 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, pa.Tabl
         picked.append((row, plan, spans))
 
     texts = (s["text"] for _, _, spans in picked for s in spans)
-    verdicts = judges.judge_distinct(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
-    votes = agreement.Agreement(judges.names(cfg.scorer))
+    verdicts = judges.judge_distinct(env, cfg.scorer, texts, cfg.agree, cfg.threshold, cfg.label)
+    votes = agreement.Agreement(judges.rules(cfg.scorer, cfg.threshold, cfg.label))
     out = []
     for row, plan, spans in picked:
         judged = [verdicts[s["text"]] for s in spans]

@@ -49,12 +49,12 @@ SPEC = StageSpec(
 )
 
 
-class Config(StageConfig):
+class Config(StageConfig, judges.RenamedKeys):
     max_rejected_share: float | None = Field(1.0, ge=0, le=1)
     scorer: judges.Judges = ScorerSpec()  # one scorer, or a list of judges
     agree: judges.Agree = "any"  # several judges: a sentence offends when any (all) flag it
-    threshold: float = Field(0.5, ge=0, le=1)  # a sentence whose score reaches it offends
-    toxicity_label: str | None = None  # None: the maximum over the scorer's labels
+    threshold: judges.Threshold = 0.5  # a sentence whose score reaches it offends
+    label: str | None = None  # None: the maximum over the scorer's labels
     # natural:injected, in violation rows; null keeps every natural row, 0 none
     ratio: float | None = Field(1.0, ge=0)
     min_safe_sentences: int = Field(1, ge=1)  # a violation at the very start is no rollback
@@ -104,9 +104,7 @@ def _flag_sentences(
     with env.progress("natural: scoring sentences", total=len(unique)) as progress:
         for start in range(0, len(unique), 256):
             batch = unique[start : start + 256]
-            found = judges.judge(
-                env, cfg.scorer, batch, cfg.agree, cfg.threshold, cfg.toxicity_label
-            )
+            found = judges.judge(env, cfg.scorer, batch, cfg.agree, cfg.threshold, cfg.label)
             verdicts.update(zip(batch, found, strict=True))
             votes.add(found)
             progress.advance(len(batch))
@@ -120,7 +118,8 @@ def _policy(scores: dict[str, float], cfg: Config) -> str:
     for label, score in scores.items():
         bare = label.rsplit("/", 1)[-1]
         best[bare] = max(best.get(bare, 0.0), score)
-    hit = (p for lab, p in cfg.label_policies.items() if best.get(lab, 0.0) >= cfg.threshold)
+    policies = cfg.label_policies.items()
+    hit = (p for lab, p in policies if judges.reaches(best.get(lab, 0.0), cfg.threshold))
     return next(hit, cfg.fallback_policy)
 
 
@@ -179,7 +178,7 @@ def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     texts = [clean(r["response"]) for r in rows]
     sents = [sentence_spans(t) for t in texts]
     pieces = [t[a:b] for t, ss in zip(texts, sents, strict=True) for a, b in ss]
-    votes = agreement.Agreement(judges.names(cfg.scorer))
+    votes = agreement.Agreement(judges.rules(cfg.scorer, cfg.threshold, cfg.label))
     flat = _flag_sentences(pieces, cfg, env, votes)
     built, rejected, i = [], [], 0
     for row, text, ss in zip(rows, texts, sents, strict=True):

@@ -13,7 +13,8 @@ Reads `inject.violations` and `natural.violations` (records.VIOLATIONS, taken as
 Every generated text is neutralised (no control-token strings), checked (non-empty, short enough,
 cut to whole sentences, not an echo of its prompt; a replacement is one sentence that does not
 repeat its span; a refusal or safe response declines) and scored. One that fails, or that the
-judges call unsafe (pipeline/judges.py: one scorer's highest score reaches `threshold`; a list of
+judges call unsafe (pipeline/judges.py: one scorer's score, of `label` or else its highest,
+reaches `threshold`; a list of
 scorers each gives a verdict, combined by `agree`), is redrawn with a fresh seed up to `retries`
 times, after which a per-policy template from prompts/fallbacks/ is used and the row says so
 (meta.fallback, meta.template "fallback:...").
@@ -65,12 +66,13 @@ TEMPLATES = {
 FALLBACKS = {name: f"fallbacks/{name}.yaml" for name in TEMPLATES}
 
 
-class Config(StageConfig):
+class Config(StageConfig, judges.RenamedKeys):
     # null: every text from prompts/fallbacks/ (no model; what the benchmark uses)
     generator: GeneratorSpec | None = GeneratorSpec()
     scorer: judges.Judges | None = ScorerSpec()  # one scorer, or a list of judges
     agree: judges.Agree = "any"  # several judges: unsafe when any (all) of them flags it
-    threshold: float = Field(0.5, gt=0, le=1)  # a text whose highest label reaches it is unsafe
+    threshold: judges.Threshold = 0.5  # a text whose score reaches it is unsafe
+    label: str | None = None  # None: the maximum over the scorer's labels
     retries: int = Field(1, ge=0)  # fresh-seed attempts after the first, before the fallback
     temperature: float = 0.7
     top_p: float = 0.95
@@ -249,7 +251,7 @@ def _stats(calls: list[tuple[int, int]]) -> dict[str, int]:
 
 
 def _judge(texts: list[str], cfg: Config, env: Any) -> dict[str, judges.Judgement]:
-    return judges.judge_distinct(env, cfg.scorer, texts, cfg.agree, cfg.threshold)
+    return judges.judge_distinct(env, cfg.scorer, texts, cfg.agree, cfg.threshold, cfg.label)
 
 
 def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
@@ -262,7 +264,7 @@ def _fallback(job: _Job, env: Any) -> tuple[str, dict[str, Any]]:
 
 def run(inputs: dict[str, pa.Table], cfg: Config, env: Any) -> dict[str, Any]:
     jobs, rejected = _jobs(inputs, cfg)
-    votes = agreement.Agreement(judges.names(cfg.scorer))
+    votes = agreement.Agreement(judges.rules(cfg.scorer, cfg.threshold, cfg.label))
     accepted, why, stats = _generate(jobs, cfg, env, votes)
     missing = [j for j in jobs if j.key not in accepted]
     fallback = {j.key: _fallback(j, env) for j in missing}

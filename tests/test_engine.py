@@ -116,7 +116,7 @@ def test_run_name_cannot_escape_runs_dir(name):
         "sample.max_new_tokens=0",
         "sample.chunk_size=0",
         "filter.min_words=-1",
-        "filter.toxicity_threshold=1.5",
+        "filter.threshold=1.5",
         "filter.max_rejected_share=2",
     ],
 )

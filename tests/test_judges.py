@@ -159,9 +159,10 @@ def test_agreement_counts_and_kappa_by_hand():
     # 10 texts: a flags 4, b flags 5, both flag 3, both clear 4.
     pairs = [(1, 1)] * 3 + [(1, 0)] + [(0, 1)] * 2 + [(0, 0)] * 4
     texts = [_flags(bool(a), bool(b)) for a, b in pairs]
-    acc = agreement.Agreement(["a", "b"])
+    rules = {"a": judges.Rule(0.5), "b": judges.Rule(0.7, "insult")}
+    acc = agreement.Agreement(rules)
     acc.add(texts[:6])  # two chunks, summed downstream as the engine sums stats
-    second = agreement.Agreement(["a", "b"])
+    second = agreement.Agreement(rules)
     second.add(texts[6:])
     assert acc.stats() == {
         "judged": 6,
@@ -173,9 +174,11 @@ def test_agreement_counts_and_kappa_by_hand():
     }
     summary = agreement.summarise({"filter": acc.table_rows() + second.table_rows()})
     assert summary["judges"] == [
-        {"gate": "filter", "judge": "a", "rows": 10, "flagged": 4, "share": 0.4},
-        {"gate": "filter", "judge": "b", "rows": 10, "flagged": 5, "share": 0.5},
-    ]
+        {"gate": "filter", "judge": "a", "threshold": 0.5, "label": None, "rows": 10,
+         "flagged": 4, "share": 0.4},
+        {"gate": "filter", "judge": "b", "threshold": 0.7, "label": "insult", "rows": 10,
+         "flagged": 5, "share": 0.5},
+    ]  # fmt: skip
     # p_o = (3 + 4) / 10 = 0.7; p_e = 0.4 * 0.5 + 0.6 * 0.5 = 0.5; kappa = 0.2 / 0.5 = 0.4
     (pair,) = summary["pairs"]
     assert pair == {
@@ -194,12 +197,13 @@ def test_agreement_counts_and_kappa_by_hand():
 
 
 def test_one_judge_counts_flags_and_no_judge_counts_nothing():
-    acc = agreement.Agreement(judges.names(ScorerSpec()))
+    acc = agreement.Agreement(judges.rules(ScorerSpec(), 0.3, "profanity"))
     acc.add([judges.Judgement(True, {"profanity-check": True}, {}, {}, {})])
     assert acc.table_rows() == [
-        {"judge": "profanity-check", "other": None, "rows": 1, "flagged": 1, "clear": 0}
-    ]
-    none = agreement.Agreement(judges.names(None))
+        {"judge": "profanity-check", "other": None, "rows": 1, "flagged": 1, "clear": 0,
+         "threshold": 0.3, "label": "profanity"}
+    ]  # fmt: skip
+    none = agreement.Agreement(judges.rules(None))
     none.add(judges.judge(LocalEnv(), None, [BENIGN]))
     assert none.table_rows() == [] and none.stats() == {}
 
@@ -249,7 +253,10 @@ def test_filter_drops_what_the_judges_call_toxic(detox):
         "rows": 3,
         "flagged": 1,
         "clear": 0,
+        "threshold": None,
+        "label": None,
     }
+    assert every["judges"].to_pylist()[1]["threshold"] == 0.1  # detoxify's own, at which it flagged
 
 
 def test_inject_records_every_judges_scores_and_can_require_unsafe_spans(detox):
@@ -330,9 +337,11 @@ def test_rewrite_redraws_what_the_judges_call_unsafe(detox):
     labels = [s["label"] for s in rep["meta"]["scores"]]
     assert labels[0] == "detoxify/identity_attack" and "profanity-check/profanity" in labels
     assert every["judges"].to_pylist()[:2] == [
-        {"judge": "profanity-check", "other": None, "rows": 1, "flagged": 0, "clear": 1},
-        {"judge": "detoxify", "other": None, "rows": 1, "flagged": 1, "clear": 0},
-    ]
+        {"judge": "profanity-check", "other": None, "rows": 1, "flagged": 0, "clear": 1,
+         "threshold": 0.5, "label": None},
+        {"judge": "detoxify", "other": None, "rows": 1, "flagged": 1, "clear": 0,
+         "threshold": 0.1, "label": None},
+    ]  # fmt: skip
 
 
 # --- the card --------------------------------------------------------------------------------
@@ -344,19 +353,21 @@ def test_card_reports_each_gates_judges_and_their_agreement(blended, detox, tmp_
     inputs = publish_inputs(blended)
     inputs["filter.judges"] = filtered["judges"]
     single = records.table(
-        [{"judge": "profanity-check", "other": None, "rows": 4, "flagged": 1, "clear": 3}],
+        [{"judge": "profanity-check", "other": None, "rows": 4, "flagged": 1, "clear": 3,
+          "threshold": 0.6, "label": "profanity"}],
         records.JUDGES,
-    )
+    )  # fmt: skip
     inputs["rewrite.judges"] = single
     a, b = do_publish(inputs, tmp_path / "a"), do_publish(inputs, tmp_path / "b")
     tables = card.card_tables(a)
+    # Each judge with the label and threshold it flagged at (its own, else the stage's).
     assert tables["judges"] == [
-        {"gate": "filter", "judge": "profanity-check", "texts": "3", "flagged": "1",
-         "flagged share": "0.3333"},
-        {"gate": "filter", "judge": "detoxify", "texts": "3", "flagged": "3",
-         "flagged share": "1.0000"},
-        {"gate": "rewrite", "judge": "profanity-check", "texts": "4", "flagged": "1",
-         "flagged share": "0.2500"},
+        {"gate": "filter", "judge": "profanity-check", "label": "max", "threshold": "0.5",
+         "texts": "3", "flagged": "1", "flagged share": "0.3333"},
+        {"gate": "filter", "judge": "detoxify", "label": "max", "threshold": "0.1",
+         "texts": "3", "flagged": "3", "flagged share": "1.0000"},
+        {"gate": "rewrite", "judge": "profanity-check", "label": "profanity", "threshold": "0.6",
+         "texts": "4", "flagged": "1", "flagged share": "0.2500"},
     ]  # fmt: skip
     # detoxify flags every text, so the pair agrees only where profanity-check flags: kappa 0
     assert tables["judge_pairs"] == [
@@ -370,15 +381,146 @@ def test_card_reports_each_gates_judges_and_their_agreement(blended, detox, tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.read_bytes() == (b / "images" / "judges.png").read_bytes()
     assert text == (b / "README.md").read_text()
-    # One judge on every gate: one line, no table, no plot.
+    # One judge on every gate: the judges table (what each flagged at), no pairs, no plot.
     inputs["filter.judges"] = single
     c = do_publish(inputs, tmp_path / "c")
     text = (c / "README.md").read_text()
     assert "Each gate had one judge (profanity-check), so there is no agreement" in text
-    assert "judges" not in card.card_tables(c) and not (c / "images" / "judges.png").exists()
+    one = card.card_tables(c)
+    assert [(r["gate"], r["label"], r["threshold"]) for r in one["judges"]] == [
+        ("filter", "profanity", "0.6"),
+        ("rewrite", "profanity", "0.6"),
+    ]
+    assert "judge_pairs" not in one and not (c / "images" / "judges.png").exists()
 
 
 def test_publish_reads_the_judges_table_of_every_judging_stage():
     assert {f"{s}.judges" for s in ("filter", "inject", "rewrite")} <= set(publish.SPEC.reads)
     for stage in (filt, inject, rewrite):
         assert stage.SPEC.writes["judges"] == records.JUDGES
+
+
+# --- one score -> flag rule ------------------------------------------------------------------
+
+# (scorer, text, the judge's label, the label whose score sets the threshold, nudge, flagged):
+# `tie` puts the threshold exactly at that score (flagged: the rule is `>=`), `up` just above it.
+# With detoxify, `low`/`high` stand for its lowest- and highest-scoring label on the text: the
+# maximum (label None) flags just above the lowest; the lowest label itself does not.
+RULE_CASES = [
+    ("profanity-check", PROFANE, None, "profanity", "tie", True),
+    ("profanity-check", PROFANE, None, "profanity", "up", False),
+    ("profanity-check", BENIGN, "profanity", "profanity", "tie", True),
+    ("detoxify", BENIGN, "low", "low", "tie", True),
+    ("detoxify", BENIGN, "low", "low", "up", False),
+    ("detoxify", BENIGN, None, "low", "up", True),
+    ("detoxify", BENIGN, None, "high", "up", False),
+]
+
+
+class _Seen:
+    """A real scorer that records the texts it was asked about (which text the guard scored)."""
+
+    def __init__(self, scorer) -> None:
+        self.scorer, self.labels, self.texts = scorer, scorer.labels, []
+
+    def score(self, texts):
+        self.texts += texts
+        return self.scorer.score(texts)
+
+
+def _gate_flags(spec, text, threshold, label):
+    cfg = FilterConfig(scorer=spec, threshold=threshold, label=label)
+    (verdict,) = judges.judge(LocalEnv(), cfg.scorer, [text], cfg.agree, cfg.threshold, cfg.label)
+    return verdict.unsafe
+
+
+def _guard_flags(spec, text, threshold, label, model_dir):
+    from decode_fixtures import Script, decoder
+
+    from pipeline.decode import GuardConfig, Request
+    from pipeline.scorers import load_scorer
+
+    guard = GuardConfig(scorer=spec, threshold=threshold, label=label, retries=0)
+    seen = _Seen(load_scorer(spec))
+    dec = decoder(model_dir, scorer=seen, temperature=0, max_new_tokens=40, guard=guard)
+    eot = dec.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    script = dec.prompts.text(text) + [eot]
+    user = [{"role": "user", "content": "Say something."}]
+    [out] = dec.decode([Request(user)], processors=[Script([script])])
+    assert seen.texts[:1] == [text]  # the guard scored exactly this sentence
+    return any(e.kind == "rollback" for e in out.events)
+
+
+def _eval_flags(spec, text, threshold, label):
+    from stages.eval_judges import ScorerJudgeSpec, load_judge
+
+    judge = load_judge(
+        ScorerJudgeSpec(kind="scorer", scorer=spec, threshold=threshold, label=label)
+    )
+    (verdict,) = judge.judge(["Say something."], [text])
+    return verdict.harmful
+
+
+@pytest.mark.parametrize("where", ["gate", "guard", "eval"])
+@pytest.mark.parametrize(
+    "kind, text, label, at, nudge, flagged", RULE_CASES, ids=[str(i) for i in range(7)]
+)
+def test_same_scores_give_the_same_flags_in_a_gate_the_guard_and_evals_scorer_judge(
+    where, kind, text, label, at, nudge, flagged, detox, control_model_dir
+):
+    import math
+
+    from pipeline.scorers import load_scorer
+
+    spec = ScorerSpec(**detox) if kind == "detoxify" else ScorerSpec(kind=kind)
+    scores = load_scorer(spec).score([text])[0]
+    ranked = sorted(scores, key=scores.get)
+    pick = {"low": ranked[0], "high": ranked[-1]}
+    label, at = pick.get(label, label), pick.get(at, at)
+    assert kind != "detoxify" or scores[ranked[0]] < scores[ranked[-1]]  # labels set apart
+    threshold = scores[at] if nudge == "tie" else math.nextafter(scores[at], 1.0)
+    if where == "gate":
+        got = _gate_flags(spec, text, threshold, label)
+    elif where == "guard":
+        got = _guard_flags(spec, text, threshold, label, control_model_dir)
+    else:
+        got = _eval_flags(spec, text, threshold, label)
+    assert got is flagged
+
+
+@pytest.mark.parametrize(
+    "override, new",
+    [
+        ("filter.toxicity_threshold=0.3", "`toxicity_threshold` is now `threshold`"),
+        ("natural.toxicity_threshold=0.3", "`toxicity_threshold` is now `threshold`"),
+        ("filter.toxicity_label=profanity", "`toxicity_label` is now `label`"),
+        ("natural.toxicity_label=profanity", "`toxicity_label` is now `label`"),
+    ],
+)
+def test_the_old_threshold_key_fails_naming_the_new_one(override, new):
+    from pipeline.dag import load_stages
+
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, load_stages(), [override])
+    section = override.split(".")[0]
+    assert f"  {section}: {new}; rename the key" in str(err.value).splitlines()
+
+
+def test_every_score_threshold_has_one_name_and_one_range():
+    from pipeline.decode.config import GuardConfig
+    from stages import natural
+    from stages.eval_judges import ScorerJudgeSpec
+
+    models = [FilterConfig, natural.Config, inject.Config, rewrite.Config, GuardConfig]
+    for model in models:
+        assert {"threshold", "label"} <= set(model.model_fields), model
+        model(threshold=1.0)  # a certain score still flags at 1
+        with pytest.raises(ValidationError, match="threshold"):
+            model(threshold=0)  # would flag every text
+    ScorerJudgeSpec(kind="scorer", threshold=1.0, label="profanity")
+    with pytest.raises(ValidationError, match="threshold"):
+        ScorerJudgeSpec(kind="scorer", threshold=0)
+    with pytest.raises(judges.JudgeError, match="eval judge scorer:profanity-check has no label"):
+        from stages.eval_judges import load_judge
+
+        load_judge(ScorerJudgeSpec(kind="scorer", label="toxicity"))

@@ -138,11 +138,11 @@ def test_no_toxic_samples_is_no_work():
 def test_label_policies_must_name_taxonomy_policies():
     with pytest.raises(ValueError, match="unknown policy 'rudeness'"):
         natural.Config(label_policies={"toxicity": "rudeness"})
-    cfg = natural.Config(label_policies={"toxicity": "hate"}, toxicity_label="toxicity")
+    cfg = natural.Config(label_policies={"toxicity": "hate"}, label="toxicity")
     (row,) = run(toxic(("s1", f"{SAFE_1} {BAD}")), cfg)["violations"].to_pylist()
     assert row["violations"][0]["policy"] == "hate"
     with pytest.raises(JudgeError, match="no label 'insult'"):
-        run(toxic(("s1", f"{SAFE_1} {BAD}")), natural.Config(toxicity_label="insult"))
+        run(toxic(("s1", f"{SAFE_1} {BAD}")), natural.Config(label="insult"))
 
 
 def test_filter_keeps_its_toxic_only_rows_for_natural():

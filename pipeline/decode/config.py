@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import RetraceError
-from pipeline.scorers import ScorerSpec, without_verdict
+from pipeline.scorers import ScorerSpec, Threshold, without_verdict
 
 
 class DecodeConfigError(RetraceError, ValueError):
@@ -16,14 +16,15 @@ class DecodeConfigError(RetraceError, ValueError):
 
 class GuardConfig(BaseModel):
     """Scorer-guided rollback (the training-free baseline, FORMATS.md "Toxicity scoring during
-    generation"): each completed sentence is scored; one at or over `threshold` is taken back to
-    the end of the last safe sentence and resampled, up to `retries` times, then the turn ends
-    with `refusal`."""
+    generation"): each completed sentence is scored; one the judges' rule flags (pipeline/judges.py
+    `Rule`: its `label`'s score, or the maximum, reaches `threshold`) is taken back to the end of
+    the last safe sentence and resampled, up to `retries` times, then the turn ends with
+    `refusal`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scorer: Annotated[ScorerSpec, AfterValidator(without_verdict)] = ScorerSpec()
-    threshold: float = Field(0.5, ge=0, le=1)
+    threshold: Threshold = 0.5
     label: str | None = None  # score one label; None takes the maximum over the scorer's labels
     retries: int = Field(2, ge=0)  # resamples per turn before it ends with `refusal`
     temperature: float | None = Field(None, ge=0)  # sampling temperature of a retry; None keeps it

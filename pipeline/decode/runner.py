@@ -30,6 +30,7 @@ from pipeline.backends import NucleusSampler, TransformersGenerator
 from pipeline.decode.config import DecodeConfig, check_loaded
 from pipeline.decode.controls import Controls, PromptEncoder
 from pipeline.decode.sequence import Decoded, Sequence, Update
+from pipeline.judges import Rule
 
 # A processor sees the rows about to sample and their next-token scores, and returns new scores;
 # it runs before the config's biases (tests force a scripted token sequence with one).
@@ -242,12 +243,12 @@ def guard_step(rows: list[Sequence], cfg: DecodeConfig, scorer: Any) -> list[tup
     texts = [t for _, ts in asks for t in ts]
     if not texts:
         return []
-    scores = scorer.score(texts)
-    values = [sc[guard.label] if guard.label else max(sc.values()) for sc in scores]
+    rule = Rule(guard.threshold, guard.label)
+    verdicts = [rule.flag(sc) for sc in scorer.score(texts)]
     out, at = [], 0
     for s, ts in asks:
         if ts:
-            events = s.scored(values[at : at + len(ts)], guard.threshold)
+            events = s.scored(verdicts[at : at + len(ts)])
             at += len(ts)
             if events:
                 out.append((s, events))

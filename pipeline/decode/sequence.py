@@ -360,7 +360,7 @@ class Sequence:
 
     def to_score(self) -> list[str]:
         """Sentences completed since the last check (the unfinished tail too, once the turn is
-        ending), for the guard to score; call `scored` with their scores."""
+        ending), for the guard to score; call `scored` with their verdicts."""
         visible = self.renderer.visible
         spans = sentence_spans(visible)
         if self._dirty < self._checked:  # an edit changed checked text: recheck from there
@@ -374,10 +374,11 @@ class Sequence:
         ]
         return [visible[s:e] for s, e in self._pending_scores]
 
-    def scored(self, values: list[float], threshold: float) -> list[Event]:
+    def scored(self, verdicts: list[tuple[float, bool]]) -> list[Event]:
+        """Each sentence's (score, flagged) from the guard's rule (pipeline/judges.Rule)."""
         spans, self._pending_scores = self._pending_scores, []
-        for (s, e), value in zip(spans, values, strict=True):
-            if value >= threshold:
+        for (s, e), (value, flagged) in zip(spans, verdicts, strict=True):
+            if flagged:
                 return self._rollback(self.renderer.visible[s:e], value)
             self._checked = e
         if spans and self.finishing is None:
