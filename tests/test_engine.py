@@ -22,15 +22,9 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline import config as config_mod
 from pipeline import records
-from pipeline.dag import (
-    EXECUTORS,
-    PROJECT_ROOT,
-    Pipeline,
-    StageError,
-    import_closure,
-    load_stages,
-    run_chunk,
-)
+from pipeline.cli import load_stages
+from pipeline.dag import EXECUTORS, PROJECT_ROOT, Pipeline, StageError, import_closure
+from pipeline.executor import run_chunk
 from pipeline.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +134,14 @@ def test_force_with_an_unknown_or_unreached_stage_fails_naming_stages(tmp_path):
     assert pipe.store.manifest("numbers") is None  # nothing ran
 
 
+def test_ray_stage_names_are_checked_against_the_stages_the_engine_is_handed():
+    # The executor imports no stage: the names come with the stages the config is validated for.
+    cfg = config_mod.validate({"run": {"ray": {"stages": {"square": {"actors": 2}}}}}, STAGES)
+    assert cfg.run.ray.stages["square"].actors == 2
+    with pytest.raises(config_mod.ConfigError, match="unknown stage.s. sample; stages: numbers"):
+        config_mod.validate({"run": {"ray": {"stages": {"sample": {}}}}}, STAGES)
+
+
 def test_a_non_stage_section_can_be_registered(monkeypatch):
     class Decode(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -227,7 +229,9 @@ def test_rejected_share_over_bound_fails_with_one_clear_message(tmp_path):
 DEPENDENTS = {
     "pipeline/backends.py": {"sample", "inject", "rewrite", "eval"},
     "pipeline/scorers.py": {"filter", "inject", "natural", "rewrite", "eval"},
-    "pipeline/render.py": {"format", "eval"},
+    # publish's tokenized twins and train re-count rlbf's [BACKTRACK_BY_n] by render's rule
+    # (trainer/rlbf.py).
+    "pipeline/render.py": {"format", "publish", "train", "eval"},
     # publish builds the tokenized twins with the trainer's encoder, which renders prompts and
     # redraws k (prompting, seeds).
     "pipeline/prompting.py": {"sample", "inject", "rewrite", "publish", "train", "eval"},
