@@ -45,15 +45,15 @@ import httpx2
 from pydantic import BaseModel, Field, ValidationError
 
 from pipeline import models, seeds
-from pipeline.backends import (
-    _END_TOKENS,
+from pipeline.errors import RetraceError
+from pipeline.generator_base import (
+    END_TOKENS,
     Generation,
     GeneratorSpec,
     SamplingParams,
-    _cut_at_stop,
-    _TokenizerMixin,
+    TokenizerMixin,
+    cut_at_stop,
 )
-from pipeline.errors import RetraceError
 
 RETRIABLE = frozenset({408, 409, 429})  # and every 5xx
 BACKOFF_BASE_S = 0.5
@@ -135,7 +135,7 @@ def scrub(text: str, key: str | None) -> str:
     return text
 
 
-class OpenAIGenerator(_TokenizerMixin):
+class OpenAIGenerator(TokenizerMixin):
     def __init__(self, spec: GeneratorSpec) -> None:
         from transformers import AutoTokenizer
 
@@ -162,7 +162,7 @@ class OpenAIGenerator(_TokenizerMixin):
         )
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai")
         vocab = self.tokenizer.get_vocab()
-        ends = (self.tokenizer.eos_token, *_END_TOKENS)
+        ends = (self.tokenizer.eos_token, *END_TOKENS)
         self.end_texts = tuple(dict.fromkeys(t for t in ends if t and t in vocab))
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a")["input_ids"]
@@ -179,7 +179,7 @@ class OpenAIGenerator(_TokenizerMixin):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         if self.spec.endpoint == "chat":
-            texts = [_TokenizerMixin.format_chat(self, json.loads(t)) for t in texts]
+            texts = [TokenizerMixin.format_chat(self, json.loads(t)) for t in texts]
         return super().count_tokens(texts)
 
     def generate(
@@ -257,12 +257,12 @@ class OpenAIGenerator(_TokenizerMixin):
         gens = []
         for choice in choices:
             raw = (choice.message.content or "") if chat else choice.text
-            text, _ = _cut_at_stop(raw, (*params.stop, *self.end_texts))
+            text, _ = cut_at_stop(raw, (*params.stop, *self.end_texts))
             finished = choice.finish_reason == "stop"
             if len(choices) == 1 and usage.completion_tokens is not None:
                 completion = usage.completion_tokens
             else:  # usage sums the choices: count each one here, its closing token included
-                completion = _TokenizerMixin.count_tokens(self, [text])[0] + int(finished)
+                completion = TokenizerMixin.count_tokens(self, [text])[0] + int(finished)
             gens.append(
                 Generation(
                     text=text,

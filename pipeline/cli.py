@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -33,10 +36,10 @@ from rich.table import Table
 
 from pipeline import config as config_mod
 from pipeline import kinds
-from pipeline.dag import Pipeline, StageError, load_stages
+from pipeline.dag import Pipeline, StageError
 from pipeline.errors import RetraceError
 from pipeline.progress import console
-from stages import DATASET_STAGES
+from stages import DATASET_STAGES, STAGES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
 models_app = typer.Typer(no_args_is_help=True, help="Manage generator models.")
@@ -47,6 +50,11 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config fil
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
 ]
+
+
+def load_stages(names: Iterable[str] = STAGES) -> dict[str, ModuleType]:
+    """The stage modules, in DAG order: what the CLI hands the engine, which imports no stage."""
+    return {name: importlib.import_module(f"stages.{name}") for name in names}
 
 
 # What to do about an environment failure, by errno.

@@ -68,7 +68,8 @@ def validate(
 ) -> BaseModel:
     """Validate a raw mapping; on failure raise ConfigError naming each bad key."""
     try:
-        return config_model(stages).model_validate(raw)
+        # The stage names reach the sections that check them (run.ray.stages) as the context.
+        return config_model(stages).model_validate(raw, context={"stages": tuple(stages)})
     except ValidationError as err:
         lines = [f"{origin}: {len(err.errors())} invalid setting(s):"]
         for e in err.errors():

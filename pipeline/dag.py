@@ -7,9 +7,10 @@ imports, directly or not), its prompt files, its external files and the identity
 it names. Chunked stages resume from their last finished chunk; each chunk's tables are renamed
 into place before the chunk is marked done. One process holds a run at a time.
 
-A chunk's computation, `run_chunk` (the stage's `run` on one chunk's inputs), is the seam an
-executor replaces: `LocalExecutor` runs chunks one by one here; the engine around it writes parts,
-markers and manifests, whatever computed them.
+The engine is handed its stage modules (the CLI loads `stages.STAGES`); it imports no stage. A
+chunk's computation, `run_chunk` (the stage's `run` on one chunk's inputs, pipeline/executor.py),
+is the seam an executor replaces: `LocalExecutor` runs chunks one by one in this process; the
+engine around it writes parts, markers and manifests, whatever computed them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import errno
 import functools
 import hashlib
-import importlib
 import json
 import numbers
 import platform
@@ -39,8 +39,9 @@ from pipeline import digest, records, retry, store
 from pipeline.config import section_dump
 from pipeline.env import LocalEnv
 from pipeline.errors import RetraceError
+from pipeline.executor import LocalExecutor, models_in
 from pipeline.progress import console
-from pipeline.stage import HOOKS, ModelSpec, StageSpec
+from pipeline.stage import HOOKS, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, TAXONOMY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +51,6 @@ _VERSIONED = ("retrace", "torch", "transformers", "datasets", "pyarrow", "vllm",
 
 class StageError(RetraceError):
     """A stage that cannot run or finished outside its bounds; the message says what to do."""
-
-
-def load_stages(names: Iterable[str] | None = None) -> dict[str, ModuleType]:
-    """The stage modules, in DAG order (`stages.STAGES` unless names are given)."""
-    if names is None:
-        from stages import STAGES as names
-    return {name: importlib.import_module(f"stages.{name}") for name in names}
 
 
 def versions() -> dict[str, str]:
@@ -71,17 +65,6 @@ def versions() -> dict[str, str]:
 
 def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _models(value: Any) -> Iterator[ModelSpec]:
-    if isinstance(value, ModelSpec):
-        yield value
-    if isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from _models(getattr(value, name))
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _models(item)
 
 
 # --- code identity -------------------------------------------------------------------------------
@@ -158,36 +141,7 @@ def import_closure(files: Iterable[Path], roots: tuple[Path, ...]) -> list[Path]
     return sorted(seen)
 
 
-# --- executing chunks ------------------------------------------------------------------------
-
-
-def run_chunk(
-    stage: str, index: int, module: ModuleType, inputs: dict[str, Any], section: Any, env: Any
-) -> Any:
-    """One chunk's computation, what every executor runs; a failure names stage and chunk."""
-    try:
-        return module.run(inputs, section, env)
-    except Exception as err:
-        err.add_note(f"in stage {stage}, chunk {index}")
-        raise
-
-
-class LocalExecutor:
-    """Computes a stage's chunks one after another in this process, each when it is asked for
-    (so memory holds one chunk, and a kill loses at most the chunk in progress)."""
-
-    def map(
-        self,
-        stage: str,
-        module: ModuleType,
-        section: Any,
-        env: Any,
-        chunks: Iterable[tuple[int, dict[str, Any]]],
-    ) -> Iterator[tuple[int, Any]]:
-        """(index, result) for each (index, inputs) of `chunks`; another executor may yield
-        them in any order."""
-        for index, inputs in chunks:
-            yield index, run_chunk(stage, index, module, inputs, section, env)
+# --- executors ---------------------------------------------------------------------------------
 
 
 # `run.executor` -> a function of the `run:` section that builds the executor (another executor
@@ -268,7 +222,7 @@ class Pipeline:
         """The project files the stage's code is made of: its import closure, the modules of
         the model specs its config holds, and the taxonomy every stage reads."""
         module = self.stages[name]
-        specs = {sys.modules[type(m).__module__] for m in _models(self.section(name))}
+        specs = {sys.modules[type(m).__module__] for m in models_in(self.section(name))}
         roots = tuple(dict.fromkeys([module_root(module), PROJECT_ROOT]))
         files = [Path(module.__file__), *(Path(m.__file__) for m in specs)]
         return [*import_closure(files, roots), TAXONOMY_FILE]
@@ -314,7 +268,7 @@ class Pipeline:
             "code": _sha(digest.file_digests(code)),
             "prompts": digest.hash_files(self._prompt_files(spec), root=PROMPTS_DIR),
             "external": digest.hash_files([Path(p) for p in self._hook(name, "external_files")]),
-            "models": [m.fingerprint() for m in _models(section)]
+            "models": [m.fingerprint() for m in models_in(section)]
             + self._hook(name, "fingerprints"),
         }
         if "embedded_config" in spec.hooks:  # only then: every other stage keeps its key

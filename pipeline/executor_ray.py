@@ -1,8 +1,8 @@
 """The Ray executor (`run.executor: ray`): the same stage functions, chunks and bytes, on Ray.
 
-The engine (pipeline/dag.py) hands an executor the chunks of a stage that are not done yet and
-writes each chunk's tables as they come back, so chunks stay the unit of resume whichever
-executor computed them. Here:
+The engine (pipeline/dag.py) hands an executor the chunks of a stage that are not done yet (and
+the stage's module: this file imports no stage, nor the engine) and writes each chunk's tables as
+they come back, so chunks stay the unit of resume whichever executor computed them. Here:
 
 - a chunked stage's pending chunks become one Ray Dataset, one block per chunk, and run through
   `map_batches` with `batch_size=None`: each stage call sees exactly one whole chunk, as under the
@@ -33,8 +33,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from pipeline.executor import models_in, run_chunk
 from pipeline.store import whole
 
 CHUNK = "__retrace_chunk"  # the column that tags each row with its chunk on the way in
@@ -67,12 +68,15 @@ class RayConfig(BaseModel):
 
     @field_validator("stages")
     @classmethod
-    def _known_stages(cls, stages: dict[str, RayStage]) -> dict[str, RayStage]:
-        from stages import STAGES
-
-        unknown = sorted(set(stages) - set(STAGES))
+    def _known_stages(
+        cls, stages: dict[str, RayStage], info: ValidationInfo
+    ) -> dict[str, RayStage]:
+        # The stage names come with the stages the config is validated for (pipeline/config.py
+        # passes them as the validation context): the executor imports no stage.
+        known = (info.context or {}).get("stages")
+        unknown = sorted(set(stages) - set(known)) if known is not None else []
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(known)}")
         return stages
 
 
@@ -201,9 +205,7 @@ class _Job:
 
 
 def _uses_models(section: BaseModel) -> bool:
-    from pipeline.dag import _models
-
-    return any(True for _ in _models(section))
+    return any(True for _ in models_in(section))
 
 
 def _run_whole(job: _Job, inputs: dict[str, Any]) -> Any:
@@ -220,8 +222,6 @@ def _run_chunks(
 ) -> pa.Table:
     """Run the stage on each chunk in `batch` (one, as blocks are chunks); pack the outputs."""
     import ray
-
-    from pipeline.dag import run_chunk  # dag imports config, which imports this
 
     inputs = ray.get(shared[0])
     env, stage = env or job.env(), stage or job.stage()

@@ -28,24 +28,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from pipeline import records, taxonomy
 from pipeline.stage import Env, StageConfig, StageSpec
-from stages.sources_loaders import (
-    BUILDERS,
-    COMPRESSION,
-    GENERIC_COLUMNS,
-    LOADERS,
-    Loader,
-    RowError,
-    SourceError,
-    builder_for,
-    opened,
-)
+from stages.sources_loaders import LOADERS, Entry, RowError, SourceError, opened
 
 __all__ = ["SPEC", "Config", "Entry", "SourceError", "external_files", "run"]
 
@@ -64,91 +54,6 @@ SPEC = StageSpec(
 )
 
 SAMPLES = Path("configs/data")  # the shipped sample files (configs/data/README.md)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class Entry(BaseModel):
-    """One source of one output table (an item of `sources.benign`, `.harmful`, ...)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    loader: Literal["alpaca", "gsm8k", "math", "beavertails", "advbench", "harmbench", "generic"]
-    hub_id: str | None = None  # default: the loader's real Hub id
-    name: tuple[str, ...] | None = None  # Hub config name(s); default: the loader's (math: all 7)
-    split: str | None = None  # default: the loader's; for a local file, the name it is read as
-    revision: str | None = None  # Hub commit, tag or branch
-    path: Path | None = None  # a local JSON/JSONL/CSV/Parquet file read instead of the Hub
-    columns: dict[str, str] = Field(default_factory=dict)  # generic: our field -> its column
-    limit: int | None = Field(None, gt=0)  # stop once this many rows of this entry are kept
-    license: str | None = None  # default: the loader's (generic: required)
-    source: str | None = None  # the `source` rows carry; default: hub_id, or path as written
-    policy: tuple[str, ...] = ()  # advbench/harmbench/generic harmful rows: policies of every row
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _one_name(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        known = taxonomy.load().policies
-        unknown = [p for p in value if p not in known]
-        if unknown:
-            raise ValueError(f"unknown policy {unknown}; known: {', '.join(known)}")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Entry:
-        loader = LOADERS[self.loader]
-        if self.path is None and self.hub_id is None and loader.hub_id is None:
-            raise ValueError(f"loader {self.loader!r} has no Hub id: set `path` (or `hub_id`)")
-        if self.path is not None:
-            if builder_for(self.path) is None:
-                raise ValueError(
-                    f"path {str(self.path)!r}: unsupported file type; use one of "
-                    f"{', '.join(BUILDERS)} (optionally compressed: {', '.join(COMPRESSION)})"
-                )
-            if self.revision is not None or self.name is not None:
-                raise ValueError("`revision` and `name` apply to Hub ids; drop them with `path`")
-        if self.loader == "generic":
-            if "prompt" not in self.columns:
-                raise ValueError("the generic loader needs `columns.prompt` (the prompt column)")
-            unknown = sorted(set(self.columns) - set(GENERIC_COLUMNS))
-            if unknown:
-                raise ValueError(f"columns: unknown field(s) {unknown}; known: {GENERIC_COLUMNS}")
-            if self.license is None:
-                raise ValueError("the generic loader needs `license` (e.g. mit, cc-by-4.0)")
-        elif self.columns:
-            raise ValueError(f"`columns` applies to the generic loader, not {self.loader!r}")
-        if self.policy and self.loader not in ("advbench", "harmbench", "generic"):
-            raise ValueError(f"`policy` applies to advbench/harmbench/generic, not {self.loader!r}")
-        return self
-
-    @property
-    def spec(self) -> Loader:
-        return LOADERS[self.loader]
-
-    def source_name(self) -> str:
-        if self.source is not None:
-            return self.source
-        if self.path is not None:
-            return self.path.as_posix()
-        return self.hub_id or str(self.spec.hub_id)
-
-    def license_name(self) -> str:
-        return records.license_expr(self.license or self.spec.license)
-
-    def split_name(self) -> str:
-        return self.split or self.spec.split
-
-    def resolved_path(self, key: str) -> Path:
-        """`path`, relative to the working directory or else to the checkout (shipped samples)."""
-        assert self.path is not None
-        for candidate in (self.path, REPO_ROOT / self.path):
-            if candidate.is_file():
-                return candidate.resolve()
-        raise SourceError(f"{key}.path: file {str(self.path)!r} does not exist; fix the path")
 
 
 def _sample(loader: str, file: str, **kw: Any) -> Entry:

@@ -52,7 +52,7 @@ def test_show_before_format_says_what_to_run(tmp_path):
 
 def test_every_shipped_config_validates():
     from pipeline import config
-    from pipeline.dag import load_stages
+    from pipeline.cli import load_stages
 
     stages = load_stages()
     files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

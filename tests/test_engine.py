@@ -22,15 +22,9 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline import config as config_mod
 from pipeline import records
-from pipeline.dag import (
-    EXECUTORS,
-    PROJECT_ROOT,
-    Pipeline,
-    StageError,
-    import_closure,
-    load_stages,
-    run_chunk,
-)
+from pipeline.cli import load_stages
+from pipeline.dag import EXECUTORS, PROJECT_ROOT, Pipeline, StageError, import_closure
+from pipeline.executor import run_chunk
 from pipeline.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +132,14 @@ def test_force_with_an_unknown_or_unreached_stage_fails_naming_stages(tmp_path):
     with pytest.raises(StageError, match="--force report: not a stage this run reaches"):
         pipe.run(["square"], force={"report"})
     assert pipe.store.manifest("numbers") is None  # nothing ran
+
+
+def test_ray_stage_names_are_checked_against_the_stages_the_engine_is_handed():
+    # The executor imports no stage: the names come with the stages the config is validated for.
+    cfg = config_mod.validate({"run": {"ray": {"stages": {"square": {"actors": 2}}}}}, STAGES)
+    assert cfg.run.ray.stages["square"].actors == 2
+    with pytest.raises(config_mod.ConfigError, match="unknown stage.s. sample; stages: numbers"):
+        config_mod.validate({"run": {"ray": {"stages": {"sample": {}}}}}, STAGES)
 
 
 def test_a_non_stage_section_can_be_registered(monkeypatch):

@@ -12,7 +12,8 @@ from decode_fixtures import FORCE, control_model
 from trainer_fixtures import one_thread
 
 from pipeline import config as config_mod
-from pipeline.dag import Pipeline, load_stages
+from pipeline.cli import load_stages
+from pipeline.dag import Pipeline
 from pipeline.decode.record import rerender
 from pipeline.env import LocalEnv
 from pipeline.errors import RetraceError

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from pipeline import config as config_mod
-from pipeline.dag import load_stages
+from pipeline.cli import load_stages
 from stages import eval_data, eval_report
 from stages.eval_judges import KeywordJudge, KeywordJudgeSpec, is_refusal, parse_rubric
 from stages.eval_metrics import rate, wilson

@@ -92,7 +92,7 @@ def test_judge_settings_where_nothing_reads_them_are_config_errors():
 
 
 def test_the_shipped_configs_keep_one_scorer_through_their_yaml_anchor():
-    from pipeline.dag import load_stages
+    from pipeline.cli import load_stages
 
     for name in ("default.yaml", "paper.yaml"):
         cfg = config.load(CONFIGS / name, load_stages())

@@ -31,8 +31,7 @@ from pipeline import config as config_mod
 from pipeline import records, store
 from pipeline.backend_openai import ServerError
 from pipeline.backends import GeneratorSpec, SamplingParams, TransformersGenerator, load_generator
-from pipeline.cli import app
-from pipeline.dag import load_stages
+from pipeline.cli import app, load_stages
 from pipeline.env import LocalEnv
 from pipeline.taxonomy import PROMPTS_DIR
 

@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline import config as config_mod
 from pipeline import store
-from pipeline.cli import app
-from pipeline.dag import load_stages
+from pipeline.cli import app, load_stages
 from stages import DATASET_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]

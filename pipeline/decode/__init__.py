@@ -12,6 +12,7 @@
 - `controls`: the model's control tokens (its tokenizer's, read by form) and their ids, config
   names, privileged prompt encoding (the trainer's rule).
 - `sequence`: one turn's state machine, shared by every backend; `Decoded`, `Event`, `Update`.
+- `base`: what every decoder shares: `Request`, the Sequence built from one, the guard's step.
 - `runner`: the transformers decoder (KV cache, crops, per-row seeds).
 - `vllm`: the same interface over vLLM's offline API.
 - `record`: a decoded turn as a self-describing record: its real control tokens, its plain text,
@@ -28,7 +29,7 @@ _LAZY = {
     "PrivilegedTokenError": "controls",
     "Decoder": "runner",
     "Processor": "runner",
-    "Request": "runner",
+    "Request": "base",
     "load_decoder": "runner",
     "Decoded": "sequence",
     "Event": "sequence",

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import jsonl, seeds
-from pipeline.decode.runner import Request
+from pipeline.decode.base import Request
 from pipeline.errors import RetraceError
 
 

@@ -1,7 +1,7 @@
 """Control tokens at inference: which ids they are, what a config name means, and privileged input.
 
-Prompts are tokenised with the trainer's own rule (`trainer.encode.Encoder`: data text with
-special-token splitting, template markup with its special tokens), so a typed "[RESET]" never
+Prompts are tokenised with the trainer's own rule (`pipeline.tokenizing.TextEncoder`: data text
+with special-token splitting, template markup with its special tokens), so a typed "[RESET]" never
 becomes the [RESET] id; ids given directly (a prefill in target tokens) are checked instead, and a
 control id there is an error naming its position.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline import taxonomy
 from pipeline.errors import RetraceError
-from trainer.encode import Encoder
+from pipeline.tokenizing import TextEncoder
 
 
 class PrivilegedTokenError(RetraceError, ValueError):
@@ -95,7 +95,7 @@ class PromptEncoder:
     """Prompt and prefill ids for one tokenizer, by the trainer's rule."""
 
     def __init__(self, tokenizer: Any, controls: Controls) -> None:
-        self._encoder = Encoder(tokenizer, max_length=1 << 30, control_tokens=tuple(controls.ids))
+        self._encoder = TextEncoder(tokenizer)
         self.controls = controls
 
     def text(self, s: str) -> list[int]:

@@ -22,30 +22,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline import seeds as seeds_mod
 from pipeline.backends import NucleusSampler, TransformersGenerator
+from pipeline.decode.base import Request, build_sequence, guard_step
 from pipeline.decode.config import DecodeConfig, check_loaded
 from pipeline.decode.controls import Controls, PromptEncoder
 from pipeline.decode.sequence import Decoded, Sequence, Update
-from pipeline.judges import Rule
 
 # A processor sees the rows about to sample and their next-token scores, and returns new scores;
 # it runs before the config's biases (tests force a scripted token sequence with one).
 Processor = Callable[[list[Sequence], Any], Any]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One turn to decode: the conversation, an optional prefill the assistant turn starts with
-    (text, or ids in the model's tokens; shown and editable like emitted text, never counted as
-    emitted), and the turn's seed."""
-
-    messages: tuple[dict[str, str], ...] | list[dict[str, str]]
-    prefill: str | tuple[int, ...] | list[int] = ""
-    seed: int = 0
 
 
 class Decoder:
@@ -208,51 +196,6 @@ class Decoder:
                 layer.keys, layer.values = layer.keys[..., pad:, :], layer.values[..., pad:, :]
             width -= pad
         return width
-
-
-def build_sequence(decoder: Any, row: int, request: Request) -> Sequence:
-    """A request as a Sequence for any decoder (its prompts, cfg, controls, tokenizer)."""
-    where = f"request {row}"
-    prompt = decoder.prompts.prompt(list(request.messages), where)
-    if isinstance(request.prefill, str):
-        prefill = decoder.prompts.text(request.prefill)
-    else:
-        prefill = list(request.prefill)
-        decoder.prompts.check(prefill, f"{where} prefill")
-    return Sequence(
-        row,
-        prompt,
-        prefill,
-        decoder.cfg,
-        decoder.controls,
-        decoder.tokenizer,
-        decoder.prompts.text,
-        decoder.generator.stop_token_ids(),
-        request.seed,
-        getattr(decoder, "positions", None),
-    )
-
-
-def guard_step(rows: list[Sequence], cfg: DecodeConfig, scorer: Any) -> list[tuple[Sequence, list]]:
-    """Score the sentences the rows completed, in one scorer call; returns each row's events
-    (rollbacks, refusals) where there were any."""
-    guard = cfg.guard
-    if guard is None:
-        return []
-    asks = [(s, s.to_score()) for s in rows]
-    texts = [t for _, ts in asks for t in ts]
-    if not texts:
-        return []
-    rule = Rule(guard.threshold, guard.label)
-    verdicts = [rule.flag(sc) for sc in scorer.score(texts)]
-    out, at = [], 0
-    for s, ts in asks:
-        if ts:
-            events = s.scored(verdicts[at : at + len(ts)])
-            at += len(ts)
-            if events:
-                out.append((s, events))
-    return out
 
 
 def load_decoder(generator: Any, cfg: DecodeConfig) -> Any:

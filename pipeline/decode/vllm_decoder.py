@@ -22,9 +22,9 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from pipeline import seeds as seeds_mod
+from pipeline.decode.base import Request, build_sequence, guard_step
 from pipeline.decode.config import DecodeConfig, check_loaded
 from pipeline.decode.controls import Controls, PromptEncoder
-from pipeline.decode.runner import Request, build_sequence, guard_step
 from pipeline.decode.sequence import Decoded, Sequence, Update
 
 BIAS_FLOOR = -100.0
