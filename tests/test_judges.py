@@ -498,7 +498,7 @@ def test_same_scores_give_the_same_flags_in_a_gate_the_guard_and_evals_scorer_ju
     ],
 )
 def test_the_old_threshold_key_fails_naming_the_new_one(override, new):
-    from pipeline.dag import load_stages
+    from pipeline.cli import load_stages
 
     with pytest.raises(config.ConfigError) as err:
         config.load(None, load_stages(), [override])

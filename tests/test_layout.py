@@ -20,6 +20,7 @@ ZONES: dict[str, tuple[str, ...]] = {
     # records, schemas and the rules every consumer shares; imports nothing else of the project.
     "contract": (
         "pipeline.records",
+        "pipeline.kinds",
         "pipeline.taxonomy",
         "pipeline.render",
         "pipeline.text",
