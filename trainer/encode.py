@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import recovery, seeds
+from pipeline.handoff import DEFAULT_RECOVERY, Recovery
 from pipeline.text import sentence_spans
 from trainer import rlbf
 
@@ -68,16 +69,6 @@ class Doc:
         return [i >= self.prompt_len for i in range(len(self.ids))]
 
 
-@dataclass(frozen=True)
-class Recovery:
-    """What the per-epoch k redraw needs beyond the row: the format stage's P(k=0), cap and
-    separator (from the dataset card or train.recovery)."""
-
-    p_zero: float = 0.5
-    k_cap: int = 100
-    separator: str = " "
-
-
 class Encoder:
     """Tokenises rows for one tokenizer; `encode` returns a Doc, or a drop reason."""
 
@@ -101,7 +92,9 @@ class Encoder:
         self._markup: dict[str, list[int]] = {}
         self._scaffolds: dict[tuple, tuple[list[int], list[int]]] = {}
         self.decision_weight = decision_weight
-        self.recovery = recovery or Recovery()
+        # What the per-epoch k redraw needs beyond the row: the format stage's P(k=0), cap and
+        # separator (the folder's retrace.json, or train.recovery: trainer/data.recovery_draw).
+        self.recovery = recovery or DEFAULT_RECOVERY
         self.eot = self._end_of_turn_id()
 
     # --- pieces -----------------------------------------------------------------------------
@@ -289,7 +282,7 @@ class Encoder:
         meta = row.get("meta") or {}
         h = meta.get("harmful")
         cfg = self.recovery
-        refusal = recovery.refusal_of(row["segments"], cfg.separator)
+        refusal = recovery.refusal_of(row["segments"], cfg.refusal_separator)
         if not h or refusal is None:
             return row["segments"]
         _, offsets = self.offsets(h)
@@ -298,7 +291,9 @@ class Encoder:
         same = meta.get("h_tokens") == len(offsets) and meta.get("k_max") is not None
         cap = meta["k_max"] if same else cfg.k_cap
         rng = seeds.rng(seed, row["id"], "recovery_k", epoch)
-        segments, _, _, _ = recovery.draw(h, offsets, refusal, rng, cfg.p_zero, cap, cfg.separator)
+        segments, _, _, _ = recovery.draw(
+            h, offsets, refusal, rng, cfg.p_zero, cap, cfg.refusal_separator
+        )
         return segments
 
 
