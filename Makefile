@@ -1,7 +1,8 @@
 # retrace: `make dataset` and `make test` do all the set-up they need themselves.
 #
 #   make dataset                 venv + install + embedded model + the whole default pipeline
-#   make test                    venv + dev install + the test suite
+#   make test                    venv + dev install + the test suite (all of it: CI runs this)
+#   make test-fast               the same without the `slow` tests (the real embedded model)
 #   make sample filter           one target per stage (runs what it needs first, cached stages skip)
 #   make dataset CONFIG=configs/paper.yaml ARGS="--set run.seed=1"
 #   make push REPO_ID=you/retrace-bsafe ARGS=--dry-run
@@ -22,7 +23,7 @@ ARGS ?=
 RETRACE := $(BIN)/retrace
 STAGES := sources sample filter inject natural rewrite format blend publish train
 
-.PHONY: setup model dataset $(STAGES) eval eval-data push status show test bench lint clean
+.PHONY: setup model dataset $(STAGES) eval eval-data push status show test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +70,9 @@ show: setup
 
 test: $(VENV)/.dev
 	$(BIN)/pytest -q $(ARGS)
+
+test-fast: $(VENV)/.dev
+	$(BIN)/pytest -q -m "not slow" $(ARGS)
 
 bench: $(VENV)/.dev model
 	@for script in scripts/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -13,3 +13,8 @@ class RetraceError(Exception):
 
 class MissingPackage(RetraceError, ImportError):
     """An optional package is not installed; the message names the install command."""
+
+
+class DataError(RetraceError, ValueError):
+    """A data file or folder cannot be used as it is (a dataset folder the trainer cannot train
+    on, an eval prompt file that cannot be read); the message names it and what to do."""

@@ -19,6 +19,12 @@ from typing import Any
 Segment = dict[str, Any]
 Offsets = list[tuple[int, int]]
 
+# The draw's settings, the one default of each: the format stage's config takes them, and the
+# trainer reads what format used from the published folder (pipeline/handoff.py).
+P_ZERO = 0.5  # Qi et al.: P(k=0) = 0.5
+K_CAP = 100  # Qi et al.: k ~ U{1..min(100, |h|)}
+SEPARATOR = " "  # joins h≤k and r on the trained side when h≤k ends mid-word (the joint above)
+
 
 def k_draw(rng: random.Random, h_tokens: int, p_zero: float, cap: int) -> tuple[int, int]:
     """(k, k_max): P(k=0) = p_zero, else k ~ U{1..k_max} with k_max = min(cap, h_tokens)."""

@@ -37,6 +37,7 @@ from test_blend import anchor_rows, bsafe_row, recovery_row, reset_row, utility_
 from pipeline import records, store  # noqa: E402
 from pipeline.env import LocalEnv  # noqa: E402
 from stages import blend, publish  # noqa: E402
+from stages import format as fmt  # noqa: E402
 
 ROUNDS = 3
 
@@ -86,7 +87,12 @@ def synthetic(rows: int) -> dict:
 def one(rows: int, shard_mb: float) -> dict:
     """Every figure for one size, measured in this process."""
     inputs = synthetic(rows)
-    env = LocalEnv(seed=0, run_config={"run": {"name": "bench", "seed": 0}})
+    # publish reads format's resolved section (retrace.json: the recovery draw, the tokenizer)
+    run_config = {
+        "run": {"name": "bench", "seed": 0},
+        "format": fmt.Config().model_dump(mode="json"),
+    }
+    env = LocalEnv(seed=0, run_config=run_config)
     folder = Path(tempfile.mkdtemp("bench-publish"))
 
     def blend_and_write():

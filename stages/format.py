@@ -83,10 +83,12 @@ class Config(StageConfig):
     # recovery
     target_tokenizer: str = "embedded"  # k counts these tokens: Hub id, local folder or embedded
     target_revision: str | None = None
-    p_zero: float = Field(0.5, ge=0, le=1)  # Qi et al.: P(k=0) = 0.5
-    k_cap: int = Field(100, ge=1)  # Qi et al.: k ~ U{1..min(100, |h|)}
+    # the draw's settings (pipeline/recovery.py holds their defaults; publish hands them to the
+    # trainer in retrace.json, pipeline/handoff.py)
+    p_zero: float = Field(recovery.P_ZERO, ge=0, le=1)
+    k_cap: int = Field(recovery.K_CAP, ge=1)
     variants_per_triplet: int = Field(1, ge=1)
-    refusal_separator: str = " "  # joins h≤k and r on the trained side when h≤k ends mid-word
+    refusal_separator: str = recovery.SEPARATOR
     # preference
     preference_reset_pairs: bool = True  # prefix(y-)+[RESET]+y+ over y-
     preference_spurious_pairs: bool = True  # y+ over prefix(y+)+[RESET]

@@ -6,6 +6,7 @@ stages whose scorers judge texts (for the card's judge agreement). Writes no tab
 env.workdir:
 
     README.md                                   the data card (pipeline/card.py)
+    retrace.json                                what the trainer reads (pipeline/handoff.py)
     data/<config>/<split>-NNNNN-of-MMMMM.parquet  shards cut at ~shard_bytes compressed
     images/*.png                                policy mix, k histogram, lengths, toxicity,
                                                 judges (with several judges on a gate)
@@ -40,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from pipeline import agreement, card, kinds, records
+from pipeline import agreement, card, handoff, kinds, records
 from pipeline.stage import StageConfig, StageSpec
 from stages import DATASET_STAGES
 from stages import publish_tokenized as tokenized
@@ -570,12 +571,33 @@ def _tokenized(
     return configs, entries, rejected
 
 
+def handed_off(
+    inputs: dict[str, Any], configs: list[dict], run_config: dict[str, Any]
+) -> handoff.Handoff:
+    """retrace.json's contents: format's recovery draw and target tokenizer (its keys, from the
+    resolved run config), and the control tokens of each published config with segments."""
+    from pipeline.models import model_id
+
+    fmt = run_config["format"]
+    with_segments = [
+        c["name"] for c in configs if "segments" in records.config_schema(c["name"]).names
+    ]
+    return handoff.Handoff(
+        recovery=handoff.Recovery.model_validate(
+            {k: fmt[k] for k in handoff.Recovery.model_fields}
+        ),
+        tokenizer=card.portable(model_id(fmt["target_tokenizer"], fmt["target_revision"])),
+        control_tokens={c: handoff.control_tokens(inputs[f"blend.{c}"]) for c in with_segments},
+    )
+
+
 def run(inputs: dict[str, Any], cfg: Config, env: Any) -> dict[str, pa.Table]:
     out = Path(env.workdir)
     # A resumed attempt gets the same folder back: clear what an earlier attempt wrote.
     for stale in ("data", "images", *(f for _, f in tokenized.names(cfg.tokenized))):
         shutil.rmtree(out / stale, ignore_errors=True)
     (out / "README.md").unlink(missing_ok=True)
+    (out / handoff.FILE).unlink(missing_ok=True)
     # Every published byte (shards, -tok twins, the card's counts) comes from portable rows.
     inputs = {
         **inputs,
@@ -593,6 +615,7 @@ def run(inputs: dict[str, Any], cfg: Config, env: Any) -> dict[str, pa.Table]:
     tok_configs, tok_entries, rejected = (
         _tokenized(inputs, sft, out, cfg, env) if cfg.tokenized else ([], [], [])
     )
+    handoff.write(out, handed_off(inputs, configs, env.run_config))
     context = _context(inputs, configs + tok_configs, empty, cfg, env)
     text = card.render_card({**context, "tokenized": tok_entries})
     (out / "README.md").write_text(text, encoding="utf-8")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import records
+from pipeline import handoff, records
 from pipeline.stage import Env, StageConfig, StageSpec
 from trainer.config import TrainConfig
 from trainer.train import train
@@ -43,13 +43,13 @@ def spec_for(cfg: Config) -> StageSpec:
 
 
 def external_files(cfg: Config) -> list[Path]:
-    """The Parquet files and card of a folder named by `train.data` (the trainer's code is in
-    the key as this module's import closure)."""
+    """The Parquet files and retrace.json of a folder named by `train.data` (the trainer's code
+    is in the key as this module's import closure); the card is not read, so not in the key."""
     if not cfg.data:
         return []
-    card = Path(cfg.data) / "README.md"  # the recovery redraw reads format's settings there
+    handed = Path(cfg.data) / handoff.FILE  # the recovery draw and control tokens (publish's)
     files = sorted(Path(cfg.data).glob("data/*/*.parquet"))
-    return files + ([card] if card.is_file() else [])
+    return files + ([handed] if handed.is_file() else [])
 
 
 def run(inputs: dict[str, Any], cfg: Config, env: Env) -> dict[str, pa.Table]:

@@ -206,6 +206,7 @@ def test_push_dry_run_lists_the_folder_without_a_token(published, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     assert "README.md" in result.output and "data/mixture/train-00000-of-" in result.output
+    assert "retrace.json" in result.output  # the trainer's hand-off goes to the Hub too
 
 
 def test_no_published_file_names_a_path_of_the_build_machine(published, tmp_path_factory):

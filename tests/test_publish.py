@@ -17,13 +17,16 @@ import yaml
 from test_blend import bsafe_row, make_inputs, utility_pair
 from test_blend import run as run_blend
 
-from pipeline import card, records
+from pipeline import card, handoff, records
 from pipeline.env import LocalEnv
 from stages import blend, publish
+from stages import format as fmt
 
 RUN_CONFIG = {
     "run": {"name": "unit", "seed": 0, "max_rejected_share": 0.5},
     "rewrite": {"scorer": {"kind": "profanity-check", "batch_size": 64}},
+    # the resolved section, as the engine hands it over; publish hands its draw to the trainer
+    "format": fmt.Config(p_zero=0.25, k_cap=40, refusal_separator="\n").model_dump(mode="json"),
     "blend": {
         "ratios": {"recovery": 1.0, "anchor": 4.0},
         "near_dup_threshold": 0.8,
@@ -96,6 +99,7 @@ def test_shards_are_named_cut_by_size_and_carry_the_contract_schema(folder, blen
 
 
 def test_load_dataset_reads_every_config_and_split(folder, blended, tmp_path):
+    assert (folder / handoff.FILE).is_file()  # read with retrace.json beside the shards
     for config in records.CONFIGS:
         loaded = datasets.load_dataset(str(folder), config, cache_dir=str(tmp_path))
         assert set(loaded) == set(records.SPLITS)
@@ -430,7 +434,7 @@ def test_no_published_file_names_a_path_of_the_build_machine(
     run_config = RUN_CONFIG | {
         "run": {**RUN_CONFIG["run"], "runs_dir": str(tmp_path / "runs")},
         "sample": {"generator": {"model": generator}},
-        "format": {"target_tokenizer": str(tiny_model_dir)},
+        "format": {**RUN_CONFIG["format"], "target_tokenizer": str(tiny_model_dir)},
         "train": {"data": None, "tokenizer": str(Path.cwd() / "tok")},
         "publish": {**RUN_CONFIG["publish"], "tokenized": [str(tiny_model_dir)]},
     }
@@ -446,5 +450,6 @@ def test_no_published_file_names_a_path_of_the_build_machine(
     assert row["source"] == "<local>/benign.jsonl"
     assert row["meta"]["generator"] == "<local>/my-gemma"
     assert row["meta"]["tokenizer"] == f"<local>/{tiny_model_dir.name}"
+    assert handoff.read(folder).tokenizer == row["meta"]["tokenizer"]  # retrace.json's, too
     embedded = card.config_from_card(folder)
     assert embedded["train"]["tokenizer"] == "tok" and "runs_dir" not in embedded["run"]

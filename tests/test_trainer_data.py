@@ -293,3 +293,12 @@ def test_packed_documents_do_not_see_each_other(tiny_model_dir, attn):
     first, second = hidden_of_b(list(range(100, 130))), hidden_of_b(list(range(200, 230)))
     torch.testing.assert_close(first, second, rtol=0, atol=1e-5)
     torch.testing.assert_close(first, solo, rtol=0, atol=1e-5)
+
+
+def test_data_error_is_one_class_for_the_trainer_and_eval():
+    from pipeline import errors
+    from stages import eval_data
+    from trainer import data
+
+    assert data.DataError is eval_data.DataError is errors.DataError
+    assert issubclass(errors.DataError, errors.RetraceError)

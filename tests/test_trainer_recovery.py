@@ -1,6 +1,7 @@
 """The trainer's per-epoch k redraw is the format stage's draw (pipeline/recovery.py): every
 shipped BeaverTails answer, published by `format` and redrawn for 20 epochs, keeps the boundary
-rule and the separator, with P(k=0) and the cap from config (read from the dataset card)."""
+rule and the separator, with P(k=0) and the cap from config (read from the folder's retrace.json,
+never from the card)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from pathlib import Path
 import pytest
 from recipe_data import harmful
 from test_format import rewrites_table, run
-from trainer_fixtures import one_thread, write_config
+from trainer_fixtures import hand_off, one_thread, write_config
 
-from pipeline import recovery
+from pipeline import handoff, recovery
 from stages import format as fmt
 from stages.format_build import untrained_space
 from trainer import tokens
 from trainer.config import TrainConfig
-from trainer.data import recovery_draw
+from trainer.data import handed_off, recovery_draw
 from trainer.encode import Encoder, Recovery
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -43,7 +44,12 @@ def test_every_shipped_row_redrawn_for_20_epochs_keeps_the_joint(tiny_model_dir)
     assert len(published) == len(answers)
     tok = tokens.load_tokenizer(str(tiny_model_dir))
     tokens.add_control_tokens(tok)
-    enc = Encoder(tok, 4096, tokens.control_tokens(), recovery=Recovery(p_zero, cap, " "))
+    enc = Encoder(
+        tok,
+        4096,
+        tokens.control_tokens(),
+        recovery=Recovery(p_zero=p_zero, k_cap=cap, refusal_separator=" "),
+    )
     ks, joints = [], set()
     for row in published:
         h = row["meta"]["harmful"]
@@ -76,17 +82,21 @@ def test_every_shipped_row_redrawn_for_20_epochs_keeps_the_joint(tiny_model_dir)
     assert "\n" in joints and " " in joints  # prefixes ending in a newline and mid-sentence
 
 
-def test_the_redraw_reads_p_zero_cap_and_separator_from_the_card(tmp_path):
+def test_the_redraw_reads_p_zero_cap_and_separator_from_the_handoff_not_the_card(tmp_path):
     folder = tmp_path / "data"
     write_config(folder, "recovery", "train", [])
     cfg = TrainConfig()
-    assert recovery_draw(folder, cfg)[0] == Recovery(0.5, 100, " ")  # no card: Qi et al.'s
-    card = "# card\n\n<!-- retrace:config -->\n```yaml\nformat:\n  p_zero: 0.25\n  k_cap: 40\n"
-    (folder / "README.md").write_text(card + '  refusal_separator: "\\n"\n```\n')
-    draw, where = recovery_draw(folder, cfg)
-    assert draw == Recovery(0.25, 40, "\n") and "README.md" in where
+    assert recovery_draw(handed_off(folder), cfg, folder)[0] == handoff.DEFAULT_RECOVERY
+    hand_off(folder, Recovery(p_zero=0.25, k_cap=40, refusal_separator="\n"))
+    # A card whose embedded config says otherwise is not read.
+    card = "# card\n\n<!-- retrace:config -->\n```yaml\nformat:\n  p_zero: 0.9\n  k_cap: 3\n"
+    (folder / "README.md").write_text(card + '  refusal_separator: "X"\n```\n')
+    draw, where = recovery_draw(handed_off(folder), cfg, folder)
+    assert draw == Recovery(p_zero=0.25, k_cap=40, refusal_separator="\n")
+    assert "retrace.json" in where and "README.md" not in where
     pinned = TrainConfig(recovery={"p_zero": 0.0})  # train.recovery wins where set
-    assert recovery_draw(folder, pinned)[0] == Recovery(0.0, 40, "\n")
+    got = recovery_draw(handed_off(folder), pinned, folder)[0]
+    assert got == Recovery(p_zero=0.0, k_cap=40, refusal_separator="\n")
 
 
 def test_refusal_of_takes_the_joint_off():

@@ -1,5 +1,6 @@
 """Tiny dataset folders in the published layout (data/<config>/<split>-00000-of-00001.parquet,
-schemas from pipeline/records.py), written by the trainer tests themselves.
+schemas from pipeline/records.py, and the retrace.json publish writes beside them), written by the
+trainer tests themselves.
 
 The sentences are made up here. Harmful spans are mild, templated insults: the tests only need the
 model to tell them from benign sentences, not realistic harm.
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import records
+from pipeline import handoff, records
 
 # Harmful sentences: three frames over mild insults. Benign ones: a grammar of everyday
 # sentences, varied enough that an unfamiliar sentence is no sign of harm.
@@ -257,7 +258,20 @@ def write_config(root: Path, config: str, split: str, rows: list[dict], schema=N
     path = Path(root) / "data" / config / f"{split}-00000-of-00001.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(records.table(rows, schema or records.config_schema(config)), path)
+    hand_off(root)
     return path
+
+
+def hand_off(root: Path, recovery: handoff.Recovery = handoff.DEFAULT_RECOVERY) -> Path:
+    """The folder's retrace.json as publish writes it for what is on disk now: the draw (the
+    format stage's defaults unless given), no tokenizer, each config's control tokens."""
+    control = {}
+    for config in sorted(p for p in (Path(root) / "data").iterdir() if p.is_dir()):
+        tables = [pq.read_table(f) for f in sorted(config.glob("*.parquet"))]
+        if tables and all("segments" in t.column_names for t in tables):
+            control[config.name] = sorted({c for t in tables for c in handoff.control_tokens(t)})
+    handed = handoff.Handoff(recovery=recovery, tokenizer=None, control_tokens=control)
+    return handoff.write(root, handed)
 
 
 def corpus(root: Path, sizes: dict[str, int], seed: int = 0, validation: int = 8) -> Path:

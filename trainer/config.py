@@ -21,15 +21,15 @@ COMPONENTS = kinds.SFT_COMPONENTS
 
 
 class RecoveryDraw(BaseModel):
-    """The format stage's recovery draw, for the per-epoch k redraw. None takes the value from the
-    dataset card's embedded config (format.p_zero, format.k_cap, format.refusal_separator); a
-    folder without a card takes Qi et al.'s (0.5, 100, " "), and the log says which was used."""
+    """The format stage's recovery draw, for the per-epoch k redraw, under format's key names.
+    None takes the value the folder's retrace.json hands over (pipeline/handoff.py: what
+    format drew with), and the log says which was used."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     p_zero: float | None = Field(None, ge=0, le=1)
     k_cap: int | None = Field(None, ge=1)
-    separator: str | None = None
+    refusal_separator: str | None = None
 
 
 class TrainConfig(BaseModel):

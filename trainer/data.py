@@ -15,7 +15,10 @@ stream; a dropped row is replaced by the next one (and counted), so every step h
 rows. The position is then the rows taken from each stream.
 
 `open_folder` checks the whole folder before any training: a missing config, a missing column or
-a config with no trainable token fails with one line naming the file and what to do. Only the
+a config with no trainable token fails with one line naming the file and what to do. What publish
+hands over beside the shards (`retrace.json`: the recovery draw, the target tokenizer, each
+config's control tokens; pipeline/handoff.py) is read by `handed_off`, strictly; the card is
+never read. Only the
 columns and `meta` fields the trainer reads are checked (COLUMNS, META_FIELDS), so a corpus whose
 `meta` holds other fields, or none, trains as well.
 """
@@ -35,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import kinds, seeds
-from pipeline.errors import RetraceError
+from pipeline import handoff, kinds, seeds
+from pipeline.errors import DataError
 from trainer import rlbf
 from trainer.batching import Batch, collate, plan
 from trainer.encode import Doc, Encoder, Recovery, component
@@ -46,10 +49,6 @@ COLUMNS = ("id", "kind", "prompt", "segments")
 # the tokenizer rlbf's n and recovery's k were counted in.
 META_FIELDS = ("harmful", "k_max", "h_tokens", "generator", "tokenizer")
 _READ = (*COLUMNS, "meta")
-
-
-class DataError(RetraceError, ValueError):
-    """The dataset folder cannot be trained on; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -162,16 +161,23 @@ def component_rows(sources: list[Source]) -> Counter:
     return found
 
 
-def corpus_controls(sources: list[Source]) -> list[str]:
-    """Every control-token string the configs' segments use, sorted."""
-    found: set[str] = set()
-    for src in sources:
-        for f in src.train + src.validation:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["segments"]):
-                segs = pc.list_flatten(batch.column(0))
-                control = pc.equal(segs.field("role"), "control")
-                found.update(pc.unique(pc.filter(segs.field("text"), control)).to_pylist())
-    return sorted(found)
+def handed_off(folder: Path) -> handoff.Handoff:
+    """The folder's retrace.json (pipeline/handoff.py); a folder without one is refused."""
+    try:
+        return handoff.read(folder)
+    except handoff.HandoffError as err:
+        raise DataError(f"train: {err}") from None
+
+
+def corpus_controls(handed: handoff.Handoff, sources: list[Source], folder: Path) -> list[str]:
+    """Every control-token string the configs read use, as retrace.json lists them, sorted."""
+    missing = [s.config for s in sources if s.config not in handed.control_tokens]
+    if missing:
+        raise DataError(
+            f"train: {Path(folder) / handoff.FILE} lists no control_tokens for {missing}; "
+            "republish the folder with `retrace stage publish`"
+        )
+    return sorted({t for s in sources for t in handed.control_tokens[s.config]})
 
 
 def corpus_text(sources: list[Source]) -> Iterator[str]:
@@ -200,28 +206,14 @@ def identity(sources: list[Source]) -> str:
     return h.hexdigest()
 
 
-def recovery_draw(folder: Path, cfg: Any) -> tuple[Recovery, str]:
-    """The recovery redraw's settings: train.recovery where set, else the dataset card's format
-    section, else Qi et al.'s; and a line saying where they came from."""
-    from pipeline.card import config_from_card
-
-    card: dict[str, Any] = {}
-    where = "Qi et al.'s defaults (no retrace card in the folder)"
-    try:
-        card = config_from_card(Path(folder)).get("format") or {}
-        where = f"the card {Path(folder) / 'README.md'}"
-    except (KeyError, FileNotFoundError, OSError):
-        pass
-    base = Recovery()
-    keys = {"p_zero": "p_zero", "k_cap": "k_cap", "separator": "refusal_separator"}
-    values = {}
-    for key, card_key in keys.items():
-        set_here = getattr(cfg.recovery, key)
-        values[key] = set_here if set_here is not None else card.get(card_key, getattr(base, key))
-    draw = Recovery(**values)
+def recovery_draw(handed: handoff.Handoff, cfg: Any, folder: Path) -> tuple[Recovery, str]:
+    """The recovery redraw's settings: train.recovery where set, else what format drew with
+    (retrace.json); and a line saying where they came from."""
+    draw = handed.recovery.model_copy(update=cfg.recovery.model_dump(exclude_none=True))
     return draw, (
         f"recovery redraw: P(k=0)={draw.p_zero:g}, cap {draw.k_cap}, separator "
-        f"{draw.separator!r}, from train.recovery where set, else {where}"
+        f"{draw.refusal_separator!r}, from train.recovery where set, else "
+        f"{Path(folder) / handoff.FILE} (k counted in {handed.tokenizer or 'no tokenizer'})"
     )
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import recovery, seeds
+from pipeline.handoff import DEFAULT_RECOVERY, Recovery
 from pipeline.text import sentence_spans
 from pipeline.tokenizing import TextEncoder
 from trainer import rlbf
@@ -65,16 +66,6 @@ class Doc:
         return [i >= self.prompt_len for i in range(len(self.ids))]
 
 
-@dataclass(frozen=True)
-class Recovery:
-    """What the per-epoch k redraw needs beyond the row: the format stage's P(k=0), cap and
-    separator (from the dataset card or train.recovery)."""
-
-    p_zero: float = 0.5
-    k_cap: int = 100
-    separator: str = " "
-
-
 class Encoder(TextEncoder):
     """Tokenises rows for one tokenizer; `encode` returns a Doc, or a drop reason. Its text,
     markup and prompt scaffold are pipeline/tokenizing.py's, the rule the decoder uses too."""
@@ -92,7 +83,9 @@ class Encoder(TextEncoder):
         self.control = {t: tokenizer.convert_tokens_to_ids(t) for t in control_tokens}
         self._control_ids = frozenset(self.control.values())
         self.decision_weight = decision_weight
-        self.recovery = recovery or Recovery()
+        # What the per-epoch k redraw needs beyond the row: the format stage's P(k=0), cap and
+        # separator (the folder's retrace.json, or train.recovery: trainer/data.recovery_draw).
+        self.recovery = recovery or DEFAULT_RECOVERY
 
     def turn(self, segments: list[dict[str, Any]]) -> _Turn | str:
         """The assistant content tokenised, or a drop reason. Text between control segments is
@@ -207,7 +200,7 @@ class Encoder(TextEncoder):
         meta = row.get("meta") or {}
         h = meta.get("harmful")
         cfg = self.recovery
-        refusal = recovery.refusal_of(row["segments"], cfg.separator)
+        refusal = recovery.refusal_of(row["segments"], cfg.refusal_separator)
         if not h or refusal is None:
             return row["segments"]
         _, offsets = self.offsets(h)
@@ -216,7 +209,9 @@ class Encoder(TextEncoder):
         same = meta.get("h_tokens") == len(offsets) and meta.get("k_max") is not None
         cap = meta["k_max"] if same else cfg.k_cap
         rng = seeds.rng(seed, row["id"], "recovery_k", epoch)
-        segments, _, _, _ = recovery.draw(h, offsets, refusal, rng, cfg.p_zero, cap, cfg.separator)
+        segments, _, _, _ = recovery.draw(
+            h, offsets, refusal, rng, cfg.p_zero, cap, cfg.refusal_separator
+        )
         return segments
 
 

@@ -78,6 +78,7 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     # ---------------------------------------------------------------------------- setup
     seed = cfg.seed if cfg.seed is not None else seed
     sources = open_folder(data, cfg.configs)  # fails here, before any model is loaded
+    handed = data_mod.handed_off(data)  # retrace.json: what publish hands the trainer
     have = data_mod.component_rows(sources)
     if cfg.per_step:
         missing = [c for c in cfg.per_step if not have[c]]
@@ -92,12 +93,12 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     # Control tokens the corpus uses beyond the taxonomy (a corpus from elsewhere may name its own
     # policies) become control tokens too, said here, rather than rows dropped in silence; all
     # in tokens.control_tokens' one order, the `-tok` twins' too.
-    used = tuple(data_mod.corpus_controls(sources))
+    used = tuple(data_mod.corpus_controls(handed, sources, data))
     extra = [t for t in used if t not in taxonomy.load().all_tokens]
     if extra:
         log(f"control tokens from the corpus, not in the taxonomy, added: {', '.join(extra)}")
     data_id = data_mod.identity(sources)
-    draw, draw_source = data_mod.recovery_draw(data, cfg)
+    draw, draw_source = data_mod.recovery_draw(handed, cfg, data)
     device = _device(cfg.device)
     cuda = device.type == "cuda"
     autocast = (
