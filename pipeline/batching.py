@@ -4,7 +4,8 @@ finishes, and the next waiting request takes its slot.
 Why not `model.generate`: a padded generate batch runs until its longest row stops while finished
 rows keep their slots; on the embedded model at batch 8 and 16, 60-65% of the row-steps it computed
 produced no kept token (issue 16). transformers' own continuous-batching API measured no faster than
-padded generate on a 2-core CPU (FORMATS.md), so this loop keeps its own KV cache.
+padded generate on a 2-core CPU (docs/formats.md#generation-facts), so this loop keeps its own KV
+cache.
 
 Layout: one `DynamicCache` whose layers hold `[rows, kv heads, width, head dim]`. Each row's
 tokens are right-aligned and the columns to their left are masked padding, so every decode step

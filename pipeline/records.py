@@ -2,8 +2,8 @@
 
 Stages build their outputs with these schemas and the publisher writes shards with them, so no
 schema is ever inferred from a first row. The published configs follow TRL's conversational formats
-exactly (DESIGN §4): SFT rows carry `prompt`/`completion` message lists, preference rows carry
-`prompt`/`chosen`/`rejected`; never a `messages` column beside them.
+exactly (docs/data-contract.md#configs): SFT rows carry `prompt`/`completion` message lists,
+preference rows carry `prompt`/`chosen`/`rejected`; never a `messages` column beside them.
 """
 
 from __future__ import annotations

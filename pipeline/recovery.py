@@ -1,14 +1,17 @@
 """Qi et al.'s recovery example h≤k · r: the k draw and the prefix/refusal joint, defined once.
 
-The format stage publishes rows with it and the trainer redraws k every epoch with it (DESIGN §7),
-so what is trained is always a row the format stage could have published:
+The format stage publishes rows with it and the trainer redraws k every epoch with it
+(docs/formats.md#recovery), so what is trained is always a row the format stage could have
+published:
 
 - k: P(k=0) = p_zero, else k ~ U{1..k_max}, uniform under the row's own bound k_max =
-  min(cap, |h|), never a 1..cap draw clipped to |h| (which piles rows up at |h|, DESIGN §1); |h|
-  counts target-tokenizer tokens without h's end of sequence, so the prefix never holds it.
+  min(cap, |h|), never a 1..cap draw clipped to |h| (which piles rows up at |h|,
+  docs/formats.md#recovery); |h| counts target-tokenizer tokens without h's end of sequence, so the
+  prefix never holds it.
 - the prefix is the text of h's first k tokens, cut at char offsets (never inside a character);
-- the joint (DESIGN §4): the prefix's trailing whitespace moves to the refusal's trained side; with
-  none, `separator` joins them there, so the refusal never glues onto a word ("…GetI can't").
+- the joint (docs/data-contract.md#boundary-rule): the prefix's trailing whitespace moves to the
+  refusal's trained side; with none, `separator` joins them there, so the refusal never glues onto a
+  word ("…GetI can't").
 """
 
 from __future__ import annotations

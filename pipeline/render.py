@@ -1,4 +1,4 @@
-"""The renderer: the single definition of what the control tokens mean (DESIGN §4).
+"""The renderer: the single definition of what control tokens mean (docs/data-contract.md#render).
 
 An assistant turn is plain text with control tokens inline. The renderer turns it into what a user
 sees, as a small editor with a cursor:
@@ -7,7 +7,7 @@ sees, as a small editor with a cursor:
 - `[BACKTRACK]` / `[BACKTRACK-<POLICY>]` starts an edit: the text after it, up to `[REPLACE]`, is a
   copy of earlier visible text, not output — it points at what to take back;
 - `[REPLACE]` cuts the last occurrence of that copy before the cursor and puts the cursor where it
-  was, so the text that follows replaces it (BSAFE repeat-and-replace, FORMATS.md);
+  was, so the text that follows replaces it (BSAFE repeat-and-replace, docs/formats.md#bsafe);
 - `[RESET]` clears everything shown so far: the visible text is what follows the last `[RESET]`
   (Zhang et al.: the earlier text stays in the model's context but is hidden from the user);
 - `[CATEGORY-<POLICY>]` then `[BACKTRACK_BY_<n>]` (RLBF, Sel et al. 2026) deletes the last n tokens
@@ -15,8 +15,8 @@ sees, as a small editor with a cursor:
   tokenizer* (the trained model's), so rendering such a turn needs that tokenizer (`tokenizer=`;
   the data card names it). Tokens are the canonical split of the visible text before the cursor,
   the same split the format stage counts n with and checks every row against, with special-token
-  strings split as ordinary text (DESIGN §9). A stream may count the last n tokens emitted
-  instead (`backtrack_by="emitted"`, the decoder's `decode.backtrack_by`).
+  strings split as ordinary text (docs/decoding.md#take-back). A stream may count the last n tokens
+  emitted instead (`backtrack_by="emitted"`, the decoder's `decode.backtrack_by`).
 
 `render(text)` applies a whole turn; `StreamRenderer` takes tokens one by one and gives the visible
 text so far, as a chat UI would show it (holding back the last tokens an RLBF take-back could still
@@ -90,9 +90,10 @@ def split(text: str, controls: tuple[str, ...] | None = None) -> list[str]:
 
 def token_spans(tokenizer: Any, text: str) -> list[tuple[int, int]]:
     """`text`'s target-tokenizer tokens as char spans (no special tokens added): the tokens an
-    RLBF take-back counts. Special-token strings in it are split as ordinary text (DESIGN §9: the
-    trainer's and the decoder's rule), since the model emitted visible text as ordinary tokens: a
-    visible "<end_of_turn>" or "[RESET]" is several tokens, never one."""
+    RLBF take-back counts. Special-token strings in it are split as ordinary text
+    (docs/decoding.md#take-back: the trainer's and the decoder's rule), since the model emitted
+    visible text as ordinary tokens: a visible "<end_of_turn>" or "[RESET]" is several tokens, never
+    one."""
     return token_spans_of(tokenizer, [text])[0] if text else []
 
 
@@ -345,8 +346,8 @@ class StreamRenderer:
 
     def feed_text(self, piece: str, token: int | None = None) -> str:
         """Add text known to be plain (decoded from ordinary token ids): never read as a control
-        token, even when it spells one, so only real control ids edit (DESIGN §4). `token` as
-        for `feed`."""
+        token, even when it spells one, so only real control ids edit
+        (docs/data-contract.md#control-tokens). `token` as for `feed`."""
         self._editor.token = token
         self._editor.text(self._pending + piece)
         self._pending = ""

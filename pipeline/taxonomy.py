@@ -1,7 +1,8 @@
 """The policy taxonomy and the control-token strings (prompts/policies.yaml).
 
-Control tokens are privileged (DESIGN §4): any control-token string or model special token found
-in source text is neutralised here, before it enters a record, so no row can spell one by accident.
+Control tokens are privileged (docs/data-contract.md#control-tokens): any control-token string or
+model special token found in source text is neutralised here, before it enters a record, so no row
+can spell one by accident.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Taxonomy:
     reset_token: str
     policies: dict[str, Policy]
     # RLBF (Sel et al. 2026): a category token per policy, then "take back the last n tokens",
-    # one privileged token per n = 1..backtrack_by_max (FORMATS.md: spelling decided here).
+    # one privileged token per n = 1..backtrack_by_max (docs/formats.md#rlbf: spelling decided
+    # here).
     category_token: str = "[CATEGORY-{tag}]"
     backtrack_by_token: str = "[BACKTRACK_BY_{n}]"
     backtrack_by_max: int = 128

@@ -74,7 +74,8 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
 
 
 def clean(text: str | None) -> str:
-    """`text` (None as "") with control and special token strings neutralised (DESIGN §4)."""
+    """`text` (None as "") with control and special token strings neutralised
+    (docs/data-contract.md#control-tokens)."""
     text = text or ""
     # Every control or special token string holds "[" or "<": most texts skip the regexes.
     return taxonomy.neutralise(text)[0] if "[" in text or "<" in text else text

@@ -1,4 +1,4 @@
-"""The stages, one module each, in DAG order (DESIGN §3).
+"""The stages, one module each, in DAG order (docs/architecture.md#stages).
 
 `retrace run` stops at publish: push needs a network and a repo id, train a GPU-sized budget, eval
 a trained model; each runs when named. This file is part of every stage's code key (it runs

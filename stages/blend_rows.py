@@ -123,9 +123,9 @@ class UtilityRows(Rows):
 
 
 def _neutralised(texts: pa.Array) -> pa.Array:
-    """`texts` with control tokens defused (DESIGN §4): sources neutralise their text, but a
-    generated anchor answer may still spell one. Only a text with "[" or "<" can hold a token,
-    so only those go through Python."""
+    """`texts` with control tokens defused (docs/data-contract.md#control-tokens): sources
+    neutralise their text, but a generated anchor answer may still spell one. Only a text with "["
+    or "<" can hold a token, so only those go through Python."""
     maybe = pc.or_(pc.match_substring(texts, "["), pc.match_substring(texts, "<"))
     rows = np.flatnonzero(pc.fill_null(maybe, False).to_numpy(zero_copy_only=False))
     if not len(rows):

@@ -1,5 +1,5 @@
 """Stage `eval`: what a model trained on the corpus does under the papers' attacks, on safe
-prompts, and on maths (DESIGN §10, FORMATS.md "Evaluating a backtracking model").
+prompts, and on maths (docs/eval.md#suites, docs/eval.md#protocols).
 
 Reads `train.files` (this run's checkpoint) when `eval.model` is unset; with a model named
 (`retrace eval --model CKPT|embedded|<hub id>`) it reads nothing from the run and depends only on

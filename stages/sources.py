@@ -14,7 +14,7 @@ loader passes over by design), `neutralised_rows` and `neutralised_strings`.
 
 Every row gets a content-addressed id, `row_id(source, source_id, content)`, that later stages
 carry through to the shards. Control-token strings and model special tokens in any text are
-neutralised (DESIGN §4) and counted; the row itself is kept.
+neutralised (docs/data-contract.md#control-tokens) and counted; the row itself is kept.
 
 Rejects, with reason: malformed_line (a local JSON Lines line that is not a JSON object, or a CSV
 record with more fields than its header; the detail names the line: one bad line costs one row,

@@ -329,7 +329,8 @@ class Loader:
 
 
 def _alpaca(row: Mapping[str, Any], table: str, entry: Entry) -> Fields:
-    # Alpaca's user turn: instruction, plus "\n\n" + input when input is non-empty (FORMATS.md).
+    # Alpaca's user turn: instruction, plus "\n\n" + input when input is non-empty
+    # (docs/formats.md#utility).
     instruction = text(row, "instruction")
     extra = text(row, "input", optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
@@ -465,7 +466,8 @@ LOADERS: dict[str, Loader] = {
     "advbench": Loader(
         "walledai/AdvBench", "train", "mit", ("prompt",), ("harmful", "eval"), _advbench
     ),
-    # HarmBench's behaviours ship as CSVs (FORMATS.md), not as a Hub dataset: `path` is required.
+    # HarmBench's behaviours ship as CSVs (docs/formats.md#datasets), not as a Hub dataset: `path`
+    # is required.
     "harmbench": Loader(
         None,
         "test",

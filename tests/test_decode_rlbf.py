@@ -1,6 +1,6 @@
 """The decoder on RLBF's format: `[CATEGORY-<P>] [BACKTRACK_BY_<n>]` takes back the last n tokens
-the user saw and decoding simply continues (FORMATS.md, RLBF inference), on a scripted tiny model
-that carries RLBF's tokens as a model trained on an `rlbf` corpus does."""
+the user saw and decoding simply continues (docs/formats.md#rlbf, docs/decoding.md#take-back), on a
+scripted tiny model that carries RLBF's tokens as a model trained on an `rlbf` corpus does."""
 
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ def test_streaming_flushes_a_held_tail_that_never_became_a_token():
     "text", ["The fox naps. Type <end_of_turn> now.", "The fox naps. Press [RESET] now."]
 )
 def test_take_back_tokens_count_special_token_strings_as_ordinary_text(control_tok, text):
-    # One counting rule (DESIGN §9): the renderer's take-back splits text as the trainer does.
+    # One counting rule (docs/decoding.md#take-back): the renderer's take-back splits text as the
+    # trainer does.
     from pipeline.render import token_spans
     from trainer.encode import Encoder
 

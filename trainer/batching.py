@@ -5,7 +5,7 @@ packed document keeps its own positions (0, 1, ...) and its last token has no la
 document is ever predicted from the one before it. With no attention mask and reset positions,
 transformers builds a block-diagonal causal mask (sdpa/eager) or varlen calls (flash attention),
 so documents do not see each other either: a packed batch gives the same loss as the unpacked one
-(FORMATS "Trainer facts"; tested). Bucketing sorts a buffer of rows by length and pads each
+(docs/formats.md#trainer-facts; tested). Bucketing sorts a buffer of rows by length and pads each
 micro-batch to its longest row, with a 2D attention mask.
 """
 

@@ -4,9 +4,9 @@ The prompt is rendered with the model's chat template, or Gemma's turn format fr
 prompts/chat/gemma.jinja when it has none (the embedded Gemma 3 270M is a base model). Every piece
 of text that came from data (prompt contents, segment texts, the recovery harmful answer) is
 tokenised with `split_special_tokens=True`, so a literal "[RESET]" or "<end_of_turn>" typed by a
-user never becomes that token's id (DESIGN §4: control tokens are privileged). Only `control`
-segments map to a control-token id, directly. The template's own markup is tokenised with its
-special tokens.
+user never becomes that token's id (docs/data-contract.md#control-tokens: control tokens are
+privileged). Only `control` segments map to a control-token id, directly. The template's own markup
+is tokenised with its special tokens.
 
 The assistant turn is tokenised as a whole between control tokens, not segment by segment, and
 each token goes to the segment its characters fall in; a token straddling a trained and an
@@ -17,10 +17,10 @@ an untrained " " + "Bad", never a trained lone " " before it.
 An rlbf row's `[BACKTRACK_BY_<n>]` is re-counted in this tokenizer by the decoder's rule
 (trainer/rlbf.py), whatever tokenizer the format stage counted it in; a row no n fits is dropped.
 
-Flags come from the segments (DESIGN §1): harmful spans and unsafe prefixes are context, the rest
-of the assistant turn and its end-of-turn token are trained. `recovery` rows may redraw k each
-epoch (Qi et al.) with pipeline/recovery.py, the format stage's own draw and joint, so the trained
-row is always one the format stage could have published.
+Flags come from the segments (docs/data-contract.md#segments): harmful spans and unsafe prefixes are
+context, the rest of the assistant turn and its end-of-turn token are trained. `recovery` rows may
+redraw k each epoch (Qi et al.) with pipeline/recovery.py, the format stage's own draw and joint, so
+the trained row is always one the format stage could have published.
 
 Rows longer than `max_length` keep their edits: benign text is cut from the left of the assistant
 turn (then from its right end), never inside the span from the first edit segment (harmful,

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and accelerator peaks, for MFU (FORMATS "Trainer facts").
+"""Model FLOPs per token and accelerator peaks, for MFU (docs/formats.md#trainer-facts).
 
 MFU = (6·N + 12·L·H·d_head·T) · tokens/s ÷ peak FLOP/s, where N counts every weight that does a
 matmul per token: the transformer blocks and the output layer. With tied embeddings the one shared

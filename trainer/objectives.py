@@ -2,8 +2,8 @@
 
 Each returns the *sum* of its per-token losses over a micro-batch's trained positions; the loop
 divides by the trained tokens of the whole optimizer step, so gradient accumulation is exact
-(FORMATS "Trainer facts": the v4.46 transformers fix). Logits exist only for trained positions,
-a `loss_chunk` of them at a time, in fp32, each chunk recomputed in backward (activation
+(docs/formats.md#trainer-facts: the v4.46 transformers fix). Logits exist only for trained
+positions, a `loss_chunk` of them at a time, in fp32, each chunk recomputed in backward (activation
 checkpointing) so a 262k vocabulary never holds more than one chunk of logits.
 
 - `sft`: cross-entropy.
@@ -12,12 +12,13 @@ checkpointing) so a 262k vocabulary never holds more than one chunk of logits.
   β₂…₅=2.0, β>₅=0.1. Its value is what we report; its gradient is the authors' code form,
   −w·∇log π with w = clamp(2·(1−σ(β_t·Δ_t)), min=1e-3) detached (equal up to the clamp).
 - `controlled` (BSAFE's controlled fine-tuning, for downstream fine-tuning of a model that already
-  backtracks; DESIGN §7): cross-entropy on every trained token, as `sft`, plus
+  backtracks; docs/formats.md#controlled): cross-entropy on every trained token, as `sft`, plus
   α_t·KL(π_ref ‖ π) at each trained position, α_t = kl_alpha·clamp((m_t − lo)/(hi − lo), 0, 1)
   where m_t is the reference's probability mass on the control tokens at t and (lo, hi) =
   `kl_mass` (lo = hi: a step at lo). α_t is zero where backtracking is not live, so the task is
   learned and only backtracking-relevant positions are held to the reference (the paper leaves the
-  schedule open; FORMATS.md). The loop logs the KL term and the share of positions with α_t > 0.
+  schedule open; docs/formats.md#controlled). The loop logs the KL term and the share of positions
+  with α_t > 0.
 
 Every objective multiplies each token's loss by the Doc's weight (`decision_weight` on control
 targets and on the token a sentence starts in, trainer/encode.py; 1 elsewhere).

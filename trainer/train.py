@@ -180,7 +180,8 @@ def _train(cfg, data: Path, out: Path, seed: int, stop_after: int | None, log) -
     while step < cfg.steps:
         t0 = time.perf_counter()
         taken = next(steps)
-        # Normalise by the trained tokens of the whole step, not per micro-batch (FORMATS).
+        # Normalise by the trained tokens of the whole step, not per micro-batch
+        # (docs/formats.md#trainer-facts).
         n_step = sum(b.n_trained for b in taken.batches)
         loss_sum = torch.zeros((), device=device)
         objective.stats = {"kl": 0.0, "kl_positions": 0, "alpha": 0.0}

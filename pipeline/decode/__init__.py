@@ -1,4 +1,4 @@
-"""Backtracking-aware decoding (DESIGN §9): run a model the way a deployer serves it.
+"""Backtracking-aware decoding (docs/decoding.md#decoder): run a model the way a deployer serves it.
 
     from pipeline.backends import GeneratorSpec, load_generator
     from pipeline.decode import DecodeConfig, Request, load_decoder

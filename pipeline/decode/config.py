@@ -15,11 +15,10 @@ class DecodeConfigError(RetraceError, ValueError):
 
 
 class GuardConfig(BaseModel):
-    """Scorer-guided rollback (the training-free baseline, FORMATS.md "Toxicity scoring during
-    generation"): each completed sentence is scored; one the judges' rule flags (pipeline/judges.py
-    `Rule`: its `label`'s score, or the maximum, reaches `threshold`) is taken back to the end of
-    the last safe sentence and resampled, up to `retries` times, then the turn ends with
-    `refusal`."""
+    """Scorer-guided rollback (the training-free baseline, docs/decoding.md#guard): each completed
+    sentence is scored; one the judges' rule flags (pipeline/judges.py `Rule`: its `label`'s score,
+    or the maximum, reaches `threshold`) is taken back to the end of the last safe sentence and
+    resampled, up to `retries` times, then the turn ends with `refusal`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,8 +49,8 @@ class DecodeConfig(BaseModel):
     # edit closes, the KV cache is cropped so the rest is conditioned only on the visible text.
     context: Literal["keep", "drop"] = "keep"
     # How [BACKTRACK_BY_<n>] counts its n: canonical, the tokenizer's split of the visible text
-    # before the cursor (DESIGN §9's one counting rule: what format counts and the trainer
-    # trains); emitted, the last n tokens the model emitted (RLBF's stream handler).
+    # before the cursor (docs/decoding.md#take-back, one counting rule: what format counts and the
+    # trainer trains); emitted, the last n tokens the model emitted (RLBF's stream handler).
     backtrack_by: Literal["canonical", "emitted"] = "canonical"
     bias: dict[str, float] = {}  # added to a control token's logit (BSAFE opt-in/out, Zhang's knob)
     disable: tuple[str, ...] = ()  # these control tokens get -inf: never emitted

@@ -5,8 +5,8 @@ A record is `Decoded.to_dict()` (what `retrace generate` writes) or an eval GENE
 `offsets` (where each emitted token's text starts in `raw`), `prefill` (the text the turn started
 with) and `events` (a list, or its JSON). A control token is real where an event names it at its
 token's position; anywhere else a control string in `raw` is text the model spelled in ordinary
-tokens, which edits nothing (DESIGN §4). Flags come from these, never from a regex over raw text
-(DESIGN §10).
+tokens, which edits nothing (docs/data-contract.md#control-tokens). Flags come from these, never
+from a regex over raw text (docs/decoding.md#events).
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ class VllmDecoder:
             temperature=s.temperature,
             top_p=self.cfg.top_p,
             top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
-            max_tokens=max_tokens,  # vLLM's own default is 16 (FORMATS.md): always pass it
+            # vLLM's own default is 16 (docs/formats.md#generation-facts): always pass it
+            max_tokens=max_tokens,
             seed=seeds_mod.derive(s.seed, "vllm-round", round_),
             logit_bias=bias or None,
             stop_token_ids=stop_ids,
