@@ -192,3 +192,18 @@ def test_an_old_eval_decode_key_or_decode_option_fails_in_one_line(tmp_path):
     assert result.exit_code == 2
     [line] = result.stderr.strip().splitlines()
     assert "--decode context=drop was removed: use --set decode.context=drop" in line
+
+
+def test_a_suite_sampling_key_overrides_only_itself_and_null_is_decodes():
+    """A suite's `sampling` is a declared override of `decode:`: `--set` of one key once reset the
+    rest to another suite's values (midstream's greedy became T=0.9); now it keeps the protocol."""
+    from pipeline import config as config_mod
+    from pipeline.dag import load_stages
+
+    sets = ["eval.midstream.sampling.max_new_tokens=8", "eval.prefill.sampling.top_p=null"]
+    cfg = config_mod.load(None, load_stages(), [*sets, "decode.top_p=0.8"])
+    assert cfg.eval.midstream.sampling.temperature == 0.0  # midstream's greedy protocol stays
+    assert cfg.eval.midstream.sampling.max_new_tokens == 8
+    assert cfg.eval.prefill.sampling.over(cfg.eval.decode).top_p == 0.8  # null: decode's value
+    with pytest.raises(config_mod.ConfigError, match="eval.decoding.temperatures.0"):
+        config_mod.load(None, load_stages(), ["eval.decoding.temperatures=[-1]"])
