@@ -7,7 +7,7 @@
     retrace models prepare [--force]
     retrace push --repo-id ID [--private] [--revision R] [--dry-run]
     retrace train [--config F] [--set train.k=v] [--data FOLDER]
-    retrace eval [--model CKPT|embedded|HUB_ID] [--suite S] [--baseline] [--decode k=v]
+    retrace eval [--model CKPT|embedded|HUB_ID] [--suite S] [--baseline] [--set decode.k=v]
     retrace eval --compare DIR DIR...
     retrace chat [--model CKPT|embedded|HUB_ID] [--show visible|raw|both] [--bias RESET=-5]
                  [--guard profanity-check] [--set decode.k=v]
@@ -290,9 +290,7 @@ def eval_(
     baseline: Annotated[
         bool, typer.Option(help="Allow a model without control tokens (backtracking 0 by design).")
     ] = False,
-    decode: Annotated[
-        list[str] | None, typer.Option(help="Decoder override key=value, as eval.decode.key.")
-    ] = None,
+    decode: Annotated[list[str] | None, typer.Option(hidden=True)] = None,  # removed: see below
     compare: Annotated[
         bool, typer.Option(help="Compare the eval folders given as arguments instead.")
     ] = False,
@@ -306,7 +304,13 @@ def eval_(
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="Evaluate again even if cached.")] = False,
 ) -> None:
-    """Evaluate a model (attacks, false triggers, utility) into runs/<run>/eval/<model>/."""
+    """Evaluate a model (attacks, false triggers, utility) into runs/<run>/eval/<model>/; it
+    decodes with the top-level decode: section, as chat and generate do (--set decode.k=v)."""
+    if decode:
+        raise config_mod.ConfigError(
+            f"--decode {decode[0]} was removed: use --set decode.{decode[0]} (the top-level "
+            "decode: section, which chat, generate and eval read)"
+        )
     if compare:
         from stages.eval_report import compare as compare_folders
 
@@ -321,7 +325,6 @@ def eval_(
         overrides.append(f"eval.suites=[{', '.join(suite)}]")
     if baseline:
         overrides.append("eval.baseline=true")
-    overrides += [f"eval.decode.{item}" for item in decode or []]
     pipe = _pipeline(config, overrides)
     pipe.run(["eval"], force={"eval"} if force else set())
     report = pipe.store.files_dir("eval") / "report.md"

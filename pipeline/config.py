@@ -49,6 +49,33 @@ class RunConfig(BaseModel):
 SECTIONS: dict[str, type[BaseModel]] = {"run": RunConfig, "decode": DecodeConfig}
 
 
+def _shared(module: ModuleType) -> tuple[str, ...]:
+    """The non-stage sections a stage runs with (its Config's `SHARED`, e.g. eval's `decode`):
+    each is copied into the stage's section after validation, so it is in that stage's cache key
+    and manifest, and the one home of its settings stays the top-level section."""
+    return tuple(getattr(module.Config, "SHARED", ()))
+
+
+def _refuse_copies(raw: Mapping[str, Any], stages: Mapping[str, ModuleType], origin: str) -> None:
+    for name, module in stages.items():
+        section = raw.get(name)
+        for key in _shared(module):
+            if isinstance(section, Mapping) and key in section:
+                raise ConfigError(
+                    f"{origin}: {name}.{key} is not a setting; move it to the top-level `{key}:` "
+                    f"section (or --set {key}.KEY=VALUE), which {name} reads"
+                )
+
+
+def _with_shared(cfg: BaseModel, stages: Mapping[str, ModuleType]) -> BaseModel:
+    update = {}
+    for name, module in stages.items():
+        if keys := _shared(module):
+            shared = {key: getattr(cfg, key) for key in keys}
+            update[name] = getattr(cfg, name).model_copy(update=shared)
+    return cfg.model_copy(update=update) if update else cfg
+
+
 def config_model(stages: Mapping[str, ModuleType]) -> type[BaseModel]:
     """The root config model: the non-stage sections, then one per stage module."""
     fields: dict[str, Any] = {}
@@ -67,9 +94,11 @@ def validate(
     raw: Mapping[str, Any], stages: Mapping[str, ModuleType], origin: str = "config"
 ) -> BaseModel:
     """Validate a raw mapping; on failure raise ConfigError naming each bad key."""
+    _refuse_copies(raw, stages, origin)
     try:
         # The stage names reach the sections that check them (run.ray.stages) as the context.
-        return config_model(stages).model_validate(raw, context={"stages": tuple(stages)})
+        model = config_model(stages).model_validate(raw, context={"stages": tuple(stages)})
+        return _with_shared(model, stages)
     except ValidationError as err:
         lines = [f"{origin}: {len(err.errors())} invalid setting(s):"]
         for e in err.errors():

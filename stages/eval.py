@@ -5,7 +5,11 @@ Reads `train.files` (this run's checkpoint) when `eval.model` is unset; with a m
 (`retrace eval --model CKPT|embedded|<hub id>`) it reads nothing from the run and depends only on
 that model and the eval's files. The engine keeps each model's results apart, under
 `runs/<run>/eval/<name>-<hash>/` (`eval_model.slug`: the model's name and a hash of its path or
-Hub id and revision, so same-named models never share a folder).
+Hub id and revision, so same-named models never share a folder, then, for a decoding other than
+the default, a hash of its settings: a keep and a drop eval of one model sit side by side).
+It decodes with the top-level `decode:` (as chat and generate do); each suite's `sampling` is a
+declared override of its sampling keys, named in results.json and the report, and every results
+row names the decoding it was measured under (`decode`).
 Writes:
 - `generations` (stages/eval_rows.GENERATIONS): every generation or teacher-forced probe, with
   prompt, prefill, raw and visible text, edit events, token counts and each judge's verdict;
@@ -34,6 +38,8 @@ import pyarrow as pa
 
 from pipeline import models, records
 from pipeline.backends import GeneratorSpec
+from pipeline.decode import DecodeConfig
+from pipeline.decode.config import SAMPLING, setting
 from pipeline.stage import Env, StageSpec
 from stages import (
     eval_data,
@@ -44,7 +50,7 @@ from stages import (
     eval_suites,
     eval_utility,
 )
-from stages.eval_config import EvalConfig
+from stages.eval_config import DecodingSuite, EvalConfig
 from stages.eval_judges import judge_name, load_judge
 from stages.eval_metrics import RESULTS
 from stages.eval_report import write
@@ -72,11 +78,21 @@ PLANNERS = {
 
 
 def spec_for(cfg: EvalConfig) -> StageSpec:
-    """A named model needs nothing from the run; this run's checkpoint needs `train`."""
+    """A named model needs nothing from the run; this run's checkpoint needs `train`. Each model
+    and decoding has its own folder."""
+    folder = f"eval/{eval_model.slug(cfg.model, cfg.revision, cfg.decode)}"
     if cfg.model is None:
-        return SPEC
-    folder = f"eval/{eval_model.slug(cfg.model, cfg.revision)}"
+        return dataclasses.replace(SPEC, folder=folder)
     return dataclasses.replace(SPEC, reads=(), folder=folder)
+
+
+def overrides(section: Any) -> dict[str, Any]:
+    """The decode keys a suite section sets itself (its declared override of `decode:`)."""
+    if isinstance(section, DecodingSuite):  # a grid: every point is named in `setting`
+        grid = (section.temperatures, section.top_ps, section.top_ks, section.max_new_tokens)
+        return dict(zip(SAMPLING, grid, strict=True))
+    sampling = getattr(section, "sampling", None)
+    return sampling.model_dump(exclude_none=True) if sampling is not None else {}
 
 
 def _prompt_files(cfg: EvalConfig) -> list[Path]:
@@ -131,7 +147,8 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
             m, requests, judges, cfg.decode, env, folder, cfg.chunk_size, cfg.batch_size
         )
         rows.extend(done)
-        results.extend(summarise(m.name, done, names, label))
+        decoding = setting(cfg.decode, skip=tuple(overrides(section(cfg))))
+        results.extend({**r, "decode": decoding} for r in summarise(m.name, done, names, label))
 
     for suite in cfg.suites:
         if suite != "finetune-attack":
@@ -148,6 +165,10 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
         "judges": [judge_name(j) for j in cfg.judges],
         "baseline": model.baseline,
         "decode": _describe(cfg.decode),
+        "decode_setting": setting(cfg.decode),
+        "suite_decode": {
+            suite: _overridden(cfg, suite) for suite in cfg.suites if suite in PLANNERS
+        },
         "rejected": dict(counts),
         "decontamination": _decontamination(rows, data),
     }
@@ -161,13 +182,29 @@ def run(inputs: dict[str, Any], cfg: EvalConfig, env: Env) -> dict[str, pa.Table
     }
 
 
-def _describe(d: Any) -> str:
+def _describe(d: DecodeConfig) -> str:
     guard = "off"
     if d.guard is not None:
         g = d.guard
         guard = f"{g.scorer.kind} at {g.threshold:g}, {g.retries} retries (scorer-guided rollback)"
     bias = ", ".join(f"{k} {v:+g}" for k, v in d.bias.items()) or "none"
-    return f"context {d.context}; bias {bias}; disabled {list(d.disable) or 'none'}; guard {guard}"
+    return (
+        f"`{setting(d)}` (context {d.context}; backtrack_by {d.backtrack_by}; bias {bias}; "
+        f"disabled {list(d.disable) or 'none'}; guard {guard}; T {d.temperature:g}, top-p "
+        f"{d.top_p:g}, top-k {d.top_k}, {d.max_new_tokens} new tokens; max_edits "
+        f"{d.max_edits}, max_wasted_tokens {d.max_wasted_tokens})"
+    )
+
+
+def _overridden(cfg: EvalConfig, suite: str) -> str:
+    """What a suite's declared override replaces of `decode:`, for the report."""
+    section = PLANNERS[suite][0](cfg)
+    found = overrides(section)
+    if not found:
+        return "decode: as is"
+    where = "the grid" if isinstance(section, DecodingSuite) else f"eval.{suite}.sampling"
+    keys = ", ".join(f"{k} {v}" for k, v in found.items())
+    return f"{keys} ({where}, over decode:)"
 
 
 def _decontamination(rows: list[dict], data: Path | None) -> str:

@@ -1,7 +1,9 @@
 """Rates with Wilson intervals, and the results rows every suite reports.
 
 A results row is one number: suite, setting (`k=5`, `bias=-2`, `T=0.7,top_p=0.9,top_k=0`,
-`policy=hate`, ...), metric, judge (or "" for a judge-free count), value, its 95% interval and n.
+`policy=hate`, ...), metric, judge (or "" for a judge-free count), value, its 95% interval and n,
+and the decoding it was measured under (`decode`: the top-level `decode:` settings that differ
+from the defaults and that the suite does not override, e.g. `context=drop`; else `default`).
 The report, results.json and `--compare` all read these rows.
 """
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 RESULTS = pa.schema(
     [
         ("model", pa.string()),
+        ("decode", pa.string()),  # pipeline.decode.config.setting: `default`, `context=drop`, ...
         ("suite", pa.string()),
         ("setting", pa.string()),
         ("metric", pa.string()),

@@ -10,6 +10,7 @@ of turn, so a prefill is the start of the model's own answer (Qi et al.).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from pipeline import models
 from pipeline.backends import GeneratorSpec
+from pipeline.decode.config import DecodeConfig, changed
 from pipeline.decode.controls import model_controls, token_kind
 from pipeline.errors import RetraceError
 from trainer.encode import Encoder
@@ -113,11 +115,23 @@ def left_padded(mask: Any, device: str) -> dict[str, Any]:
 _CHECKPOINT_DIRS = ("files", "train", "checkpoints")  # where `retrace train` puts checkpoints
 
 
-def slug(model: str | None, revision: str | None = None) -> str:
-    """A folder name for a model: `train` for this run's checkpoint, else a readable name and a
-    short hash of its identity (a local folder's resolved path, else its id and revision), so two
-    models that share a folder name (`a/ctrlE`, `b/k/ctrlE`, every `train/files/final`) never
-    share an eval folder, and one model keeps its folder across reruns."""
+def slug(model: str | None, revision: str | None = None, decode: DecodeConfig | None = None) -> str:
+    """A folder name for a model and its decoding: `train` for this run's checkpoint, else a
+    readable name and a short hash of its identity (a local folder's resolved path, else its id
+    and revision), so two models that share a folder name (`a/ctrlE`, `b/k/ctrlE`, every
+    `train/files/final`) never share an eval folder, and one model keeps its folder across reruns.
+    A decoding other than the default adds `-decode-` and a short hash of the settings that differ
+    (`ctrlE-1a2b3c4d-decode-5e6f7a8b`): a keep and a drop eval of one model never share a folder,
+    and the default's folder keeps its name."""
+    base = _model_slug(model, revision)
+    different = changed(decode) if decode is not None else {}
+    if not different:
+        return base
+    text = json.dumps(different, sort_keys=True, separators=(",", ":"))
+    return f"{base}-decode-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def _model_slug(model: str | None, revision: str | None) -> str:
     if model is None:
         return "train"
     name = identity = models.model_id(model, revision)

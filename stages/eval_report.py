@@ -25,7 +25,8 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-COLUMNS = ["model", "suite", "setting", "metric", "judge", "value", "low", "high", "n"]
+# `decode`: the decoding a number was measured under (`default`, `context=drop`, ...).
+COLUMNS = ["model", "decode", "suite", "setting", "metric", "judge", "value", "low", "high", "n"]
 
 
 def write(out: Path, results: list[dict], meta: dict[str, Any]) -> None:
@@ -55,7 +56,9 @@ def report(results: list[dict], meta: dict[str, Any]) -> str:
             "trigger rates are 0 by construction, not by measurement (and benign's bias sweep "
             "runs bias 0 only: there is no token to bias)"
         )
-    lines.append(f"- decoding: {meta['decode']}")
+    lines.append(f"- decoding (top-level `decode:`): {meta['decode']}")
+    for suite, override in meta.get("suite_decode", {}).items():
+        lines.append(f"  - {suite}: {override}")
     lines.append(f"- decontamination: {meta['decontamination']}")
     lines.append("- intervals: 95% Wilson score intervals for rates; none for means")
     if meta.get("rejected"):
@@ -220,15 +223,21 @@ def _load(folder: Path) -> dict[str, Any]:
     )
 
 
+def _label(data: dict[str, Any]) -> str:
+    decoding = data.get("decode_setting", "default")
+    return data["model"] if decoding == "default" else f"{data['model']} [{decoding}]"
+
+
 def compare(folders: list[Path], out: Path) -> str:
     """One table (rows: suite/setting/metric/judge and, for fine-tuned copies, the objective; a
-    column per evaluated folder) and one ASR-vs-k plot. A folder is labelled by its model, or by
-    run/model where two folders evaluated the same model (plain vs guarded decoding, say)."""
+    column per evaluated folder) and one ASR-vs-k plot. A folder is labelled by its model and,
+    unless the default, its decoding (`ctrlE [context=drop]`), or by run/label where two folders
+    still share a label (the same model and decoding in two runs)."""
     loaded = [(Path(folder), _load(folder)) for folder in folders]
-    names = [d["model"] for _, d in loaded]
+    names = [_label(d) for _, d in loaded]
     labels = [
-        f"{f.resolve().parents[1].name}/{d['model']}" if names.count(d["model"]) > 1 else d["model"]
-        for f, d in loaded
+        f"{f.resolve().parents[1].name}/{name}" if names.count(name) > 1 else name
+        for name, (f, _) in zip(names, loaded, strict=True)
     ]
     merged: dict[tuple, dict[str, Any]] = {}
     relabelled = []

@@ -82,10 +82,11 @@ class Request:
     sample: int = 0
     prefill: str = ""
     prefill_ids: tuple[int, ...] = ()
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
+    # The suite's sampling override of `decode:`; None: decode's value (eval_run.decode).
+    temperature: float | None = 0.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    max_new_tokens: int | None = 64
     bias: float = 0.0
     forced: bool = False  # teacher-forced: next-token probabilities, no generation
     k: int | None = None

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline import records, store
 from pipeline.decode import DecodeConfig, Decoded, Decoder
 from pipeline.decode import Request as DecodeRequest
+from pipeline.decode.config import SAMPLING
 from pipeline.decode.vllm_decoder import VllmDecoder
 from stages import eval_midstream, eval_utility
 from stages.eval_model import EvalModel
@@ -119,23 +120,18 @@ def decode(
     env: Any,
     processors: tuple = (),
 ) -> list[Decoded]:
-    """Decode requests with the shared decoder (pipeline/decode), in order; requests that share
-    sampling settings and bias share one decoder (its config is per batch, not per row)."""
+    """Decode requests with the shared decoder (pipeline/decode) configured by `decode_cfg` (the
+    top-level `decode:`), in order; requests that share sampling settings and bias share one
+    decoder (its config is per batch, not per row)."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault((r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.bias), []).append(i)
     scorer = env.scorer(decode_cfg.guard.scorer) if decode_cfg.guard is not None else None
     out: list[Decoded | None] = [None] * len(requests)
-    for (temperature, top_p, top_k, max_new, bias), idx in groups.items():
-        cfg = decode_cfg.model_copy(
-            update={
-                "temperature": temperature,
-                "top_p": top_p,
-                "top_k": top_k,
-                "max_new_tokens": max_new,
-                "bias": _biased(model, decode_cfg, bias),
-            }
-        )
+    for (*sampling, bias), idx in groups.items():
+        # The suite's declared override: a key it sets replaces decode's, None keeps decode's.
+        override = {k: v for k, v in zip(SAMPLING, sampling, strict=True) if v is not None}
+        cfg = decode_cfg.model_copy(update={**override, "bias": _biased(model, decode_cfg, bias)})
         decoder = _decoder(model.generator, cfg, scorer)
         turns = [
             DecodeRequest(

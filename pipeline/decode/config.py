@@ -14,6 +14,15 @@ class DecodeConfigError(RetraceError, ValueError):
     """A `decode:` setting the loaded model or scorer cannot honour."""
 
 
+# The sampling knobs' bounds, declared once: `decode:`, the guard's retry and every override of
+# them (eval's suites) use these types.
+Temperature = Annotated[float, Field(ge=0)]  # 0 means greedy
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0)]  # 0 means no top-k cut
+NewTokens = Annotated[int, Field(gt=0)]  # emitted tokens per turn, taken-back ones included
+SAMPLING = ("temperature", "top_p", "top_k", "max_new_tokens")
+
+
 class GuardConfig(BaseModel):
     """Scorer-guided rollback (the training-free baseline, docs/decoding.md#guard): each completed
     sentence is scored; one the judges' rule flags (pipeline/judges.py `Rule`: its `label`'s score,
@@ -26,7 +35,7 @@ class GuardConfig(BaseModel):
     threshold: Threshold = 0.5
     label: str | None = None  # score one label; None takes the maximum over the scorer's labels
     retries: int = Field(2, ge=0)  # resamples per turn before it ends with `refusal`
-    temperature: float | None = Field(None, ge=0)  # sampling temperature of a retry; None keeps it
+    temperature: Temperature | None = None  # sampling temperature of a retry; None keeps it
     ban_first_token: bool = True  # a retry may not start with the flagged attempt's first token
     refusal: str = "I'm sorry, but I can't continue with that."
 
@@ -40,10 +49,10 @@ class DecodeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: float = Field(0.7, ge=0)  # 0 means greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0 means no top-k cut
-    max_new_tokens: int = Field(256, gt=0)  # emitted tokens per turn, taken-back ones included
+    temperature: Temperature = 0.7
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    max_new_tokens: NewTokens = 256
     stop: tuple[str, ...] = ()  # visible-text stop strings (the text is cut before them)
     # keep: taken-back text stays in the model's context (what the corpus trains); drop: once an
     # edit closes, the KV cache is cropped so the rest is conditioned only on the visible text.
@@ -69,6 +78,48 @@ class DecodeConfig(BaseModel):
             except KeyError as err:
                 raise ValueError(err.args[0]) from None
         return value
+
+
+class Sampling(BaseModel):
+    """A declared override of `decode:`'s sampling for one use (an eval suite's protocol): a key
+    set here replaces decode's, one left None is decode's. Same types and bounds as `decode:`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    max_new_tokens: NewTokens | None = None
+
+    def over(self, base: DecodeConfig) -> DecodeConfig:
+        """`base` with this override's set keys."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+def changed(cfg: DecodeConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of `cfg` that differ from the defaults (JSON values), less `skip`: what names
+    a decoding apart from the default one (eval's `decode` column and folder name)."""
+    default = DecodeConfig().model_dump(mode="json")
+    return {
+        k: v for k, v in cfg.model_dump(mode="json").items() if v != default[k] and k not in skip
+    }
+
+
+def setting(cfg: DecodeConfig, skip: tuple[str, ...] = ()) -> str:
+    """`changed` as one short string (`context=drop,bias=RESET:-5,guard=profanity-check@0.5`),
+    `default` when nothing differs."""
+    parts = []
+    for key, value in changed(cfg, skip).items():
+        if key == "guard":
+            value = f"{value['scorer']['kind']}@{value['threshold']:g}"
+        elif isinstance(value, dict):
+            value = "+".join(f"{k}:{v:g}" for k, v in sorted(value.items()))
+        elif isinstance(value, list):
+            value = "+".join(map(str, value))
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{key}={value}")
+    return ",".join(parts) or "default"
 
 
 def check_loaded(cfg: DecodeConfig, positions: int | None, scorer: Any) -> None:
