@@ -198,7 +198,7 @@ def test_a_suite_sampling_key_overrides_only_itself_and_null_is_decodes():
     """A suite's `sampling` is a declared override of `decode:`: `--set` of one key once reset the
     rest to another suite's values (midstream's greedy became T=0.9); now it keeps the protocol."""
     from pipeline import config as config_mod
-    from pipeline.dag import load_stages
+    from pipeline.cli import load_stages
 
     sets = ["eval.midstream.sampling.max_new_tokens=8", "eval.prefill.sampling.top_p=null"]
     cfg = config_mod.load(None, load_stages(), [*sets, "decode.top_p=0.8"])
