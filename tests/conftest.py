@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-from tiny_gemma import build_fluent_tiny_gemma, build_tiny_gemma
+# One thread everywhere (set before torch loads; subprocesses inherit it): two threads on this
+# 2-core machine oversubscribe beside the suite's servers, and a float sum's order, which the thread
+# count sets, moves the fluent fixture's weights and with them every pinned byte.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny_gemma import build_fluent_tiny_gemma, build_tiny_gemma  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +87,11 @@ def detoxify_checkpoint(tmp_path_factory):
     }
     torch.save(ckpt, folder / "tiny.ckpt")
     return folder, model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """torch may have been imported before the variables above were read (a plugin)."""
+    import torch
+
+    torch.set_num_threads(1)
