@@ -1,5 +1,7 @@
-"""Continuous batching for the transformers backend: a row leaves the running batch the step it
-finishes, and the next waiting request takes its slot.
+"""The KV-cache rows engine (`Rows`: join, leave, crop) and continuous batching for the
+transformers backend (`run`): a row leaves the running batch the step it finishes, and the next
+waiting request takes its slot. The transformers decoder (pipeline/decode/runner.py) runs its
+rows on `Rows` too, cropping a row's cache after a take-back or rollback.
 
 Why not `model.generate`: a padded generate batch runs until its longest row stops while finished
 rows keep their slots; on the embedded model at batch 8 and 16, 60-65% of the row-steps it computed
@@ -73,7 +75,7 @@ def run(
     waiting = Counter(requests)  # requests per prompt not yet started, to free shared prefills
     prefills: dict[int, tuple[list[tuple[Any, Any]], Any]] = {}
     previous: tuple[list[int], list[tuple[Any, Any]]] | None = None
-    batch = _Batch(model)
+    batch = Rows(model)
     with torch.inference_mode():
         while queue or batch.rows:
             joining = []
@@ -81,7 +83,7 @@ def run(
                 r = queue.popleft()
                 p = requests[r]
                 if p not in prefills:
-                    kv, logits, computed = _prefill(model, prompts[p], previous)
+                    kv, logits, computed = prefill(model, prompts[p], previous)
                     prefills[p], previous = (kv, logits), (prompts[p], kv)
                     stats.prefill_tokens += computed
                 kv, logits = prefills[p]
@@ -109,7 +111,7 @@ def run(
     return out, stats
 
 
-def _prefill(
+def prefill(
     model: Any, ids: list[int], previous: tuple[list[int], list[tuple[Any, Any]]] | None
 ) -> tuple[list[tuple[Any, Any]], Any, int]:
     """One prompt alone through the model: its keys and values per layer, the logits of its last
@@ -146,12 +148,14 @@ def _prefill(
 _MIN_SHARED = 16
 
 
-class _Batch:
-    """The running rows, their KV cache and attention mask."""
+class Rows:
+    """The running rows over one KV cache and attention mask: rows join (`add`), leave (`drop`)
+    and shrink (`crop`, the decoder's take-backs). Used by `run` (generation) and by the
+    transformers decoder (pipeline/decode/runner.py)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.rows: list[int] = []  # request index per row
+        self.rows: list[Any] = []  # the caller's item per row (generation: a request index)
         self.positions: list[int] = []  # position id of the token each row feeds next
         self.cache: Any = None
         self.mask: Any = None  # [rows, width], 1 where the column holds a token of that row
@@ -214,7 +218,25 @@ class _Batch:
         if not keep:
             self.cache = self.mask = None
             return
-        index = torch.tensor(keep, device=self.mask.device)
+        self._select(torch.tensor(keep, device=self.mask.device))
+
+    def crop(self, drops: list[int]) -> None:
+        """Drop the last `drops[k]` tokens of row k: its keys and values move right by that many
+        columns (its left padding grows, masked), so every row still ends at the last column.
+        Every layer is full (sliding windows are applied by the mask), so any crop is exact."""
+        for k, d in enumerate(drops):
+            if not d:
+                continue
+            for layer in self.cache.layers:
+                layer.shift(k, d)
+            self.mask[k] = torch.roll(self.mask[k], d)
+            self.mask[k, :d] = 0
+            self.positions[k] -= d
+        if any(drops):
+            self._select(torch.arange(len(self.rows), device=self.mask.device))
+
+    def _select(self, index: Any) -> None:
+        """Keep the rows at `index`, then cut the columns no remaining row uses."""
         self.mask = self.mask[index]
         first = int(self.mask.any(0).int().argmax())  # the first column any row still uses
         self.mask = self.mask[:, first:]
@@ -257,6 +279,12 @@ class _Columns(DynamicLayer):
         self.width += added
         self._views()
         return self.keys, self.values
+
+    def shift(self, row: int, d: int) -> None:
+        """Move one row's keys and values `d` columns right (its last d wrap to the left, where
+        the mask hides them)."""
+        for x in (self.keys, self.values):
+            x[row] = torch.roll(x[row], d, dims=-2)
 
     def select(self, rows: torch.Tensor, first: int) -> None:
         """Keep `rows`, and the columns from `first` on."""

@@ -12,6 +12,13 @@ Prints, on the same prompts, batch size and greedy decoding (so both emit the sa
 
     python scripts/bench_decode.py                      # 4 prompts, batch 4, 48 new tokens
     python scripts/bench_decode.py --batch-size 1 --max-new-tokens 96
+    python scripts/bench_decode.py --rows 8,16 --prompts 32   # batching only, per batch size
+    python scripts/bench_decode.py --rows 8,16 --prompts 32 --vary   # rows of varied lengths
+
+`--rows` measures only the decoder's batching (no edits, greedy): tokens/s and the share of the
+batch's row slots that decode steps left idle (static batches: rows that finished early; with
+continuous batching a waiting request takes the slot), counted at the model's forward, so it
+runs unchanged against an older checkout for a before/after comparison.
 
 The embedded model gets the control tokens added in memory (as the trainer adds them), so it can
 be forced to emit them. Needs the prepared embedded model (`retrace models prepare`). Timings on
@@ -113,6 +120,50 @@ def best(repeats: int, fn):
     return min(runs, key=lambda r: r[0])
 
 
+class EndAt:
+    """Force `<end_of_turn>` once row r has emitted `lengths[r]` tokens."""
+
+    def __init__(self, stop: int, lengths: list[int]) -> None:
+        self.stop, self.lengths = stop, lengths
+
+    def __call__(self, rows, scores):
+        scores = scores.clone()
+        for i, s in enumerate(rows):
+            if len(s.emitted) >= self.lengths[s.row]:
+                scores[i, self.stop] += 1e4
+        return scores
+
+
+def rows_only(args) -> None:
+    """Tokens/s and idle row slots of the decoder at each batch size in `args.rows`."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    requests = [Request([{"role": "user", "content": p}], seed=i) for i, p in enumerate(prompts)]
+    print(f"{'batch':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'steps':>6} {'idle slots':>10}")
+    for size in [int(b) for b in args.rows.split(",")]:
+        gen = load_generator(GeneratorSpec(model="embedded", batch_size=size))
+        counts: list[int] = []  # rows per one-token decode step
+        forward = gen.model.forward
+
+        def counted(*a, _forward=forward, _counts=counts, **kw):
+            ids = kw.get("input_ids", a[0] if a else None)
+            if ids is not None and ids.shape[1] == 1:
+                _counts.append(ids.shape[0])
+            return _forward(*a, **kw)
+
+        gen.model.forward = counted
+        dec = Decoder(gen, DecodeConfig(temperature=0, max_new_tokens=args.max_new_tokens))
+        # --vary: row r ends after a length of its own, as answers do (greedy ones here don't).
+        stop = dec.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        lengths = [4 + (r * 7919) % max(args.max_new_tokens - 4, 1) for r in range(len(prompts))]
+        procs = [EndAt(stop, lengths)] if args.vary else []
+        dec.decode(requests[:2])  # warm-up
+        counts.clear()
+        t, turns = best(1, lambda d=dec, p=procs: d.decode(requests, processors=p))
+        tokens = sum(o.emitted_tokens + (o.finish_reason == "stop") for o in turns)
+        idle = 1 - sum(counts) / max(len(counts) * size, 1)
+        print(f"{size:5d} {tokens:7d} {t:7.2f} {tokens / t:7.1f} {len(counts):6d} {idle:10.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=4)
@@ -121,8 +172,13 @@ def main() -> None:
     ap.add_argument("--edit-every", type=int, default=16)
     ap.add_argument("--edit-span", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rows", help="comma-separated batch sizes: measure batching only")
+    ap.add_argument("--vary", action="store_true", help="with --rows: rows end at varied lengths")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.rows:
+        rows_only(args)
+        return
 
     gen = load_generator(GeneratorSpec(model="embedded", batch_size=args.batch_size))
     add_control_tokens(gen.tokenizer)

@@ -259,3 +259,31 @@ def test_control_strings_spelled_in_ordinary_tokens_edit_nothing(dec):
     [out], _ = run(dec, [spelled + [eot(dec)]], [request])
     assert out.visible == "Sure. [RESET] [RESET] I said"
     assert out.events == () and render(out.visible) == " I said"
+
+
+def test_a_finished_row_leaves_and_a_waiting_request_joins(model_dir):
+    """Continuous batching: at batch 2, the row that stops first gives its slot to the third
+    request while the second still runs, and every row (edits and crops included) is what it
+    gets decoded alone."""
+    for context in ("keep", "drop"):
+        sampling = dict(temperature=1.0, top_p=0.9, max_new_tokens=20, context=context)
+        batched = decoder(model_dir, batch_size=2, **sampling)
+        alone = decoder(model_dir, batch_size=1, **sampling)
+        w, c = batched.prompts.text, batched.controls.ids
+        scripts = [
+            w("Hi") + [eot(batched)],
+            [],
+            w("The fox bites") + [c["[BACKTRACK-HATE]"]] + w(" bites") + [c["[REPLACE]"]],
+            w("Sure") + [c["[RESET]"]],
+        ]
+        requests = [Request(USER, seed=i) for i in (5, 6, 7, 8)]
+        order: list[int] = []
+        together = batched.decode(
+            requests,
+            processors=[Script(scripts)],
+            on_update=lambda u, seen=order: seen.append(u.row),
+        )
+        assert order.index(2) < len(order) - 1 - order[::-1].index(1)  # 2 joined while 1 ran
+        pairs = zip(requests, scripts, strict=True)
+        each = [alone.decode([r], processors=[Script([s])])[0] for r, s in pairs]
+        assert [t.to_dict() for t in together] == [e.to_dict() for e in each]

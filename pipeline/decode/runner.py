@@ -1,29 +1,31 @@
-"""The transformers decoder: token by token over a KV cache, a batch of `Sequence`s at a time.
+"""The transformers decoder: token by token over one KV cache of `Sequence` rows, continuously
+batched on pipeline/batching.py's `Rows` (the engine generation runs on too): a row that finishes
+leaves the step it does and the next waiting request joins, prefilled alone.
 
-Each row's real tokens sit right-aligned in one `DynamicCache` (left padding masked out), so an
-edit that drops a row's last d context tokens is a `DynamicCache.crop` when every row drops the
-same amount (always, at batch size 1) and otherwise a crop by the smallest amount plus a shift of
-that row's keys and values d positions to the right (its left padding grows): nothing is ever
-re-encoded but the few tokens of visible text a crop can leave between token boundaries.
+Each row's real tokens sit right-aligned in the cache (left padding masked out), so an edit that
+drops a row's last d context tokens is `Rows.crop`: that row's keys and values move d columns
+right (its left padding grows) and columns no row uses are cut: nothing is ever re-encoded but
+the few tokens of visible text a crop can leave between token boundaries.
 
 Gemma 3's sliding-window layers: transformers' default cache for Gemma 3 keeps only the last
 `sliding_window - 1` keys of those layers and cannot be cropped past them once full (it raises).
-This decoder builds a cache of full layers instead: the sliding window is still applied, by the
-attention mask, so the logits are those of the model, and any crop is exact (tested against a
-fresh forward pass on a model whose window is shorter than the turn). The price is memory: those
-layers hold the whole turn, not just the window.
+`Rows` holds full layers instead: the sliding window is still applied, by the attention mask, so
+the logits are those of the model, and any crop is exact (tested against a fresh forward pass on
+a model whose window is shorter than the turn). The price is memory: those layers hold the whole
+turn, not just the window.
 
 Per-row randomness: each row samples from its own seeded generator (`NucleusSampler`, one per
-row), so a row decodes the same alone or in any batch.
+row), so a row decodes the same alone or in any batch, whenever it joins.
 """
 
 from __future__ import annotations
 
-import inspect
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from pipeline import batching
 from pipeline import seeds as seeds_mod
 from pipeline.backends import NucleusSampler, TransformersGenerator
 from pipeline.decode.base import Request, build_sequence, guard_step
@@ -46,8 +48,7 @@ class Decoder:
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.controls = Controls.build(self.tokenizer, dict(cfg.bias), cfg.disable)
         self.prompts = PromptEncoder(self.tokenizer, self.controls)
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.stats = batching.Stats()  # summed over calls, for scripts/bench_decode.py
         self._offsets: Any = None
 
     def sequence(self, row: int, request: Request) -> Sequence:
@@ -59,66 +60,56 @@ class Decoder:
         processors: Seq[Processor] = (),
         on_update: Callable[[Update], None] | None = None,
     ) -> list[Decoded]:
-        """Decode every request, `generator.spec.batch_size` at a time, in order."""
+        """Decode every request, continuously batched: up to `generator.spec.batch_size` rows
+        run at once, and a row that finishes leaves the step it does, its slot taken by the next
+        waiting request (pipeline/batching.py's `Rows`). Results are in request order."""
+        import torch
+
         sequences = [self.sequence(i, r) for i, r in enumerate(requests)]
         size = max(1, self.generator.spec.batch_size)
-        for start in range(0, len(sequences), size):
-            self._run(sequences[start : start + size], processors, on_update)
-        return [s.result for s in sequences]
-
-    # --- the loop ---------------------------------------------------------------------------
-
-    def _run(self, rows: list[Sequence], processors: Seq[Processor], on_update) -> None:
-        import torch
-        from transformers import DynamicCache
-
-        cache = DynamicCache()  # full layers for every layer type: see the module docstring
-        samplers = {id(s): self._sampler(s) for s in rows}
-        active = list(rows)
-        width = 0  # the cache's length in positions (padding included)
+        queue = deque(sequences)
+        samplers: dict[int, Any] = {}
+        rows = batching.Rows(self.model)
+        previous = None
         with torch.inference_mode():
-            while active:
-                feed = [s.pending if width == 0 else s.pending[:1] for s in active]
-                step = max(map(len, feed))
-                ids = torch.full((len(active), step), self.generator.pad_id, dtype=torch.long)
-                pos = torch.zeros((len(active), step), dtype=torch.long)
-                for i, (s, f) in enumerate(zip(active, feed, strict=True)):
-                    ids[i, step - len(f) :] = torch.tensor(f)
-                    pos[i, step - len(f) :] = torch.arange(s.cached, s.cached + len(f))
-                width += step
-                lengths = torch.tensor([s.cached for s in active]) + torch.tensor(
-                    [len(f) for f in feed]
-                )
-                mask = torch.arange(width)[None, :] >= (width - lengths)[:, None]
-                out = self.model(
-                    input_ids=ids.to(self.generator.device),
-                    attention_mask=mask.long().to(self.generator.device),
-                    position_ids=pos.to(self.generator.device),
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_kw: cache},
-                )
-                for s, f in zip(active, feed, strict=True):
-                    s.fed(len(f))
-                ready = [i for i, s in enumerate(active) if not s.pending]
+            while queue or rows.rows:
+                logits: dict[int, Any] = {}
+                if rows.rows:
+                    for s in rows.rows:
+                        if not s.pending:
+                            raise RuntimeError(f"decoder row {s.row} has no token to feed")
+                    out = rows.step([s.pending[0] for s in rows.rows])
+                    for k, s in enumerate(rows.rows):
+                        s.fed(1)
+                        logits[id(s)] = out[k : k + 1]
+                    self.stats.steps += 1
+                    self.stats.row_steps += len(rows.rows)
+                while queue and len(rows.rows) < size:
+                    s = queue.popleft()
+                    samplers[id(s)] = self._sampler(s)
+                    kv, last, computed = batching.prefill(self.model, s.pending, previous)
+                    previous = (list(s.pending), kv)
+                    self.stats.prefill_tokens += computed
+                    s.fed(len(s.pending))
+                    logits[id(s)] = last
+                    rows.add([(s, kv, s.cached)])
+                ready = [s for s in rows.rows if not s.pending]
                 if ready:
-                    logits = out.logits[ready, -1, :].float()
-                    tokens = self._sample([active[i] for i in ready], logits, processors, samplers)
-                    for i, token in zip(ready, tokens, strict=True):
-                        s = active[i]
+                    scores = torch.cat([logits[id(s)] for s in ready]).float()
+                    tokens = self._sample(ready, scores, processors, samplers)
+                    for s, token in zip(ready, tokens, strict=True):
                         events = s.accept(token)
                         if on_update is not None:
                             update = Update(s.row, s.last_piece, s.renderer.visible, tuple(events))
                             on_update(update)
-                    self._guard([active[i] for i in ready], samplers, on_update)
-                for s in active:
+                    self._guard(ready, samplers, on_update)
+                for s in rows.rows:
                     if s.finishing is not None and not s.done:
                         s.finish()
-                keep = [i for i, s in enumerate(active) if not s.done]
-                if len(keep) < len(active) and keep:
-                    cache.batch_select_indices(torch.tensor(keep, device=self.generator.device))
-                active = [active[i] for i in keep]
-                width = self._crop(cache, active, width)
+                rows.drop([k for k, s in enumerate(rows.rows) if s.done])
+                if rows.rows:
+                    rows.crop([s.take_crop() for s in rows.rows])
+        return [s.result for s in sequences]
 
     def _sampler(self, s: Sequence, retry: int = 0) -> Any:
         if s.temperature <= 0:
@@ -173,29 +164,6 @@ class Decoder:
                 samplers[id(s)] = self._sampler(s, retry=s.retries)
             if on_update is not None:
                 on_update(Update(s.row, "", s.renderer.visible, tuple(events)))
-
-    def _crop(self, cache: Any, rows: list[Sequence], width: int) -> int:
-        """Apply the rows' crops; returns the cache's new width."""
-        import torch
-
-        drops = [s.take_crop() for s in rows]
-        if not rows:
-            return 0
-        least = min(drops)
-        if least:
-            cache.crop(-least)
-            width -= least
-        for i, d in enumerate(drops):
-            if d > least:
-                for layer in cache.layers:
-                    layer.keys[i] = torch.roll(layer.keys[i], d - least, dims=-2)
-                    layer.values[i] = torch.roll(layer.values[i], d - least, dims=-2)
-        pad = min(width - s.cached for s in rows)
-        if pad:  # every row has this much left padding: cut it
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[..., pad:, :], layer.values[..., pad:, :]
-            width -= pad
-        return width
 
 
 def load_decoder(generator: Any, cfg: DecodeConfig) -> Any:
