@@ -22,12 +22,10 @@ import functools
 import hashlib
 import json
 import numbers
-import platform
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,6 +41,7 @@ from pipeline.executor import LocalExecutor, models_in
 from pipeline.progress import console
 from pipeline.stage import HOOKS, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, TAXONOMY_FILE
+from pipeline.versions import versions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -51,16 +50,6 @@ _VERSIONED = ("retrace", "torch", "transformers", "datasets", "pyarrow", "vllm",
 
 class StageError(RetraceError):
     """A stage that cannot run or finished outside its bounds; the message says what to do."""
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for pkg in _VERSIONED:
-        try:
-            found[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def _sha(data: Any) -> str:
@@ -504,7 +493,7 @@ class Pipeline:
             "stats": dict(sorted(stats.items())),
             "outputs": outputs,
             "seconds": round(time.monotonic() - started, 3),
-            "versions": versions(),
+            "versions": versions(_VERSIONED),
         }
         self.store.finalize(name, work, tables, manifest)
         counts = ", ".join(f"{t} {o['rows']}" for t, o in outputs.items() if t != store.FILES)

@@ -28,10 +28,8 @@ stale one.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 from collections.abc import Iterable
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +41,7 @@ from pydantic import Field, field_validator
 
 from pipeline import agreement, card, handoff, kinds, records
 from pipeline.stage import StageConfig, StageSpec
+from pipeline.versions import versions
 from stages import DATASET_STAGES
 from stages import publish_tokenized as tokenized
 
@@ -355,16 +354,6 @@ def _judges(inputs: dict[str, Any], run_config: dict[str, Any]) -> dict[str, Any
     return {**summary, "agree": agree}
 
 
-def _versions() -> list[tuple[str, str]]:
-    found = [("python", platform.python_version())]
-    for name in VERSIONED:
-        try:
-            found.append((name, metadata.version(name)))
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 def _header(configs: list[dict], license_id: str, total: int, cfg: Config) -> dict[str, Any]:
     """The card's YAML header: `configs` lets datasets.load_dataset(folder, name) find each
     config's shards by split."""
@@ -516,7 +505,7 @@ def _context(
             }
         ),
         "recipe": {s: run_config[s] for s in RECIPE_SECTIONS if s in run_config},
-        "versions": _versions(),
+        "versions": list(versions(VERSIONED).items()),
         "run_config": run_config,
     }
 

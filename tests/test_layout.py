@@ -21,6 +21,7 @@ ZONES: dict[str, tuple[str, ...]] = {
     "contract": (
         "pipeline.records",
         "pipeline.kinds",
+        "pipeline.versions",
         "pipeline.handoff",
         "pipeline.taxonomy",
         "pipeline.render",
