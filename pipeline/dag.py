@@ -446,7 +446,7 @@ class Pipeline:
             for index, chunk in enumerate(self._chunks(spec, size)):
                 if chunk is not None:
                     rows_in[spec.chunked] += chunk.num_rows
-                if not (done_dir / f"{index:05d}").exists():
+                if not (done_dir / store.chunk_name(index)).exists():
                     yield index, inputs if chunk is None else {**inputs, spec.chunked: chunk}
                 elif (rows := retry.rows(spec, work, index, chunk)) is not None:
                     again[index] = rows
@@ -458,10 +458,10 @@ class Pipeline:
             if index in again:
                 outputs, stats = retry.merge(spec, work, index, again.pop(index), outputs, stats)
             for table in tables:
-                path = work / table / f"part-{index:05d}.parquet"
+                path = store.part_path(work, table, index)
                 value = _checked(name, table, outputs[table], schemas[table])
                 store.atomic_write_table(path, value)
-            store.atomic_write_bytes(done_dir / f"{index:05d}", json.dumps(stats).encode())
+            store.atomic_write_bytes(done_dir / store.chunk_name(index), json.dumps(stats).encode())
             if spec.chunked and not console.is_terminal:  # a log line instead of the bar
                 elapsed = time.monotonic() - started
                 console.print(f"  {name}: chunk {index} done in {elapsed:.0f} s")

@@ -58,7 +58,7 @@ def rows(spec: StageSpec, work: Path, index: int, chunk: pa.Table | None) -> pa.
     reason (None when there are none)."""
     if not spec.retried or chunk is None or "id" not in chunk.column_names:
         return None
-    ids = _retried_ids(spec, pq.read_table(_part(work, "rejected", index)))
+    ids = _retried_ids(spec, pq.read_table(store.part_path(work, "rejected", index)))
     if not ids:
         return None
     again = chunk.filter(pc.is_in(pc.cast(chunk["id"], pa.string()), value_set=ids))
@@ -76,22 +76,21 @@ def merge(
     """A chunk's tables and stats once the outputs of its rows `again` have joined them."""
     merged = dict(outputs)
     for table in [t for t in outputs if t != "stats"]:
-        old = pq.read_table(_part(work, table, index))
+        old = pq.read_table(store.part_path(work, table, index))
         if table == "rejected":  # the retried rows' old rejections go; a new one may come
             ids = pc.is_in(old["id"], value_set=pc.cast(again["id"], pa.string()))
-            retried = pc.is_in(old["reason"], value_set=pa.array(spec.retried, pa.string()))
-            old = old.filter(pc.invert(pc.and_(ids, retried)))
+            old = old.filter(pc.invert(pc.and_(ids, _retried(spec, old))))
         new = store.whole(outputs[table])
         merged[table] = pa.concat_tables([old.cast(new.schema), new])
-    marker = json.loads((work / store.DONE / f"{index:05d}").read_text() or "{}")
+    marker = json.loads((work / store.DONE / store.chunk_name(index)).read_text() or "{}")
     total = {k: marker.get(k, 0) + stats.get(k, 0) for k in {*marker, *stats}}
     return merged, dict(sorted(total.items()))
 
 
+def _retried(spec: StageSpec, rejected: pa.Table) -> pa.ChunkedArray:
+    """Which rejected rows were rejected for a reason the stage retries."""
+    return pc.is_in(rejected["reason"], value_set=pa.array(spec.retried, pa.string()))
+
+
 def _retried_ids(spec: StageSpec, rejected: pa.Table) -> pa.Array:
-    keep = pc.is_in(rejected["reason"], value_set=pa.array(spec.retried, pa.string()))
-    return pc.unique(rejected.filter(keep)["id"])
-
-
-def _part(work: Path, table: str, index: int) -> Path:
-    return work / table / f"part-{index:05d}.parquet"
+    return pc.unique(rejected.filter(_retried(spec, rejected))["id"])

@@ -118,6 +118,16 @@ def parts(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.parquet"))
 
 
+def chunk_name(index: int) -> str:
+    """A chunk's name: its done marker's, and its parts' after `part-`."""
+    return f"{index:05d}"
+
+
+def part_path(work: Path, table: str, index: int) -> Path:
+    """Where chunk `index` of `table` is written in an attempt folder."""
+    return work / table / f"part-{chunk_name(index)}.parquet"
+
+
 def read_parts(folder: Path) -> pa.Table:
     files = parts(folder)
     if not files:
