@@ -154,7 +154,7 @@ class OpenAIGenerator(TokenizerMixin):
         self.key = (os.environ.get(spec.api_key_env) or "").strip()
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        workers = max(1, spec.batch_size)
+        workers = spec.batch_size  # at least 1 (GeneratorSpec)
         self.client = httpx2.Client(
             headers=headers,
             timeout=spec.timeout_s,

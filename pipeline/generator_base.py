@@ -9,7 +9,7 @@ from here, never another backend's privates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -19,6 +19,14 @@ from pipeline.stage import ModelSpec
 
 # Tokens that end a turn besides the tokenizer's eos; Gemma's model turn ends with <end_of_turn>.
 END_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
+
+
+# The sampling knobs' bounds, declared once: sample, `decode:`, the guard's retry and every
+# override of them (eval's suites) use these types.
+Temperature = Annotated[float, Field(ge=0)]  # 0 means greedy
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0)]  # 0 means no top-k cut
+NewTokens = Annotated[int, Field(gt=0)]  # emitted tokens per turn, taken-back ones included
 
 
 class GeneratorSpec(ModelSpec):

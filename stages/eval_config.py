@@ -24,7 +24,8 @@ from pydantic import (
 )
 
 from pipeline.decode import DecodeConfig
-from pipeline.decode.config import NewTokens, Sampling, Temperature, TopK, TopP
+from pipeline.decode.config import Sampling
+from pipeline.generator_base import NewTokens, Temperature, TopK, TopP
 from pipeline.stage import StageConfig
 from stages.eval_data import PromptFile
 from stages.eval_judges import JudgeSpec, KeywordJudgeSpec, ScorerJudgeSpec

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from pipeline import records, seeds
 from pipeline.backends import GeneratorSpec, SamplingParams
+from pipeline.generator_base import NewTokens, Temperature, TopK, TopP
 from pipeline.prompting import render_prompt, template_hash
 from pipeline.stage import StageConfig, StageSpec
 from pipeline.taxonomy import PROMPTS_DIR, neutralise
@@ -49,10 +50,10 @@ class Config(StageConfig):
     template: str = "sample/benign.jinja"  # the user turn, under prompts/
     fewshot: str | None = "sample/fewshot.yaml"  # few-shot turns for base models; null for chat
     n: int = Field(1, gt=0)  # samples per prompt
-    temperature: float = Field(1.5, ge=0)  # BSAFE samples Gemma2 27B at T=1.5; 0 is greedy
-    top_p: float = Field(0.98, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0: no top-k cut
-    max_new_tokens: int = Field(256, gt=0)
+    temperature: Temperature = 1.5  # BSAFE samples Gemma2 27B at T=1.5; 0 is greedy
+    top_p: TopP = 0.98
+    top_k: TopK = 0
+    max_new_tokens: NewTokens = 256
     stop: tuple[str, ...] = ()
     max_prompt_tokens: int = Field(2048, gt=0)  # formatted prompt, few-shot turns included
     chunk_size: int | None = Field(None, gt=0)  # prompts per chunk; None takes run.chunk_size

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import RetraceError
+from pipeline.generator_base import NewTokens, Temperature, TopK, TopP
 from pipeline.scorers import ScorerSpec, Threshold, without_verdict
 
 
@@ -14,12 +15,6 @@ class DecodeConfigError(RetraceError, ValueError):
     """A `decode:` setting the loaded model or scorer cannot honour."""
 
 
-# The sampling knobs' bounds, declared once: `decode:`, the guard's retry and every override of
-# them (eval's suites) use these types.
-Temperature = Annotated[float, Field(ge=0)]  # 0 means greedy
-TopP = Annotated[float, Field(gt=0, le=1)]
-TopK = Annotated[int, Field(ge=0)]  # 0 means no top-k cut
-NewTokens = Annotated[int, Field(gt=0)]  # emitted tokens per turn, taken-back ones included
 SAMPLING = ("temperature", "top_p", "top_k", "max_new_tokens")
 
 
